@@ -1,0 +1,27 @@
+# dual_emc2: `make train` runs the default job (Fashion-MNIST, EMC², CPU), `make test` the test suite.
+# Both install everything first (apt data packages + .venv with pinned wheels), once.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/fmnist_unimodal.yaml
+ARGS ?=
+
+.PHONY: setup train test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV)
+	touch $@
+
+train: setup
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+		scripts/train.py --config $(CONFIG) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) eval/bench_sampler.py
+
+clean:
+	rm -rf runs outputs .pytest_cache

@@ -1,0 +1,65 @@
+"""Estimators of the global contrastive loss behind one interface, built by name from config."""
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput
+from dual_emc2.objectives.emc2 import EMC2
+from dual_emc2.objectives.hcl import HCL
+from dual_emc2.objectives.infonce import InfoNCE
+from dual_emc2.objectives.negative_cache import NegativeCache
+from dual_emc2.objectives.sogclr import SogCLR
+from dual_emc2.objectives.symmetric import SymmetricObjective
+
+REGISTRY: dict[str, type[ContrastiveObjective]] = {
+    "infonce": InfoNCE,
+    "simclr": InfoNCE,
+    "clip": InfoNCE,
+    "sogclr": SogCLR,
+    "emc2": EMC2,
+    "negative_cache": NegativeCache,
+    "hcl": HCL,
+}
+
+
+def register(name: str, cls: type[ContrastiveObjective]) -> None:
+    """Add an estimator class to the registry (its ``__init__`` takes ``num_keys, num_candidates, **options``)."""
+    REGISTRY[name] = cls
+
+
+def _check_options(name: str, cls: type[ContrastiveObjective], options: dict[str, Any]) -> None:
+    params = inspect.signature(cls.__init__).parameters
+    allowed = [p for p in params if p not in ("self", "num_keys", "num_candidates")]
+    for key in options:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            did = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ValueError(
+                f"unknown option 'objective.options.{key}' for estimator '{name}'{did}; allowed: {', '.join(allowed) or 'none'}"
+            )
+
+
+def build_objective(
+    name: str, *, num_keys: int, num_candidates: int, options: dict[str, Any] | None = None, symmetric: bool = False
+) -> ContrastiveObjective:
+    """Build an estimator by registry name.  ``symmetric=True`` wraps it for x→y and y→x with separate states."""
+    options = dict(options or {})
+    if name not in REGISTRY:
+        hint = difflib.get_close_matches(name, REGISTRY, n=1)
+        did = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ValueError(f"unknown objective.name '{name}'{did}; choices: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[name]
+    _check_options(name, cls, options)
+
+    def make() -> ContrastiveObjective:
+        return cls(num_keys=num_keys, num_candidates=num_candidates, **options)
+
+    return SymmetricObjective(make) if symmetric else make()
+
+
+__all__ = [
+    "REGISTRY", "ContrastiveBatch", "ContrastiveObjective", "ObjectiveOutput", "EMC2", "HCL", "InfoNCE",
+    "NegativeCache", "SogCLR", "SymmetricObjective", "build_objective", "register",
+]

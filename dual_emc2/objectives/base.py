@@ -1,0 +1,115 @@
+"""The one interface every estimator of the global contrastive loss (eq. 1) implements.
+
+An estimator receives the features of a batch (anchors of this process against candidates gathered over all
+processes) and returns a scalar *surrogate* whose gradient is the estimator's stochastic gradient of eq. (1):
+
+    ∇L(θ) = β E_(x,y) [ −∇s(x, y) + E_{z ~ softmax(β s(x,·)) over D_neg(x)} ∇s(x, z) ]        (eq. 4–6)
+
+Estimators differ only in how they weight the negatives (DESIGN.md, estimator table).  The trainer never branches on
+the estimator: it builds a :class:`ContrastiveBatch` and calls ``objective(batch, beta)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+EncodeFn = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class ContrastiveBatch:
+    """Features and global ids of one step, as seen by one process.
+
+    anchors:       [B, d] anchor features φ(x_i), L2-normalised, this process's rows.
+    candidates:    [C, d] candidate features ψ(z_j), L2-normalised, gathered over processes (with grad).
+    positive:      [B] int64, column in ``candidates`` of each anchor's positive y_i.
+    anchor_ids:    [B] int64, global dataset index of each anchor's sample (x_i, y_i).
+    candidate_ids: [C] int64, global dataset index of each candidate; a candidate is a negative of anchor i iff its
+                   id differs from ``anchor_ids[i]`` (D_neg(x) = all samples but x's own, eq. 1 / eq. 21).
+    anchor_keys:   [B] int64 key of each anchor's per-anchor state (chain, u); defaults to ``anchor_ids``.  In the
+                   unimodal setting both views of an image are anchors, so keys are ``id * n_views + view``.
+    row_offset, total_rows: position of these anchors in the global batch (rank-invariant random numbers).
+    encode_candidates: maps global ids to candidate features ψ(z) of the *un-augmented* samples, under the caller's
+                   grad mode; used by estimators that need out-of-batch candidates (EMC² refresh/re-encode, negative
+                   cache).  ``None`` where no such access exists.
+    extra_negative_mask: optional [B, C] bool, False removes further candidates (e.g. known false negatives).
+    """
+
+    anchors: Tensor
+    candidates: Tensor
+    positive: Tensor
+    anchor_ids: Tensor
+    candidate_ids: Tensor
+    anchor_keys: Tensor | None = None
+    row_offset: int = 0
+    total_rows: int | None = None
+    encode_candidates: EncodeFn | None = None
+    extra_negative_mask: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        B, C = self.anchors.shape[0], self.candidates.shape[0]
+        if self.anchors.dim() != 2 or self.candidates.dim() != 2 or self.anchors.shape[1] != self.candidates.shape[1]:
+            raise ValueError(
+                f"anchors [B, d] and candidates [C, d] must share d; got {tuple(self.anchors.shape)} and "
+                f"{tuple(self.candidates.shape)}"
+            )
+        for name, t, n in (("positive", self.positive, B), ("anchor_ids", self.anchor_ids, B),
+                           ("candidate_ids", self.candidate_ids, C)):
+            if t.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+        if self.anchor_keys is None:
+            self.anchor_keys = self.anchor_ids
+        elif self.anchor_keys.shape != (B,):
+            raise ValueError(f"anchor_keys must have shape ({B},), got {tuple(self.anchor_keys.shape)}")
+        if self.total_rows is None:
+            self.total_rows = B + self.row_offset
+
+    @property
+    def negative_mask(self) -> Tensor:
+        """[B, C] bool: True where candidate j is in D_neg(x_i)."""
+        mask = self.candidate_ids[None, :] != self.anchor_ids[:, None]
+        if self.extra_negative_mask is not None:
+            mask = mask & self.extra_negative_mask
+        return mask
+
+    def scores(self) -> Tensor:
+        """[B, C] similarities s(x_i, z_j) = φ(x_i)ᵀψ(z_j), with grad, in float32 at least (also under autocast)."""
+        s = self.anchors @ self.candidates.t()
+        return s.float() if s.dtype in (torch.float16, torch.bfloat16) else s
+
+    def positive_scores(self, scores: Tensor) -> Tensor:
+        return scores.gather(1, self.positive[:, None])[:, 0]
+
+
+@dataclass
+class ObjectiveOutput:
+    """``loss``: scalar surrogate (its gradient is the estimator's); ``stats``: detached 0-dim diagnostics."""
+
+    loss: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
+
+
+class ContrastiveObjective(nn.Module):
+    """Base class: subclasses implement :meth:`forward` and keep any state in registered buffers."""
+
+    name: str = "base"
+    #: True when the estimator calls ``batch.encode_candidates`` (the trainer then supplies it).
+    needs_candidate_encoder: bool = False
+
+    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    @staticmethod
+    def beta_value(beta: Tensor | float) -> float:
+        """β as a Python float for samplers and state updates (β may be a learnable tensor)."""
+        return float(beta.detach()) if isinstance(beta, Tensor) else float(beta)
+
+
+def weighted_negative_surrogate(pos_scores: Tensor, scores: Tensor, weights: Tensor, beta: Tensor | float) -> Tensor:
+    """(β / B) Σ_i [ −s(x_i, y_i) + Σ_j w_ij s(x_i, z_j) ] with the weights detached: its gradient is
+    β/B Σ_i [−∇s_ii⁺ + Σ_j w_ij ∇s_ij], the common form of every estimator's stochastic gradient (eq. 6, 10)."""
+    per_anchor = -pos_scores + (weights.detach() * scores).sum(dim=1)
+    return beta * per_anchor.mean()

@@ -1,0 +1,58 @@
+"""Hard-negative contrastive loss, HCL (Robinson et al., ICLR 2021; seed 004 discusses its supervised forms).
+
+With β = 1/t and hardness h, for anchor i with positive score s⁺ and negatives N_i (N = |N_i|):
+
+    w_ij = softmax_j(h β s_ij)                       (importance weights toward hard negatives)
+    Ng_i = max( N/(1 − τ⁺) · (Σ_j w_ij e^{β s_ij} − τ⁺ e^{β s⁺}),  N e^{−β} )    (debiasing with class prior τ⁺)
+    ℓ_i  = −log( e^{β s⁺} / (e^{β s⁺} + Ng_i) )
+
+computed in log space.  h = 0 and τ⁺ = 0 give the InfoNCE loss over negatives plus positive.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput
+
+
+def hcl_loss(pos: Tensor, scores: Tensor, neg_mask: Tensor, beta: Tensor | float, hardness: float, tau_plus: float) -> Tensor:
+    """Mean HCL loss over anchors (formula in the module docstring); differentiable in ``pos`` and ``scores``."""
+    n = neg_mask.sum(dim=1).float()
+    bs = (beta * scores).masked_fill(~neg_mask, float("-inf"))
+    log_w = F.log_softmax(hardness * bs, dim=1)  # −inf on non-negatives
+    log_reweighted = torch.logsumexp(log_w + bs, dim=1)  # log Σ w e^{βs}
+    bpos = beta * pos
+    if tau_plus > 0:
+        # log(Σ w e^{βs} − τ⁺ e^{βs⁺}); the clamp below guards the case where the difference is not positive
+        scale = torch.maximum(log_reweighted, bpos).detach()
+        diff = torch.exp(log_reweighted - scale) - tau_plus * torch.exp(bpos - scale)
+        log_ng = torch.log(diff.clamp(min=1e-30)) + scale + n.log() - math.log1p(-tau_plus)
+    else:
+        log_ng = log_reweighted + n.log()
+    log_floor = n.log() - beta
+    log_ng = torch.maximum(log_ng, log_floor)
+    return (torch.logaddexp(bpos, log_ng) - bpos).mean()
+
+
+class HCL(ContrastiveObjective):
+    """HCL estimator (no state).  Options: ``hardness`` (h, Robinson et al.'s β; 1.0 default), ``tau_plus`` (0.1)."""
+
+    name = "hcl"
+
+    def __init__(self, num_keys: int = 1, num_candidates: int = 1, hardness: float = 1.0, tau_plus: float = 0.1) -> None:
+        super().__init__()
+        if hardness < 0:
+            raise ValueError(f"hcl hardness must be >= 0, got {hardness}")
+        if not 0.0 <= tau_plus < 1.0:
+            raise ValueError(f"hcl tau_plus must be in [0, 1), got {tau_plus}")
+        self.hardness = hardness
+        self.tau_plus = tau_plus
+
+    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:
+        scores = batch.scores()
+        loss = hcl_loss(batch.positive_scores(scores), scores, batch.negative_mask, beta, self.hardness, self.tau_plus)
+        return ObjectiveOutput(loss, {"hcl": loss.detach()})

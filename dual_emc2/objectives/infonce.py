@@ -1,0 +1,36 @@
+"""InfoNCE / NT-Xent (SimCLR, CLIP): softmax over the in-batch candidates (EMC² eq. 2)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput
+
+
+def infonce_logits(batch: ContrastiveBatch, scores: Tensor, beta: Tensor | float) -> Tensor:
+    """β S with every candidate that shares the anchor's id masked out, except the positive itself (the anchor's own
+    view in the unimodal setting; nothing else in the bimodal one)."""
+    cols = torch.arange(scores.shape[1], device=scores.device)
+    same_id = batch.candidate_ids[None, :] == batch.anchor_ids[:, None]
+    drop = same_id & (cols[None, :] != batch.positive[:, None])
+    if batch.extra_negative_mask is not None:
+        drop = drop | (~batch.extra_negative_mask & (cols[None, :] != batch.positive[:, None]))
+    return (beta * scores).masked_fill(drop, float("-inf"))
+
+
+class InfoNCE(ContrastiveObjective):
+    """Cross-entropy of the positive against the in-batch candidates: ``F.cross_entropy(β S_masked, positive)``."""
+
+    name = "infonce"
+
+    def __init__(self, num_keys: int = 1, num_candidates: int = 1) -> None:
+        super().__init__()
+
+    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:
+        scores = batch.scores()
+        logits = infonce_logits(batch, scores, beta)
+        loss = F.cross_entropy(logits, batch.positive)
+        with torch.no_grad():
+            acc = (logits.argmax(dim=1) == batch.positive).float().mean()
+        return ObjectiveOutput(loss, {"infonce": loss.detach(), "top1": acc})

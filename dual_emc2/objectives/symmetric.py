@@ -1,0 +1,29 @@
+"""Two-direction use for bimodal (CLIP-style) training: x→y and y→x, each with its own estimator state."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor
+
+from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput
+
+
+class SymmetricObjective(ContrastiveObjective):
+    """Average of an estimator over both directions; ``make()`` builds one independent estimator per direction."""
+
+    name = "symmetric"
+
+    def __init__(self, make: Callable[[], ContrastiveObjective]) -> None:
+        super().__init__()
+        self.x_to_y = make()
+        self.y_to_x = make()
+        self.needs_candidate_encoder = self.x_to_y.needs_candidate_encoder
+
+    def forward(self, batch: ContrastiveBatch, beta: Tensor | float, reverse: ContrastiveBatch | None = None
+                ) -> ObjectiveOutput:
+        if reverse is None:
+            raise ValueError("SymmetricObjective needs both direction batches: objective(batch_xy, beta, reverse=batch_yx)")
+        a = self.x_to_y(batch, beta)
+        c = self.y_to_x(reverse, beta)
+        stats = {f"x2y/{k}": v for k, v in a.stats.items()} | {f"y2x/{k}": v for k, v in c.stats.items()}
+        return ObjectiveOutput(0.5 * (a.loss + c.loss), stats)

@@ -1,0 +1,235 @@
+"""Estimators against closed forms: eq. (1) gradient in float64, SogCLR's u recursion, F.cross_entropy, HCL."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dual_emc2.metrics.exact import global_contrastive_loss
+from dual_emc2.objectives import EMC2, HCL, InfoNCE, NegativeCache, SogCLR, build_objective
+from dual_emc2.objectives.base import ContrastiveBatch, weighted_negative_surrogate
+
+
+def unimodal_batch(b=6, d=8, seed=0, dtype=torch.float32, ids=None):
+    g = torch.Generator().manual_seed(seed)
+    feats = F.normalize(torch.randn(2 * b, d, generator=g, dtype=dtype), dim=1).requires_grad_(True)
+    ids = torch.arange(b) if ids is None else ids
+    anchor_ids = ids.repeat(2)
+    positive = torch.cat([torch.arange(b, 2 * b), torch.arange(b)])
+    keys = torch.cat([ids * 2, ids * 2 + 1])
+    return feats, ContrastiveBatch(feats, feats, positive, anchor_ids, anchor_ids, anchor_keys=keys)
+
+
+def bimodal_batch(b=5, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(b, d, generator=g), dim=1).requires_grad_(True)
+    y = F.normalize(torch.randn(b, d, generator=g), dim=1).requires_grad_(True)
+    ids = torch.arange(10, 10 + b)
+    return x, y, ContrastiveBatch(x, y, torch.arange(b), ids, ids)
+
+
+def test_infonce_equals_cross_entropy_unimodal_and_bimodal():
+    feats, batch = unimodal_batch()
+    beta = 2.5
+    logits = beta * feats @ feats.t()
+    logits = logits.masked_fill(torch.eye(12, dtype=torch.bool), float("-inf"))
+    ref = F.cross_entropy(logits, batch.positive)
+    assert torch.allclose(InfoNCE()(batch, beta).loss, ref, atol=1e-6)
+    x, y, batch = bimodal_batch()
+    assert torch.allclose(InfoNCE()(batch, beta).loss, F.cross_entropy(beta * x @ y.t(), torch.arange(5)), atol=1e-6)
+
+
+def test_surrogate_with_exact_softmax_has_the_gradient_of_eq1_float64():
+    feats, batch = unimodal_batch(dtype=torch.float64)
+    beta = 3.0
+    ref = global_contrastive_loss(feats, feats, batch.positive, batch.anchor_ids, batch.candidate_ids, beta)
+    (g_ref,) = torch.autograd.grad(ref, feats)
+    scores = batch.scores()
+    softmax = torch.softmax((beta * scores).masked_fill(~batch.negative_mask, float("-inf")), dim=1)
+    sur = weighted_negative_surrogate(batch.positive_scores(scores), scores, softmax, beta)
+    (g_sur,) = torch.autograd.grad(sur, feats)
+    assert torch.allclose(g_sur, g_ref, atol=1e-12, rtol=1e-10)
+
+
+def test_emc2_long_chains_estimate_the_gradient_of_eq1():
+    feats, batch = unimodal_batch(b=5, dtype=torch.float64, seed=1)
+    beta = 3.0
+    ref = global_contrastive_loss(feats, feats, batch.positive, batch.anchor_ids, batch.candidate_ids, beta)
+    (g_ref,) = torch.autograd.grad(ref, feats)
+    emc2 = EMC2(num_keys=10, steps=40_000, burn_in=500, seed=3)
+    (g,) = torch.autograd.grad(emc2(batch, beta).loss, feats)
+    rel = (g - g_ref).norm() / g_ref.norm()
+    assert rel < 0.03, float(rel)
+
+
+def test_emc2_state_persists_and_maps_into_the_batch():
+    feats, batch = unimodal_batch(b=4)
+    emc2 = EMC2(num_keys=8, steps=6, burn_in=2, seed=0)
+    out = emc2(batch, 5.0)
+    sid = emc2.chains.sample_id[batch.anchor_keys].long()
+    assert (sid >= 0).all() and (sid != batch.anchor_ids).all(), "a chain sits on its own sample"
+    s = (feats @ feats.t()).detach()
+    stored = emc2.chains.score[batch.anchor_keys]
+    view_scores = torch.stack([s[torch.arange(8), sid], s[torch.arange(8), sid + 4]], dim=1)  # either view of sid
+    assert ((view_scores - stored[:, None]).abs().min(dim=1).values < 1e-6).all(), "stored score is not the sample's"
+    out2 = emc2(batch, 5.0)  # same samples: every chain restarts inside the batch
+    assert float(out2.stats["start_outside_frac"]) == 0.0
+    assert 0 < float(out.stats["accept_rate"]) <= 1
+
+
+def test_emc2_rank_split_equals_single_process():
+    feats, batch = unimodal_batch(b=4, seed=2)
+    full = EMC2(num_keys=8, steps=6, burn_in=1, seed=5)
+    loss_full = full(batch, 4.0).loss
+    ranks = [EMC2(num_keys=8, steps=6, burn_in=1, seed=5) for _ in range(2)]
+    losses = []
+    for r, (lo, hi) in enumerate([(0, 4), (4, 8)]):
+        part = ContrastiveBatch(feats[lo:hi], feats, batch.positive[lo:hi], batch.anchor_ids[lo:hi],
+                                batch.candidate_ids, anchor_keys=batch.anchor_keys[lo:hi], row_offset=lo, total_rows=8)
+        losses.append(ranks[r](part, 4.0).loss)
+    assert torch.allclose(0.5 * (losses[0] + losses[1]), loss_full, atol=1e-6)
+    for key in range(8):  # keys 0,2,4,6 are view-0 anchors (rank 0), keys 1,3,5,7 view-1 anchors (rank 1)
+        owner = ranks[0] if key % 2 == 0 else ranks[1]
+        assert owner.chains.sample_id[key] == full.chains.sample_id[key]
+        assert owner.chains.score[key] == full.chains.score[key]
+
+
+def test_emc2_out_of_batch_reencode_and_refresh():
+    # one anchor pair whose chain sits on sample 99 (not in the batch) with a huge stale score: it never moves, so
+    # with out_of_batch="reencode" the whole negative weight goes to the re-encoded sample 99.
+    feats, batch = unimodal_batch(b=3, seed=4)
+    z99 = F.normalize(torch.randn(1, 8), dim=1).requires_grad_(True)
+    calls = []
+
+    def encode(ids):
+        calls.append((ids.clone(), torch.is_grad_enabled()))
+        assert (ids == 99).all()
+        return z99.expand(ids.numel(), -1)
+
+    batch.encode_candidates = encode
+    emc2 = EMC2(num_keys=6, num_candidates=100, steps=5, burn_in=1, out_of_batch="reencode")
+    emc2.chains.sample_id[:] = 99
+    emc2.chains.score[:] = 50.0
+    out = emc2(batch, 2.0)
+    assert float(out.stats["stay_frac"]) == 1.0
+    g_feats, g_z = torch.autograd.grad(out.loss, [feats, z99])
+    # d/dz of (beta/B) sum_i s(x_i, z) = beta/B * sum_i x_i
+    assert torch.allclose(g_z[0], 2.0 / 6 * feats.detach().sum(0), atol=1e-6)
+    assert calls and calls[-1][1] is True
+    # refresh: the stale score is replaced by the exact one (no grad), so chains now move into the batch
+    calls.clear()
+    emc2r = EMC2(num_keys=6, num_candidates=100, steps=5, burn_in=1, state_score="refresh", out_of_batch="drop")
+    emc2r.chains.sample_id[:] = 99
+    emc2r.chains.score[:] = 50.0
+    out = emc2r(batch, 2.0)
+    assert calls and calls[0][1] is False
+    assert float(out.stats["stay_frac"]) < 1.0
+
+
+def test_sogclr_u_follows_the_moving_average_and_weights():
+    gamma, beta = 0.7, 2.0
+    sog = SogCLR(num_keys=12, gamma=gamma)
+    us = [torch.zeros(12, dtype=torch.float64)]
+    for seed in (0, 1):
+        feats, batch = unimodal_batch(seed=seed)
+        out = sog(batch, beta)
+        s = (feats @ feats.t()).detach().double()
+        neg = batch.negative_mask
+        g = (torch.exp(beta * s) * neg).sum(1) / neg.sum(1)
+        u = (1 - gamma) * us[-1][batch.anchor_keys] + gamma * g
+        us.append(torch.zeros(12, dtype=torch.float64).index_put((batch.anchor_keys,), u))
+        assert torch.allclose(sog.u.value[batch.anchor_keys].double().exp(), u, rtol=1e-5)
+        # gradient of the surrogate: beta/B sum_i [-grad s_i+ + sum_j exp(beta s_ij)/(u_i N_i) grad s_ij]
+        w = (torch.exp(beta * s) * neg / (u[:, None] * neg.sum(1, keepdim=True))).float()
+        sc = feats @ feats.t()
+        ref = beta * (-sc.gather(1, batch.positive[:, None])[:, 0] + (w * sc).sum(1)).mean()
+        (g1,) = torch.autograd.grad(out.loss, feats)
+        (g2,) = torch.autograd.grad(ref, feats)
+        assert torch.allclose(g1, g2, atol=1e-5)
+
+
+def test_hcl_matches_reference_formula():
+    feats, batch = unimodal_batch(b=5, dtype=torch.float64)
+    beta, h, tau = 2.0, 1.0, 0.1
+    loss = HCL(hardness=h, tau_plus=tau)(batch, beta).loss
+    # Robinson et al.'s formulation, written naively
+    s = feats @ feats.t()
+    neg = batch.negative_mask.double()
+    N = 2 * 5 - 2
+    pos = torch.exp(beta * s.gather(1, batch.positive[:, None])[:, 0])
+    e = torch.exp(beta * s) * neg
+    imp = torch.exp(h * beta * s) * neg
+    reweight = (imp * e).sum(1) / (imp.sum(1) / N)
+    ng = (-tau * N * pos + reweight) / (1 - tau)
+    ng = torch.clamp(ng, min=N * math.exp(-beta))
+    ref = (-torch.log(pos / (pos + ng))).mean()
+    assert torch.allclose(loss, ref, atol=1e-10)
+
+
+def test_negative_cache_draws_follow_the_cache_softmax():
+    torch.manual_seed(0)
+    m, d, beta = 12, 6, 3.0
+    table = F.normalize(torch.randn(m, d), dim=1)
+    a = F.normalize(torch.randn(1, d), dim=1)
+    B = 64
+    drawn = []
+
+    def encode(ids):
+        if not torch.is_grad_enabled():
+            return table[ids]
+        drawn.append(ids.clone())
+        return table[ids].clone().requires_grad_(True)
+
+    cache = NegativeCache(num_keys=m, num_candidates=m, dim=d, refresh=0.25)
+    ids = torch.zeros(B, dtype=torch.long)
+    for _ in range(250):
+        anchors = a.expand(B, -1)
+        batch = ContrastiveBatch(anchors, anchors, torch.arange(B), ids, ids, encode_candidates=encode)
+        cache(batch, beta)
+    counts = torch.bincount(torch.cat(drawn), minlength=m).float()
+    target = torch.softmax(beta * (a @ table.t())[0].masked_fill(torch.arange(m) == 0, float("-inf")), 0)
+    tv = 0.5 * (counts / counts.sum() - target).abs().sum()
+    assert counts[0] == 0 and tv < 0.03, float(tv)
+    assert int(cache.pointer) == (250 * 3) % m
+
+
+@pytest.mark.parametrize("name, opts", [("emc2", {"steps": 6, "burn_in": 2}), ("sogclr", {}),
+                                        ("negative_cache", {"dim": 8})])
+def test_state_round_trips_through_state_dict(name, opts):
+    table = F.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(9)), dim=1)
+
+    def encode(ids):
+        return table[ids]
+
+    a = build_objective(name, num_keys=40, num_candidates=40, options=opts)
+    for seed in range(3):
+        _, batch = unimodal_batch(b=4, seed=seed, ids=torch.arange(4) * 3 + seed)
+        batch.encode_candidates = encode
+        a(batch, 3.0)
+    b = build_objective(name, num_keys=40, num_candidates=40, options=opts)
+    b.load_state_dict(a.state_dict())
+    _, batch = unimodal_batch(b=4, seed=7, ids=torch.arange(4) * 5)
+    batch.encode_candidates = encode
+    la, lb = a(batch, 3.0).loss, b(batch, 3.0).loss
+    assert torch.equal(la, lb)
+    for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(va, vb), k
+
+
+def test_registry_errors_name_the_option():
+    with pytest.raises(ValueError, match="did you mean 'emc2'"):
+        build_objective("emc", num_keys=4, num_candidates=4)
+    with pytest.raises(ValueError, match="did you mean 'burn_in'"):
+        build_objective("emc2", num_keys=4, num_candidates=4, options={"burnin": 3})
+    with pytest.raises(ValueError, match="burn_in"):
+        build_objective("emc2", num_keys=4, num_candidates=4, options={"steps": 3, "burn_in": 3})
+
+
+def test_symmetric_objective_keeps_separate_states():
+    x, y, batch = bimodal_batch(b=4)
+    rev = ContrastiveBatch(y, x, torch.arange(4), batch.anchor_ids, batch.anchor_ids)
+    obj = build_objective("sogclr", num_keys=20, num_candidates=20, symmetric=True)
+    out = obj(batch, 2.0, reverse=rev)
+    assert not torch.equal(obj.x_to_y.u.value, obj.y_to_x.u.value)
+    ref = 0.5 * (SogCLR(20)(batch, 2.0).loss + SogCLR(20)(rev, 2.0).loss)
+    assert torch.allclose(out.loss, ref)
