@@ -42,9 +42,14 @@ def _check_options(name: str, cls: type[ContrastiveObjective], options: dict[str
 
 
 def build_objective(
-    name: str, *, num_keys: int, num_candidates: int, options: dict[str, Any] | None = None, symmetric: bool = False
+    name: str, *, num_keys: int, num_candidates: int, options: dict[str, Any] | None = None, symmetric: bool = False,
+    defaults: dict[str, Any] | None = None,
 ) -> ContrastiveObjective:
-    """Build an estimator by registry name.  ``symmetric=True`` wraps it for x→y and y→x with separate states."""
+    """Build an estimator by registry name.  ``symmetric=True`` wraps it for x→y and y→x with separate states.
+
+    ``defaults`` are run facts (feature ``dim``, ``seed``) passed to estimators whose constructor takes them, unless
+    ``options`` sets them.
+    """
     options = dict(options or {})
     if name not in REGISTRY:
         hint = difflib.get_close_matches(name, REGISTRY, n=1)
@@ -52,6 +57,10 @@ def build_objective(
         raise ValueError(f"unknown objective.name '{name}'{did}; choices: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[name]
     _check_options(name, cls, options)
+    accepted = inspect.signature(cls.__init__).parameters
+    for key, value in (defaults or {}).items():
+        if key in accepted and key not in options:
+            options[key] = value
 
     def make() -> ContrastiveObjective:
         return cls(num_keys=num_keys, num_candidates=num_candidates, **options)

@@ -1,0 +1,85 @@
+"""Global batches that do not depend on the number of processes, and per-sample seeded augmentations.
+
+A run with W processes of ``b`` samples each must see exactly the global batches of a single process with
+``W·b`` samples (DESIGN.md, multi-GPU): the epoch permutation is drawn from ``(seed, epoch)`` only, global batch ``t``
+is ``perm[t·W·b : (t+1)·W·b]`` and process ``r`` takes the ``r``-th slice of it.  Augmentations are drawn from a
+generator seeded by ``(seed, epoch, sample id, draw)`` so views do not depend on workers, processes or resume point.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Yields this process's slice of each global batch; ``drop_last`` always (every batch has ``W·b`` samples).
+
+    ``set_epoch(e, start_batch=k)`` positions the sampler at global batch ``k`` of epoch ``e`` (exact resume).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        if batch_size < 1:
+            raise ValueError(f"train.batch_size must be >= 1, got {batch_size}")
+        if num_samples < batch_size * world_size:
+            raise ValueError(
+                f"the dataset has {num_samples} samples, fewer than one global batch of "
+                f"{batch_size} x {world_size} processes; lower train.batch_size or use more data"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.epoch_order(self.epoch)
+        G = self.global_batch
+        for t in range(self.start_batch, self.batches_per_epoch()):
+            glob = order[t * G:(t + 1) * G]
+            yield glob[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() - self.start_batch
+
+
+class SeededViews(Dataset):
+    """Wraps a dataset whose ``__getitem__`` draws random augmentations from torch's global RNG; seeds that RNG per
+    item from ``(seed, epoch, index)`` inside a forked RNG scope, so the training RNG is left untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index))
+            return self.dataset[index]
+
+    def __getattr__(self, name: str):
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)

@@ -1,0 +1,144 @@
+"""Dataset wrappers that attach the global sample id to every item.
+
+The id of an item is its position in the base :class:`~dual_emc2.data.image_sets.ImageSet` (after an optional
+``first_n`` truncation, which keeps ids ``0..n-1``).  It depends only on the files on disk, never on the epoch,
+shuffling, the number of processes or workers, so it can key per-sample estimator state (EMC² chain states Z_i,
+SogCLR's u_i; DESIGN.md "Multi-GPU").
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from dual_emc2.data.image_sets import ImageSet
+
+Transform = Callable[[Image.Image], Tensor]
+
+
+class FirstN(ImageSet):
+    """The first ``n`` samples of ``base``, with the same ids 0..n-1 (smoke runs, the paper's 500-image check)."""
+
+    def __init__(self, base: ImageSet, n: int) -> None:
+        if not 1 <= int(n) <= len(base):
+            raise ValueError(f"data.first_n must lie in [1, {len(base)}] (size of {base.name}/{base.split}), got {n}")
+        self.base, self.n = base, int(n)
+        self.name, self.split, self.classes, self.image_size = base.name, base.split, base.classes, base.image_size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.base[self._check_index(index)]
+
+    def labels(self) -> np.ndarray:
+        return self.base.labels()[: self.n]
+
+
+def take_first(base: ImageSet, first_n: int | None) -> ImageSet:
+    """``base`` itself when ``first_n`` is None, else :class:`FirstN` of it."""
+    return base if first_n is None else FirstN(base, first_n)
+
+
+def _position(index: int, size: int) -> int:
+    i = int(index)
+    if not 0 <= i < size:
+        raise IndexError(f"sample id {i} out of range for a dataset of size {size}")
+    return i
+
+
+def _as_tensor(x: object, where: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: the transform must return a Tensor [3, H, W], got {type(x).__name__}; end it with "
+                        "ToImage/ToDtype (see dual_emc2.data.augment)")
+    return x
+
+
+class MultiViewDataset(Dataset):
+    """Item ``i`` -> ``(i, views [n_views, 3, H, W], label)``: ``n_views`` independent draws of ``transform`` of
+    ``base[i]``; ``i`` is the global sample id (position in ``base``).  The default collate gives
+    ``(ids [b], views [b, n_views, 3, H, W], labels [b])``."""
+
+    def __init__(self, base: ImageSet, transform: Transform, n_views: int = 2, first_n: int | None = None) -> None:
+        if int(n_views) < 1:
+            raise ValueError(f"n_views must be >= 1, got {n_views}")
+        self.base = take_first(base, first_n)
+        self.transform, self.n_views = transform, int(n_views)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor, int]:
+        i = _position(index, len(self.base))
+        img, label = self.base[i]
+        views = [_as_tensor(self.transform(img), "MultiViewDataset") for _ in range(self.n_views)]
+        return i, torch.stack(views), int(label)
+
+    def labels(self) -> np.ndarray:
+        return self.base.labels()
+
+
+class EvalDataset(Dataset):
+    """Item ``i`` -> ``(i, transform(base[i] image), label)`` for feature extraction (linear probe, k-NN)."""
+
+    def __init__(self, base: ImageSet, transform: Transform, first_n: int | None = None) -> None:
+        self.base = take_first(base, first_n)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor, int]:
+        i = _position(index, len(self.base))
+        img, label = self.base[i]
+        return i, _as_tensor(self.transform(img), "EvalDataset"), int(label)
+
+    def labels(self) -> np.ndarray:
+        return self.base.labels()
+
+
+class UnaugmentedLookup:
+    """``lookup(ids) -> Tensor [n, 3, H, W]``: the un-augmented (``transform`` = evaluation transform) images of the
+    given global ids, on ``ids.device``.  EMC² uses it to re-encode chain states that lie outside the current batch
+    (DESIGN.md, "Chain state between iterations").  Repeated ids are decoded once."""
+
+    def __init__(self, base: ImageSet, transform: Transform, first_n: int | None = None) -> None:
+        self.base = take_first(base, first_n)
+        self.transform = transform
+        self._shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def image(self, sample_id: int) -> Tensor:
+        """Evaluation-transformed image [3, H, W] of one global id."""
+        img, _ = self.base[_position(sample_id, len(self.base))]
+        x = _as_tensor(self.transform(img), "UnaugmentedLookup")
+        self._shape = tuple(x.shape)
+        return x
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        if not isinstance(ids, Tensor) or ids.dtype.is_floating_point or ids.dtype.is_complex \
+                or ids.dtype == torch.bool:
+            raise TypeError(f"UnaugmentedLookup: ids must be an integer Tensor, got "
+                            f"{ids.dtype if isinstance(ids, Tensor) else type(ids).__name__}")
+        if ids.dim() != 1:
+            raise ValueError(f"UnaugmentedLookup: ids must be 1-d [n], got shape {tuple(ids.shape)}")
+        flat = ids.detach().cpu().to(torch.int64)
+        n = len(self.base)
+        if flat.numel():
+            lo, hi = int(flat.min()), int(flat.max())
+            if lo < 0 or hi >= n:
+                raise IndexError(f"UnaugmentedLookup: sample id {lo if lo < 0 else hi} out of range for a dataset of "
+                                 f"size {n} ({self.base.name}/{self.base.split})")
+        else:
+            if self._shape is None:
+                self.image(0)
+            return torch.empty((0, *self._shape), device=ids.device)
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        images = torch.stack([self.image(int(u)) for u in uniq.tolist()])
+        return images[inverse].to(ids.device)

@@ -1,0 +1,325 @@
+"""Atomic, self-verifying training checkpoints.
+
+File layout of ``ckpt-{step:08d}.pt``: a 52-byte header, then the bytes of ``torch.save(payload)``::
+
+    magic b"DEMC2CKP" | uint32 format version | uint64 body length | sha256(body), 32 bytes
+
+so a torn, truncated or bit-flipped file is detected before anything is unpickled.  Writing goes to a hidden
+temporary file in the same folder (``.ckpt-XXXXXXXX.*.tmp``), which is flushed, fsync'ed and atomically renamed with
+``os.replace``; the folder is fsync'ed after the rename.  A crash therefore leaves either the complete new checkpoint
+or none (plus, at worst, a hidden temporary file that readers ignore and the next save removes).  A small text file
+``latest`` names the most recent checkpoint; it is replaced atomically after each save.  Use
+:func:`load_checkpoint` (not ``torch.load``) to read a checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import secrets
+import struct
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointCorrupt",
+    "checkpoint_path",
+    "checkpoint_summary",
+    "find_latest_valid",
+    "list_checkpoints",
+    "load_checkpoint",
+    "resolve_resume",
+    "save_checkpoint",
+    "tensor_dict_sha256",
+    "verify_checkpoint",
+]
+
+
+MAGIC = b"DEMC2CKP"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIQ32s")  # magic, version, body length, sha256
+LATEST = "latest"
+_CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_TMP_RE = re.compile(r"^\.(?:ckpt-\d{8,}|latest)\..*\.tmp$")
+_CHUNK = 1 << 22
+
+
+class CheckpointCorrupt(RuntimeError):
+    """A checkpoint file that is truncated, torn, altered or not a checkpoint at all; the message names the file."""
+
+
+def checkpoint_path(directory: str | os.PathLike[str], step: int) -> Path:
+    """Path of the checkpoint of ``step`` in ``directory``."""
+    return Path(directory) / f"ckpt-{int(step):08d}.pt"
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``ckpt-*.pt`` in ``directory``, ascending step (temporary files excluded)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist a rename: fsync the folder (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(target: Path, chunks: list[bytes | memoryview], tmp_prefix: str) -> None:
+    """Write ``chunks`` to a temp file beside ``target``, fsync, ``os.replace`` onto it, fsync the folder.
+
+    The temp file is created like a normal file (mode 0o666 minus the umask), unlike ``tempfile.mkstemp``'s 0o600.
+    """
+    tmp = target.parent / f"{tmp_prefix}{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def save_checkpoint(directory: str | os.PathLike[str], step: int, payload: dict[str, Any],
+                    keep_last: int = 3) -> Path:
+    """Atomically write ``payload`` as ``directory/ckpt-{step:08d}.pt``, point ``latest`` at it, prune old ones.
+
+    After the save, only the ``keep_last`` highest-step checkpoints with step <= ``step`` are kept (checkpoints of
+    a later step, left by a run that was resumed from an earlier one, are left alone with a warning; they are
+    overwritten when this run reaches their step).  Stale temporary files of crashed saves are removed.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"save_checkpoint: step must be a non-negative int, got {step!r}")
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ValueError(f"save_checkpoint: keep_last must be an int >= 1, got {keep_last!r}")
+    if not isinstance(payload, Mapping):
+        raise TypeError(f"save_checkpoint: payload must be a dict, got {type(payload).__name__}")
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+
+    buf = io.BytesIO()
+    torch.save(dict(payload), buf)
+    body = buf.getbuffer()
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, body.nbytes, hashlib.sha256(body).digest())
+    target = checkpoint_path(root, step)
+    try:
+        _atomic_write(target, [header, body], tmp_prefix=f".{target.stem}.")
+    finally:
+        body.release()
+    _atomic_write(root / LATEST, [f"{target.name}\n".encode()], tmp_prefix=f".{LATEST}.")
+    _prune(root, step, keep_last)
+    return target
+
+
+def _prune(root: Path, step: int, keep_last: int) -> None:
+    ckpts = list_checkpoints(root)
+    later = [p.name for s, p in ckpts if s > step]
+    if later:
+        warnings.warn(f"{root}: checkpoints of later steps than {step} are kept from an earlier run: {later}",
+                      stacklevel=3)
+    older = [p for s, p in ckpts if s <= step]
+    for p in older[:-keep_last]:
+        p.unlink(missing_ok=True)
+    for p in root.iterdir():
+        if _TMP_RE.match(p.name):
+            p.unlink(missing_ok=True)
+
+
+def _verified_body(path: Path, *, keep: bool) -> bytes | None:
+    """Check magic, version, length and sha256 of the checkpoint at ``path``; return its body if ``keep``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(_HEADER.size)
+        if len(head) < _HEADER.size:
+            raise CheckpointCorrupt(f"{path}: truncated checkpoint ({len(head)} bytes, header needs {_HEADER.size})")
+        magic, version, length, digest = _HEADER.unpack(head)
+        if magic != MAGIC:
+            raise CheckpointCorrupt(f"{path}: not a dual_emc2 checkpoint (bad magic {magic!r}); torn or foreign file")
+        if version != FORMAT_VERSION:
+            raise CheckpointCorrupt(f"{path}: unsupported checkpoint format version {version}")
+        h, n, body = hashlib.sha256(), 0, None
+        if keep:
+            body = f.read(length + 1)
+            h.update(body)
+            n = len(body)
+        else:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                n += len(chunk)
+    if n != length:
+        what = "truncated" if n < length else "has trailing bytes"
+        raise CheckpointCorrupt(f"{path}: {what}: header says {length} payload bytes, file holds {n}")
+    if h.digest() != digest:
+        raise CheckpointCorrupt(f"{path}: sha256 mismatch, the file is corrupted")
+    return body
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`CheckpointCorrupt` (or FileNotFoundError) unless ``path`` is an intact checkpoint."""
+    _verified_body(Path(path), keep=False)
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """numpy callables/types that rebuild numeric arrays and scalars (e.g. ``np.random.get_state()``); object
+    arrays stay refused by ``torch.load(weights_only=True)``."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct, scalar
+    numeric = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+               np.float16, np.float32, np.float64, np.complex64, np.complex128)
+    return [_reconstruct, scalar, np.ndarray, np.dtype, *(type(np.dtype(t)) for t in numeric)]
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu",
+                    weights_only: bool = True) -> dict[str, Any]:
+    """Verify and load a checkpoint written by :func:`save_checkpoint`.
+
+    ``weights_only`` is passed to ``torch.load``: True (the default) unpickles only tensors, plain containers and
+    numeric numpy arrays/scalars (RNG states); pass False for payloads holding other objects from a trusted source.
+    """
+    p = Path(path)
+    body = _verified_body(p, keep=True)
+    with torch.serialization.safe_globals(_numpy_safe_globals()):
+        payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=weights_only)
+    if not isinstance(payload, dict):
+        raise CheckpointCorrupt(f"{p}: payload is a {type(payload).__name__}, expected a dict")
+    return payload
+
+
+def find_latest_valid(directory: str | os.PathLike[str]) -> Path | None:
+    """Newest intact checkpoint in ``directory``, or None.
+
+    Checkpoints are tried from the highest step down, except those of a higher step than the one ``latest`` names
+    that were written before ``latest`` (left by a run that was later resumed from an earlier step): they are tried
+    last.  So the most recent save wins, also when a crash hit between writing a checkpoint and updating
+    ``latest``.  Corrupt checkpoints are skipped with a warning naming them; temporary files are ignored.
+    """
+    root = Path(directory)
+    newest_first = list(reversed(list_checkpoints(root)))
+    pointer = root / LATEST
+    abandoned: list[Path] = []
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        m = _CKPT_RE.match(name)
+        if m and (root / name).is_file():
+            pointer_step, pointer_mtime = int(m.group(1)), pointer.stat().st_mtime
+            abandoned = [p for s, p in newest_first if s > pointer_step and p.stat().st_mtime <= pointer_mtime]
+        else:
+            warnings.warn(f"{pointer} names {name!r}, which is not a checkpoint in {root}; scanning by step",
+                          stacklevel=2)
+    order = [p for _, p in newest_first if p not in abandoned] + abandoned
+    for p in order:
+        try:
+            verify_checkpoint(p)
+        except (CheckpointCorrupt, OSError) as exc:
+            warnings.warn(f"skipping corrupt checkpoint: {exc}" if str(p) in str(exc)
+                          else f"skipping corrupt checkpoint {p}: {exc}", stacklevel=2)
+            continue
+        return p
+    return None
+
+
+def resolve_resume(resume: str | None, directory: str | os.PathLike[str]) -> Path | None:
+    """Checkpoint to resume from: None -> None; ``"latest"`` -> :func:`find_latest_valid` (None if there is none
+    yet, a fresh start); otherwise ``resume`` is a checkpoint path (relative paths are tried as given, then inside
+    ``directory``), which must exist."""
+    if resume is None:
+        return None
+    if not isinstance(resume, str) or not resume.strip():
+        raise ValueError(f"train.resume must be 'latest' or a checkpoint path, got {resume!r}")
+    if resume == "latest":
+        return find_latest_valid(directory)
+    p = Path(resume).expanduser()
+    if p.is_file():
+        return p
+    inside = Path(directory) / p
+    if not p.is_absolute() and inside.is_file():
+        return inside
+    raise FileNotFoundError(f"train.resume: checkpoint {resume!r} not found (also looked for {inside})")
+
+
+# --------------------------------------------------------------------------------------------------- summaries
+
+
+def _flatten_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _flatten_tensors(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _flatten_tensors(v, f"{prefix}.{i}" if prefix else str(i), out)
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach()
+    if t.is_sparse:
+        t = t.to_dense()
+    t = t.cpu().contiguous().reshape(-1)
+    if t.numel() == 0:
+        return b""
+    return t.view(torch.uint8).numpy().tobytes()
+
+
+def tensor_dict_sha256(tensors: Mapping[str, Any]) -> str:
+    """sha256 over the tensors of a (possibly nested) state dict: for each key in sorted order, the key, dtype,
+    shape and raw bytes.  Independent of insertion order and device; non-tensor leaves are not hashed."""
+    flat: dict[str, torch.Tensor] = {}
+    _flatten_tensors(tensors, "", flat)
+    h = hashlib.sha256()
+    for key in sorted(flat):
+        t = flat[key]
+        h.update(f"{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def checkpoint_summary(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Describe a loaded checkpoint: ``step``, the other top-level keys, and for every top-level entry holding
+    tensors (model, objective, optimizer, ...) its tensor count, elements, bytes, per-tensor shape/dtype and
+    :func:`tensor_dict_sha256`."""
+    summary: dict[str, Any] = {"step": payload.get("step"), "keys": sorted(map(str, payload)), "tensors": {}}
+    for name, value in payload.items():
+        flat: dict[str, torch.Tensor] = {}
+        _flatten_tensors(value, "", flat)
+        if not flat:
+            continue
+        summary["tensors"][str(name)] = {
+            "num_tensors": len(flat),
+            "numel": sum(t.numel() for t in flat.values()),
+            "nbytes": sum(t.numel() * t.element_size() for t in flat.values()),
+            "shapes": {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                       for k, t in sorted(flat.items())},
+            "sha256": tensor_dict_sha256(value) if isinstance(value, Mapping) else tensor_dict_sha256({"": value}),
+        }
+    return summary

@@ -1,0 +1,343 @@
+"""The unimodal contrastive trainer on Hugging Face Accelerate (one or many processes).
+
+Data flows one way: seeded multi-view batches → encoder → features gathered over processes → estimator(batch, β) →
+surrogate → optimiser.  The trainer never branches on the estimator; it only supplies ``encode_candidates`` when the
+estimator says it needs out-of-batch candidates.  Checkpoints hold model, optimiser, scheduler, estimator state, RNG
+and data position, so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dual_emc2.data.augment import AugmentConfig
+from dual_emc2.data.image_sets import build_image_dataset, dataset_info, dataset_stats
+from dual_emc2.data.samplers import GlobalBatchSampler, SeededViews
+from dual_emc2.data.views import MultiViewDataset, UnaugmentedLookup
+from dual_emc2.objectives import build_objective
+from dual_emc2.towers.heads import build_image_encoder
+from dual_emc2.towers.temperature import ContrastiveModel, InverseTemperature
+from dual_emc2.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from dual_emc2.train.config import Config, config_to_dict, save_config
+from dual_emc2.train.evaluate import eval_loaders, evaluate_features
+from dual_emc2.train.optim import build_optimizer, build_scheduler
+from dual_emc2.train.run_log import RunLogger, plot_curves
+from dual_emc2.train.unimodal import unimodal_contrastive_batch
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after ``train.max_nonfinite`` consecutive non-finite losses."""
+
+
+@dataclass
+class Position:
+    """Where training stands: optimiser steps done, epoch, and micro-batches consumed in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Builds everything from a :class:`Config` and runs :meth:`fit`."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator | None = None) -> None:
+        self.cfg = cfg
+        self.acc = accelerator or Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=_timedelta(cfg.train.dist_timeout_s))],
+        )
+        self.device = self.acc.device
+        self.out = Path(cfg.output_dir)
+        seed_everything(cfg.seed)
+        self._build_data()
+        self._build_model()
+        self.pos = Position()
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+        self.history: list[dict[str, float]] = []
+
+    # ------------------------------------------------------------------------------------------------ building
+    def _build_data(self) -> None:
+        cfg, d = self.cfg, self.cfg.data
+        base = build_image_dataset(d.name, d.train_split, root=d.root, download=d.download)
+        mean, std = dataset_stats(d.name)
+        aug = AugmentConfig(size=d.image_size, crop_scale=(d.augment.crop_scale_min, 1.0),
+                            jitter_strength=d.augment.jitter_strength, grayscale_p=d.augment.grayscale_p,
+                            blur=d.augment.blur, flip=d.augment.flip, eval_resize=_eval_resize(d.name, d.image_size))
+        n = None if d.subset is None else min(d.subset, len(base))
+        self.train_set = SeededViews(MultiViewDataset(base, aug.simclr(mean, std, grey_input=dataset_info(d.name).grayscale), d.n_views, first_n=n), cfg.seed)
+        self.lookup = UnaugmentedLookup(base, aug.eval(mean, std), first_n=n)
+        self.sampler = GlobalBatchSampler(len(self.train_set), cfg.train.batch_size,
+                                          world_size=self.acc.num_processes, rank=self.acc.process_index,
+                                          seed=cfg.seed)
+        self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=d.num_workers,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
+        self.micro_per_epoch = self.sampler.batches_per_epoch()
+        if self.micro_per_epoch < cfg.train.grad_accum:
+            raise ValueError(f"an epoch has {self.micro_per_epoch} batches, fewer than train.grad_accum="
+                             f"{cfg.train.grad_accum}")
+        self.steps_per_epoch = self.micro_per_epoch // cfg.train.grad_accum
+        self.micro_used = self.steps_per_epoch * cfg.train.grad_accum  # whole accumulation groups per epoch
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+
+    def _build_model(self) -> None:
+        cfg, m = self.cfg, self.cfg.model
+        encoder = build_image_encoder(m.arch, m.cifar_stem, m.proj_hidden, m.proj_dim, m.proj_layers,
+                                      channels_last=m.channels_last, batch_norm=m.head_batch_norm, norm=m.norm)
+        if m.sync_bn and self.acc.num_processes > 1 and self.device.type == "cuda":
+            encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
+        model = ContrastiveModel(encoder, InverseTemperature(cfg.objective.beta, cfg.objective.learnable_beta))
+        self.objective = build_objective(
+            cfg.objective.name, num_keys=len(self.train_set) * cfg.data.n_views,
+            num_candidates=len(self.train_set), options=cfg.objective.options,
+            defaults={"dim": m.proj_dim, "seed": cfg.seed},
+        ).to(self.device)
+        o = cfg.optim
+        optimizer = build_optimizer(model, o.name, o.lr, o.weight_decay, momentum=o.momentum,
+                                    exclude_bias_and_norm=o.exclude_bias_and_norm)
+        warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = build_scheduler(optimizer, self.total_steps, min(warmup, self.total_steps), o.schedule,
+                                         o.min_lr_ratio)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+
+    @property
+    def core(self) -> ContrastiveModel:
+        return self.acc.unwrap_model(self.model)
+
+    def encode_candidates(self, ids: Tensor) -> Tensor:
+        """ψ of un-augmented samples by global id, under the caller's grad mode; batch-norm in eval mode (the ids
+        are few and not a batch)."""
+        x = self.lookup(ids.cpu()).to(self.device)
+        if self.cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        enc = self.core.encoder
+        was = enc.training
+        enc.eval()
+        try:
+            with self.acc.autocast():
+                z = enc(x)
+        finally:
+            enc.train(was)
+        return z.float()
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def state_payload(self) -> dict[str, Any]:
+        return {
+            "step": self.pos.step, "epoch": self.pos.epoch, "batch_in_epoch": self.pos.batch_in_epoch,
+            "model": self.core.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "objective": self.objective.state_dict(),
+            "rng": _rng_state(), "config": config_to_dict(self.cfg), "world_size": self.acc.num_processes,
+            "nonfinite_total": self.nonfinite_total, "history": self.history,
+        }
+
+    def save(self) -> Path | None:
+        path = None
+        if self.acc.is_main_process:
+            path = save_checkpoint(self.out / "checkpoints", self.pos.step, self.state_payload(),
+                                   keep_last=self.cfg.train.keep_last)
+        self.acc.wait_for_everyone()
+        return path
+
+    def restore(self, path: Path) -> None:
+        payload = load_checkpoint(path, map_location="cpu")
+        self.core.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.objective.load_state_dict(payload["objective"])
+        self.pos = Position(payload["step"], payload["epoch"], payload["batch_in_epoch"])
+        self.nonfinite_total = payload.get("nonfinite_total", 0)
+        self.history = list(payload.get("history", []))
+        _set_rng_state(payload["rng"])
+        if self.pos.batch_in_epoch >= self.micro_used:
+            self.pos = Position(self.pos.step, self.pos.epoch + 1, 0)
+
+    # ------------------------------------------------------------------------------------------------ training
+    def train_step(self, ids: Tensor, views: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """One micro-batch: forward, estimator, backward and (at accumulation boundaries) the optimiser step.
+        Returns None when the loss was not finite and the step was skipped."""
+        V = views.shape[1]
+        x = views.flatten(0, 1).to(self.device, non_blocking=True)
+        if self.cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ids = ids.to(self.device)
+        enc = self.encode_candidates if self.objective.needs_candidate_encoder else None
+        with self.acc.accumulate(self.model):
+            with self.acc.autocast():
+                z = self.model(x)
+            batch = unimodal_contrastive_batch(z.float(), ids, V, encode_candidates=enc)
+            beta = self.core.temperature()
+            out = self.objective(batch, beta)
+            if not bool(torch.isfinite(out.loss)):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_streak += 1
+                self.nonfinite_total += 1
+                if self.nonfinite_streak >= max(1, self.cfg.train.max_nonfinite):
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite_streak} consecutive non-finite losses at step {self.pos.step}; stopping "
+                        f"(the last good checkpoint in {self.out / 'checkpoints'} is kept)")
+                return None
+            self.nonfinite_streak = 0
+            self.acc.backward(out.loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        stats = dict(out.stats)
+        stats["loss"] = out.loss.detach()
+        stats["beta"] = beta.detach()
+        return out.loss.detach(), stats
+
+    def evaluate(self) -> dict[str, float]:
+        cfg = self.cfg
+        if not hasattr(self, "_eval_loaders"):
+            self._eval_loaders = eval_loaders(
+                cfg.data.name, cfg.data.root, cfg.data.eval_train_split, cfg.data.eval_test_split,
+                cfg.data.image_size, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                max_train=cfg.eval.max_train, max_test=cfg.eval.max_test, download=cfg.data.download)
+        tr, te = self._eval_loaders
+        return evaluate_features(self.core.encoder.features, tr, te, self.device, probe_epochs=cfg.eval.probe_epochs,
+                                 knn_k=cfg.eval.knn_k, seed=cfg.seed)
+
+    def _maybe_eval(self, epoch_done: int, logger: RunLogger | None, final: bool) -> dict[str, float] | None:
+        e = self.cfg.eval
+        if not e.enabled or not (final or epoch_done % e.every_epochs == 0):
+            return None
+        metrics = None
+        if self.acc.is_main_process:
+            metrics = self.evaluate()
+            metrics = {"epoch": float(epoch_done), **metrics}
+            if not self.history or self.history[-1].get("step") != self.pos.step:
+                self.history.append({"step": float(self.pos.step), **metrics})
+            if logger is not None:
+                logger.log(self.pos.step, metrics, group="eval")
+            self.acc.print(f"[eval] step {self.pos.step} epoch {epoch_done}: " +
+                           ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+        self.acc.wait_for_everyone()
+        return metrics
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        resume = resolve_resume(cfg.train.resume, self.out / "checkpoints")
+        if resume is not None:
+            self.restore(resume)
+            self.acc.print(f"[resume] from {resume} at step {self.pos.step}, epoch {self.pos.epoch}, "
+                           f"batch {self.pos.batch_in_epoch}")
+        logger = None
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+            logger = RunLogger(self.out, tensorboard=True, start_step=self.pos.step)
+        bar = tqdm(total=self.total_steps, initial=self.pos.step, disable=not self.acc.is_main_process,
+                   desc=f"{cfg.objective.name} b={cfg.train.batch_size}x{self.acc.num_processes}", dynamic_ncols=True)
+        last_eval = None
+        try:
+            last_eval = self._loop(logger, bar)
+        finally:
+            bar.close()
+            if logger is not None:
+                logger.close()
+        final = last_eval or {}
+        if self.acc.is_main_process:
+            plots = plot_curves(self.out / "metrics.csv", self.out / "plots")
+            final = {"step": self.pos.step, **(self.history[-1] if self.history else {}),
+                     "nonfinite_skipped": self.nonfinite_total}
+            (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
+            self.acc.print(f"[done] {self.out}: checkpoint {self.out / 'checkpoints'}, plots "
+                           f"{', '.join(p.name for p in plots)}; " +
+                           ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k.endswith("acc")))
+        return final
+
+    def _loop(self, logger: RunLogger | None, bar: tqdm) -> dict[str, float] | None:
+        cfg = self.cfg
+        last_eval = None
+        t0, seen = time.perf_counter(), 0
+        while self.pos.step < self.total_steps:
+            self.sampler.set_epoch(self.pos.epoch, start_batch=self.pos.batch_in_epoch)
+            self.train_set.set_epoch(self.pos.epoch)
+            self.model.train()
+            for ids, views, _ in self.loader:
+                if self.pos.batch_in_epoch >= self.micro_used:
+                    break
+                result = self.train_step(ids, views)
+                self.pos.batch_in_epoch += 1
+                seen += views.shape[0] * views.shape[1] * self.acc.num_processes
+                if not self.acc.sync_gradients:
+                    continue
+                self.scheduler.step()
+                self.pos.step += 1
+                bar.update(1)
+                if result is not None and (self.pos.step % cfg.train.log_every == 0 or self.pos.step == 1):
+                    dt = time.perf_counter() - t0
+                    values = {k: float(v) for k, v in result[1].items()}
+                    values["lr"] = self.scheduler.get_last_lr()[0]
+                    values["views_per_s"] = seen / max(dt, 1e-9)
+                    t0, seen = time.perf_counter(), 0
+                    if logger is not None:
+                        logger.log(self.pos.step, values, group="train")
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", **(
+                        {"acc": f"{values['accept_rate']:.2f}"} if "accept_rate" in values else {}))
+                if self.pos.step % cfg.train.ckpt_every == 0 and self.pos.step < self.total_steps:
+                    self.save()
+                if self.pos.step >= self.total_steps:
+                    break
+            if self.pos.batch_in_epoch >= self.micro_used:
+                self.pos = Position(self.pos.step, self.pos.epoch + 1, 0)
+                final = self.pos.step >= self.total_steps
+                metrics = self._maybe_eval(self.pos.epoch, logger, final)
+                last_eval = metrics or last_eval
+            if self.pos.step >= self.total_steps:
+                break
+        if not self.history or self.history[-1].get("step") != self.pos.step:
+            metrics = self._maybe_eval(self.pos.epoch, logger, final=True)
+            last_eval = metrics or last_eval
+        self.save()
+        return last_eval
+
+
+def _eval_resize(name: str, size: int) -> int | None:
+    r = dataset_info(name).eval_resize
+    return r if r is not None and r >= size else None
+
+
+def _timedelta(seconds: float):
+    from datetime import timedelta
+
+    return timedelta(seconds=seconds)

@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Train a contrastive encoder: `accelerate launch scripts/train.py --config configs/X.yaml [key.sub=value ...]`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint path (same as train.resume=...)")
+    p.add_argument("overrides", nargs="*", help="config overrides as key.sub=value")
+    args = p.parse_args(argv)
+
+    from dual_emc2.train.config import ConfigError, load_config
+
+    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from dual_emc2.train.trainer import Trainer
+
+    try:
+        trainer = Trainer(cfg)
+    except (FileNotFoundError, ValueError) as e:  # missing data, bad estimator options: a message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer.fit()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

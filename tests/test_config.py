@@ -1,0 +1,284 @@
+"""Config schema: YAML round trip, base inheritance, overrides, and error messages naming the dotted key."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dual_emc2.train.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+
+
+def _write(path: Path, data: dict | str) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_defaults_match_schema():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.objective.beta == 14.28 and cfg.optim.lr == 1e-3 and cfg.eval.knn_k == [1, 20]
+    assert cfg.data.augment.blur is None and cfg.train.resume is None and cfg.objective.options == {}
+
+
+def test_yaml_round_trip(tmp_path):
+    src = _write(tmp_path / "run.yaml", """
+seed: 7
+output_dir: runs/x
+data: {name: mnist, subset: 500, augment: {blur: true, crop_scale_min: 0.2}}
+model: {arch: resnet50, proj_dim: 64}
+objective: {name: sogclr, beta: 5, options: {gamma: 0.9, policy: stale, nested: {a: [1, 2]}}}
+optim: {name: lars, lr: 1.2, weight_decay: 1e-6, warmup_epochs: 10}
+train: {batch_size: 256, epochs: 3, mixed_precision: bf16, resume: latest, max_steps: 100}
+eval: {knn_k: [1, 5, 200], max_test: 1000, enabled: false}
+""")
+    cfg = load_config(src)
+    assert cfg.seed == 7 and cfg.data.augment.blur is True and cfg.data.augment.crop_scale_min == 0.2
+    assert cfg.objective.beta == 5.0 and isinstance(cfg.objective.beta, float)  # int accepted for float
+    assert cfg.optim.weight_decay == pytest.approx(1e-6) and isinstance(cfg.optim.weight_decay, float)
+    assert cfg.objective.options == {"gamma": 0.9, "policy": "stale", "nested": {"a": [1, 2]}}
+    assert cfg.train.resume == "latest" and cfg.eval.knn_k == [1, 5, 200]
+
+    out = save_config(cfg, tmp_path / "sub" / "saved.yaml")
+    again = load_config(out)
+    assert again == cfg
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    # the saved YAML is plain: a stock safe loader reads back the same dict (no custom tags)
+    assert yaml.safe_load(out.read_text()) == config_to_dict(cfg)
+
+
+def test_base_inheritance_relative_to_file(tmp_path):
+    (tmp_path / "common").mkdir()
+    _write(tmp_path / "common" / "base.yaml", {"seed": 1, "optim": {"lr": 0.5, "name": "sgd"},
+                                                 "objective": {"options": {"a": 1, "b": 2}}})
+    _write(tmp_path / "common" / "mid.yaml", {"base": "base.yaml", "train": {"epochs": 4}, "optim": {"lr": 0.25}})
+    (tmp_path / "exp").mkdir()
+    leaf = _write(tmp_path / "exp" / "leaf.yaml", {"base": "../common/mid.yaml", "objective": {"options": {"b": 3}}})
+    cfg = load_config(leaf)
+    assert cfg.seed == 1 and cfg.optim.name == "sgd"  # from base
+    assert cfg.optim.lr == 0.25 and cfg.train.epochs == 4  # mid overrides base
+    assert cfg.objective.options == {"a": 1, "b": 3}  # mappings merge key by key
+    assert cfg.train.batch_size == 32  # untouched default
+
+
+def test_base_cycle_and_missing_base(tmp_path):
+    _write(tmp_path / "a.yaml", {"base": "b.yaml"})
+    _write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "a.yaml")
+    _write(tmp_path / "c.yaml", {"base": "nope.yaml"})
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize(
+    "override, getter, expected, typ",
+    [
+        ("optim.lr=1e-3", lambda c: c.optim.lr, 1e-3, float),
+        ("optim.lr=5E-4", lambda c: c.optim.lr, 5e-4, float),
+        ("optim.lr=2", lambda c: c.optim.lr, 2.0, float),
+        ("objective.beta=-.5e1", None, None, None),  # parses as -5.0: rejected by beta > 0 below
+        ("train.batch_size=64", lambda c: c.train.batch_size, 64, int),
+        ("model.channels_last=true", lambda c: c.model.channels_last, True, bool),
+        ("data.augment.flip=false", lambda c: c.data.augment.flip, False, bool),
+        ("data.augment.blur=null", lambda c: c.data.augment.blur, None, type(None)),
+        ("train.resume=latest", lambda c: c.train.resume, "latest", str),
+        ("eval.knn_k=[1,5]", lambda c: c.eval.knn_k, [1, 5], list),
+        ("objective.options.tau=1e-2", lambda c: c.objective.options["tau"], 0.01, float),
+        ("objective.options.scan.order=random", lambda c: c.objective.options["scan"]["order"], "random", str),
+        ("data.subset=100", lambda c: c.data.subset, 100, int),
+        ("seed=3", lambda c: c.seed, 3, int),
+    ],
+)
+def test_overrides_of_nested_keys(override, getter, expected, typ):
+    if getter is None:
+        with pytest.raises(ConfigError, match=r"objective\.beta: must be > 0.0, got -5\.0"):
+            load_config(None, [override])
+        return
+    cfg = load_config(None, [override])
+    value = getter(cfg)
+    assert value == expected and type(value) is typ
+
+
+def test_overrides_apply_on_top_of_file_in_order(tmp_path):
+    src = _write(tmp_path / "r.yaml", {"optim": {"lr": 0.1}, "train": {"batch_size": 8}})
+    cfg = load_config(src, ["optim.lr=0.2", "train.batch_size=16", "optim.lr=0.3"])
+    assert cfg.optim.lr == 0.3 and cfg.train.batch_size == 16
+    base = {"optim": {"lr": 0.1}}
+    out = apply_overrides(base, ["optim.lr=0.5", "train.epochs=2"])
+    assert out == {"optim": {"lr": 0.5}, "train": {"epochs": 2}}
+    assert base == {"optim": {"lr": 0.1}}  # input not mutated
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["optim.learning_rate=0.1"])
+    assert "unknown config key 'optim.learning_rate' (did you mean 'optim.lr'?)" in str(e.value)
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.batchsize' \(did you mean 'train\.batch_size'"):
+        config_from_dict({"train": {"batchsize": 3}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian' \(did you mean 'train'\?\)"):
+        config_from_dict({"trian": {}})
+    with pytest.raises(ConfigError, match=r"'train\.lr' \(did you mean 'optim\.lr'\?\)"):
+        config_from_dict({"train": {"lr": 0.1}})
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"zzzqqq": 1})
+    assert "unknown config key 'zzzqqq'" in str(e.value) and "did you mean" not in str(e.value)
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    src = _write(tmp_path / "bad.yaml", {"data": {"augment": {"blurr": True}}})
+    with pytest.raises(ConfigError) as e:
+        load_config(src)
+    msg = str(e.value)
+    assert str(src) in msg and "'data.augment.blurr' (did you mean 'data.augment.blur'?)" in msg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.batch_size=abc", "train.batch_size: expected int, got str 'abc'"),
+        ("train.batch_size=true", "train.batch_size: expected int, got bool True"),
+        ("train.batch_size=3.5", "train.batch_size: expected int, got float 3.5"),
+        ("optim.lr=fast", "optim.lr: expected float, got str 'fast'"),
+        ("optim.lr=true", "optim.lr: expected float, got bool True"),
+        ("model.cifar_stem=1", "model.cifar_stem: expected bool (true/false), got int 1"),
+        ("data.subset=many", "data.subset: expected int or null, got str 'many'"),
+        ("eval.knn_k=[1,x]", "eval.knn_k[1]: expected int, got str 'x'"),
+        ("eval.knn_k=5", "eval.knn_k: expected list of int, got int 5"),
+        ("objective.options=3", "objective.options: expected a mapping, got int 3"),
+        ("data.root=5", "data.root: expected str or null, got int 5"),
+        ("train=5", "train: expected a mapping of TrainConfig keys, got int 5"),
+    ],
+)
+def test_wrong_types_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.mixed_precision=fp32", "train.mixed_precision: expected one of 'no', 'bf16', 'fp16', got 'fp32'"),
+        ("optim.schedule=exp", "optim.schedule: expected one of"),
+        ("train.batch_size=0", "train.batch_size: must be > 0, got 0"),
+        ("train.epochs=-1", "train.epochs: must be > 0, got -1"),
+        ("optim.lr=0", "optim.lr: must be > 0.0, got 0.0"),
+        ("optim.lr=-1e-3", "optim.lr: must be > 0.0, got -0.001"),
+        ("eval.knn_k=[0]", "eval.knn_k[0]: must be >= 1, got 0"),
+    ],
+)
+def test_choices_and_bounds(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_all_choices_accepted():
+    for mp in ("no", "bf16", "fp16"):
+        assert load_config(None, [f"train.mixed_precision={mp}"]).train.mixed_precision == mp
+    for sched in ("cosine", "constant"):
+        assert load_config(None, [f"optim.schedule={sched}"]).optim.schedule == sched
+
+
+@pytest.mark.parametrize("bad", ["optim.lr", "=3", "optim..lr=3", "optim.lr =", "a b=1"])
+def test_bad_override_strings(bad):
+    if bad == "optim.lr =":  # an empty value is YAML null: a type error on a float field
+        with pytest.raises(ConfigError, match="optim.lr: expected float, got NoneType None"):
+            load_config(None, [bad])
+        return
+    with pytest.raises(ConfigError, match="bad override"):
+        load_config(None, [bad])
+
+
+def test_override_into_non_mapping_and_bad_yaml():
+    with pytest.raises(ConfigError, match=r"'train\.batch_size' is int 32, not a mapping"):
+        apply_overrides({"train": {"batch_size": 32}}, ["train.batch_size.x=1"])
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(None, ["eval.knn_k=[1,"])
+    with pytest.raises(ConfigError, match="sequence of 'key=value'"):
+        load_config(None, "optim.lr=1")
+
+
+def test_file_top_level_must_be_mapping(tmp_path):
+    src = _write(tmp_path / "list.yaml", "- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping"):
+        load_config(src)
+    empty = _write(tmp_path / "empty.yaml", "")
+    assert load_config(empty) == Config()
+
+
+def test_every_schema_field_round_trips_through_overrides(tmp_path):
+    """Set every leaf to a non-default value by override; saving and reloading must reproduce all of them."""
+    overrides = [
+        "seed=11", "output_dir=runs/y", "data.name=digits", "data.root=/data", "data.download=true",
+        "data.train_split=unlabeled", "data.eval_train_split=unlabeled", "data.eval_test_split=val",
+        "data.image_size=96", "data.n_views=3", "data.num_workers=0", "data.subset=10", "data.eval_subset=20",
+        "data.augment.crop_scale_min=0.3", "data.augment.jitter_strength=1",
+        "data.augment.grayscale_p=0", "data.augment.blur=false", "data.augment.flip=false",
+        "model.arch=resnet50", "model.cifar_stem=false", "model.proj_hidden=2048", "model.proj_dim=256",
+        "model.proj_layers=3", "model.channels_last=true", "model.norm=group", "model.head_batch_norm=false",
+        "model.sync_bn=false", "objective.name=infonce", "objective.beta=5",
+        "objective.learnable_beta=true", "objective.options={k: v}", "optim.name=sgd", "optim.lr=0.3",
+        "optim.weight_decay=0", "optim.momentum=0.95", "optim.exclude_bias_and_norm=false",
+        "optim.warmup_epochs=0.5", "optim.schedule=constant", "optim.min_lr_ratio=0.1", "train.batch_size=4",
+        "train.epochs=9", "train.max_steps=7", "train.grad_accum=2", "train.mixed_precision=fp16",
+        "train.log_every=1", "train.ckpt_every=3", "train.keep_last=1", "train.resume=/tmp/ckpt.pt",
+        "train.max_nonfinite=0", "train.compile=true", "train.dist_timeout_s=30", "eval.every_epochs=2", "eval.batch_size=8",
+        "eval.probe_epochs=0", "eval.knn_k=[3]", "eval.enabled=false", "eval.max_train=5", "eval.max_test=6",
+    ]
+    cfg = load_config(None, overrides)
+    default = config_to_dict(Config())
+    got = config_to_dict(cfg)
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "options":
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    changed = {k for (k, v), (_, v0) in zip(leaves(got), leaves(default)) if v != v0}
+    all_leaves = {k for k, _ in leaves(default)}
+    assert changed == all_leaves  # the test above covers the whole schema
+    assert load_config(save_config(cfg, tmp_path / "all.yaml")) == cfg
+    assert [f.name for f in dataclasses.fields(Config)] == [
+        "seed", "output_dir", "data", "model", "objective", "optim", "train", "eval"]
+
+
+def test_yaml_1_2_booleans_keep_no_a_string(tmp_path):
+    """PyYAML's YAML 1.1 reads `no` as False; the config loader must keep `mixed_precision: no` a string."""
+    src = _write(tmp_path / "mp.yaml", "train:\n  mixed_precision: no\n  resume: null\nmodel:\n  channels_last: true\n")
+    cfg = load_config(src)
+    assert cfg.train.mixed_precision == "no" and cfg.model.channels_last is True
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="data.augment.flip: expected bool \\(true/false\\), got str 'yes'"):
+        load_config(None, ["data.augment.flip=yes"])
+
+
+def test_enumerated_choices_match_what_the_trainer_builds():
+    """A config that validates must not fail later in the optimiser builder."""
+    from dual_emc2.train import config, optim
+
+    assert set(config.SCHEDULE_CHOICES) == set(optim.SCHEDULES)
+
+
+def test_errors_name_their_origin_and_overrides_can_fix_a_file(tmp_path):
+    src = _write(tmp_path / "r.yaml", {"optim": {"lr": 0}})  # invalid alone ...
+    assert load_config(src, ["optim.lr=0.1"]).optim.lr == 0.1  # ... but fixed on the command line
+    with pytest.raises(ConfigError, match=r"r\.yaml: optim\.lr: must be > 0"):
+        load_config(src)
+    with pytest.raises(ConfigError, match=r"r\.yaml: optim\.lr: must be > 0"):
+        load_config(src, ["train.epochs=2"])
+    good = _write(tmp_path / "g.yaml", {"optim": {"lr": 0.1}})
+    with pytest.raises(ConfigError, match=r"^command-line override: train\.epochs: must be > 0, got 0$"):
+        load_config(good, ["train.epochs=0"])
