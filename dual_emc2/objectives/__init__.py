@@ -37,8 +37,24 @@ def _check_options(name: str, cls: type[ContrastiveObjective], options: dict[str
             hint = difflib.get_close_matches(key, allowed, n=1)
             did = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ValueError(
-                f"unknown option 'objective.options.{key}' for estimator '{name}'{did}; allowed: {', '.join(allowed) or 'none'}"
+                f"unknown option 'objective.options.{name}.{key}'{did}; allowed: {', '.join(allowed) or 'none'}"
             )
+
+
+def options_for(name: str, options_by_estimator: dict[str, Any] | None) -> dict[str, Any]:
+    """The options of estimator ``name`` from the config's ``objective.options`` mapping, which holds one mapping per
+    estimator name (``{emc2: {burn_in: 31}, sogclr: {gamma: 0.9}}``) so that ``objective.name=…`` switches estimator
+    without editing options.  Unknown estimator names are an error (with a did-you-mean)."""
+    options_by_estimator = dict(options_by_estimator or {})
+    for key, value in options_by_estimator.items():
+        if key not in REGISTRY:
+            hint = difflib.get_close_matches(key, REGISTRY, n=1)
+            did = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ValueError(f"objective.options.{key}: not an estimator name{did}; options are grouped by estimator, "
+                             f"e.g. objective.options.emc2.burn_in=31 (estimators: {', '.join(sorted(REGISTRY))})")
+        if not isinstance(value, dict):
+            raise ValueError(f"objective.options.{key}: expected a mapping of options, got {value!r}")
+    return dict(options_by_estimator.get(name, {}))
 
 
 def build_objective(
@@ -70,5 +86,5 @@ def build_objective(
 
 __all__ = [
     "REGISTRY", "ContrastiveBatch", "ContrastiveObjective", "ObjectiveOutput", "EMC2", "HCL", "InfoNCE",
-    "NegativeCache", "SogCLR", "SymmetricObjective", "build_objective", "register",
+    "NegativeCache", "SogCLR", "SymmetricObjective", "build_objective", "options_for", "register",
 ]

@@ -102,6 +102,10 @@ class ContrastiveObjective(nn.Module):
     def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:  # pragma: no cover
         raise NotImplementedError
 
+    def check_batch_shape(self, negatives_per_anchor: int) -> None:
+        """Fail early (at build time, before any training) if the estimator's options cannot work with batches whose
+        anchors have ``negatives_per_anchor`` in-batch negatives.  Default: anything goes."""
+
     @staticmethod
     def beta_value(beta: Tensor | float) -> float:
         """β as a Python float for samplers and state updates (β may be a learnable tensor)."""

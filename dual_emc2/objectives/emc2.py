@@ -106,6 +106,15 @@ class EMC2(ContrastiveObjective):
             raise ValueError(f"emc2 burn_in (P = {P}) must be smaller than steps (R = {R})")
         return R, P
 
+    def check_batch_shape(self, negatives_per_anchor: int) -> None:
+        R = self.steps if self.steps is not None else negatives_per_anchor
+        P = self.burn_in if self.burn_in is not None else R - 1
+        if P >= R:
+            raise ValueError(
+                f"emc2 burn_in (P = {P}) must be smaller than steps (R = {R}"
+                + (f", the {negatives_per_anchor} in-batch negatives per anchor" if self.steps is None else "")
+                + "): lower objective.options.emc2.burn_in or raise the batch size")
+
     def _encode(self, batch: ContrastiveBatch, ids: Tensor) -> Tensor:
         if batch.encode_candidates is None:
             raise RuntimeError(

@@ -28,7 +28,7 @@ from dual_emc2.data.augment import AugmentConfig
 from dual_emc2.data.image_sets import build_image_dataset, dataset_info, dataset_stats
 from dual_emc2.data.samplers import GlobalBatchSampler, SeededViews
 from dual_emc2.data.views import MultiViewDataset, UnaugmentedLookup
-from dual_emc2.objectives import build_objective
+from dual_emc2.objectives import build_objective, options_for
 from dual_emc2.towers.heads import build_image_encoder
 from dual_emc2.towers.temperature import ContrastiveModel, InverseTemperature
 from dual_emc2.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -127,9 +127,12 @@ class Trainer:
         model = ContrastiveModel(encoder, InverseTemperature(cfg.objective.beta, cfg.objective.learnable_beta))
         self.objective = build_objective(
             cfg.objective.name, num_keys=len(self.train_set) * cfg.data.n_views,
-            num_candidates=len(self.train_set), options=cfg.objective.options,
+            num_candidates=len(self.train_set),
+            options=options_for(cfg.objective.name, cfg.objective.options),
             defaults={"dim": m.proj_dim, "seed": cfg.seed},
         ).to(self.device)
+        global_views = cfg.train.batch_size * self.acc.num_processes * cfg.data.n_views
+        self.objective.check_batch_shape(global_views - cfg.data.n_views)
         o = cfg.optim
         optimizer = build_optimizer(model, o.name, o.lr, o.weight_decay, momentum=o.momentum,
                                     exclude_bias_and_norm=o.exclude_bias_and_norm)
