@@ -171,12 +171,13 @@ class EMC2(ContrastiveObjective):
             new_id = torch.where(res.index >= 0, batch.candidate_ids[res.index.clamp(min=0)], state_id)
             self.chains.write(keys, new_id, res.score)
             self.iteration += 1
-            w = res.counts / n_post
+            c = res.counts.sum(dim=1)
+            ess = c.square() / res.counts.square().sum(dim=1).clamp(min=1)  # (Σw)²/Σw² of the in-batch visits
             stats = {
                 "accept_rate": res.accepted.mean() / R,
                 "stay_frac": res.stay.mean() / n_post,
                 "start_outside_frac": outside.float().mean(),
-                "ess": (1.0 / (w.square().sum(dim=1)).clamp(min=1e-12)).mean(),
+                "ess": ess.sum() / (c > 0).sum().clamp(min=1),  # distinct-negative equivalent, chains that visited
                 "visited_score": (weights * scores.detach()).sum(dim=1).mean(),
             }
         return ObjectiveOutput(loss, stats)

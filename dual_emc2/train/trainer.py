@@ -28,12 +28,13 @@ from dual_emc2.data.augment import AugmentConfig
 from dual_emc2.data.image_sets import build_image_dataset, dataset_info, dataset_stats
 from dual_emc2.data.samplers import GlobalBatchSampler, SeededViews
 from dual_emc2.data.views import MultiViewDataset, UnaugmentedLookup
+from dual_emc2.metrics.exact import global_contrastive_loss
 from dual_emc2.objectives import build_objective, options_for
-from dual_emc2.towers.heads import build_image_encoder
-from dual_emc2.towers.temperature import ContrastiveModel, InverseTemperature
+from dual_emc2.towers.temperature import ContrastiveModel
 from dual_emc2.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from dual_emc2.train.config import Config, config_to_dict, save_config
 from dual_emc2.train.evaluate import eval_loaders, evaluate_features
+from dual_emc2.train.models import build_unimodal_model
 from dual_emc2.train.optim import build_optimizer, build_scheduler
 from dual_emc2.train.run_log import RunLogger, plot_curves
 from dual_emc2.train.unimodal import unimodal_contrastive_batch
@@ -120,11 +121,9 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg, m = self.cfg, self.cfg.model
-        encoder = build_image_encoder(m.arch, m.cifar_stem, m.proj_hidden, m.proj_dim, m.proj_layers,
-                                      channels_last=m.channels_last, batch_norm=m.head_batch_norm, norm=m.norm)
+        model = build_unimodal_model(cfg)
         if m.sync_bn and self.acc.num_processes > 1 and self.device.type == "cuda":
-            encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
-        model = ContrastiveModel(encoder, InverseTemperature(cfg.objective.beta, cfg.objective.learnable_beta))
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.objective = build_objective(
             cfg.objective.name, num_keys=len(self.train_set) * cfg.data.n_views,
             num_candidates=len(self.train_set),
@@ -225,6 +224,10 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         stats = dict(out.stats)
         stats["loss"] = out.loss.detach()
+        with torch.no_grad():  # eq. (1) with D_neg = the batch: comparable across estimators, unlike the surrogates
+            stats["batch_objective"] = global_contrastive_loss(
+                batch.anchors.detach(), batch.candidates.detach(), batch.positive, batch.anchor_ids,
+                batch.candidate_ids, float(beta))
         stats["beta"] = beta.detach()
         return out.loss.detach(), stats
 
@@ -315,7 +318,7 @@ class Trainer:
                     t0, seen = time.perf_counter(), 0
                     if logger is not None:
                         logger.log(self.pos.step, values, group="train")
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", **(
+                    bar.set_postfix(objective=f"{values['batch_objective']:.3f}", **(
                         {"acc": f"{values['accept_rate']:.2f}"} if "accept_rate" in values else {}))
                 if self.pos.step % cfg.train.ckpt_every == 0 and self.pos.step < self.total_steps:
                     self.save()
