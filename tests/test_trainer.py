@@ -124,3 +124,62 @@ def test_config_errors_are_named(tmp_path):
     r = _train_cli("--config", "configs/fmnist_unimodal.yaml", "objective.options.emc2.burn_in=62",
                    f"output_dir={tmp_path}", "data.subset=64")
     assert r.returncode == 2 and "burn_in (P = 62) must be smaller than steps (R = 62" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_run")
+    Trainer(load_config(ROOT / "configs/fmnist_unimodal.yaml", TINY + [f"output_dir={out}"])).fit()
+    return out
+
+
+def test_linear_probe_script_reads_a_checkpoint(tiny_run, tmp_path):
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, str(ROOT / "eval/linear_probe.py"), "--checkpoint", str(tiny_run),
+                        "--max-train", "200", "--max-test", "100", "--probe-epochs", "10", "--knn", "1",
+                        "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["step"] == 12 and res["n_train"] == 200 and 0 <= res["knn1_acc"] <= 1
+    assert "linear_probe_acc" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "eval/linear_probe.py"), "--checkpoint", str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "none" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_checkpoint_info_hashes_match_between_identical_runs(tiny_run, tmp_path):
+    def info(path):
+        r = subprocess.run([sys.executable, str(ROOT / "scripts/checkpoint_info.py"), str(path), "--json"],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    a = info(find_latest_valid(tiny_run / "checkpoints"))
+    assert a["step"] == 12 and a["estimator"] == "emc2" and a["sizes"]["objective"]["bytes"] > 0
+    assert "objective/chains" in a["hash"]
+    Trainer(load_config(ROOT / "configs/fmnist_unimodal.yaml", TINY + [f"output_dir={tmp_path}"])).fit()
+    b = info(find_latest_valid(tmp_path / "checkpoints"))
+    assert a["hash"] == b["hash"], "same seed, same processes: the run must be reproducible"
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "eval.enabled=false", "train.max_nonfinite=3", "train.ckpt_every=2")
+    trainer = Trainer(cfg)
+    real = trainer.objective.forward
+    calls = {"n": 0}
+
+    def flaky(batch, beta):
+        out = real(batch, beta)
+        calls["n"] += 1
+        if calls["n"] == 3 or calls["n"] >= 6:  # one isolated NaN, then NaN forever
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer.objective, "forward", flaky)
+    from dual_emc2.train.trainer import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
+        trainer.fit()
+    assert trainer.nonfinite_total == 4
+    last = load_checkpoint(find_latest_valid(tmp_path / "checkpoints"))
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
