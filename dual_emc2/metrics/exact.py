@@ -77,4 +77,4 @@ def exact_objective(
             out = encode(x)
             out.backward(gx.to(out.dtype))
     sq = sum(float(p.grad.double().square().sum()) for p in params if p.grad is not None)
-    return float(loss), sq
+    return float(loss.detach()), sq
