@@ -295,6 +295,8 @@ class Trainer:
         cfg = self.cfg
         last_eval = None
         t0, seen = time.perf_counter(), 0
+        window: dict[str, Tensor] = {}  # diagnostics summed since the last log step (logged as window means)
+        n_window = 0
         while self.pos.step < self.total_steps:
             self.sampler.set_epoch(self.pos.epoch, start_batch=self.pos.batch_in_epoch)
             self.train_set.set_epoch(self.pos.epoch)
@@ -310,12 +312,16 @@ class Trainer:
                 self.scheduler.step()
                 self.pos.step += 1
                 bar.update(1)
-                if result is not None and (self.pos.step % cfg.train.log_every == 0 or self.pos.step == 1):
+                if result is not None:  # sum the window's diagnostics on device: no host sync between log steps
+                    for k, v in result[1].items():
+                        window[k] = window[k] + v if k in window else v.clone()
+                    n_window += 1
+                if n_window and (self.pos.step % cfg.train.log_every == 0 or self.pos.step == 1):
                     dt = time.perf_counter() - t0
-                    values = {k: float(v) for k, v in result[1].items()}
+                    values = {k: float(v) / n_window for k, v in window.items()}
                     values["lr"] = self.scheduler.get_last_lr()[0]
                     values["views_per_s"] = seen / max(dt, 1e-9)
-                    t0, seen = time.perf_counter(), 0
+                    t0, seen, window, n_window = time.perf_counter(), 0, {}, 0
                     if logger is not None:
                         logger.log(self.pos.step, values, group="train")
                     bar.set_postfix(objective=f"{values['batch_objective']:.3f}", **(
