@@ -106,6 +106,23 @@ class ContrastiveObjective(nn.Module):
         """Fail early (at build time, before any training) if the estimator's options cannot work with batches whose
         anchors have ``negatives_per_anchor`` in-batch negatives.  Default: anything goes."""
 
+    def _track_iteration(self) -> None:
+        """Mirror the ``iteration`` buffer in a Python int, so per-step seeds need no device→host sync; the mirror is
+        refreshed whenever a state dict is loaded."""
+        self._iteration = 0
+
+        def _refresh(module: nn.Module, _incompatible) -> None:
+            module._iteration = int(module.iteration)
+
+        self.register_load_state_dict_post_hook(_refresh)
+
+    def _advance(self) -> int:
+        """Current iteration (host int), then increment both the mirror and the buffer."""
+        it = self._iteration
+        self._iteration += 1
+        self.iteration += 1
+        return it
+
     @staticmethod
     def beta_value(beta: Tensor | float) -> float:
         """β as a Python float for samplers and state updates (β may be a learnable tensor)."""

@@ -98,15 +98,23 @@ class EMC2(ContrastiveObjective):
         self.needs_candidate_encoder = state_score == "refresh" or out_of_batch == "reencode"
         self.chains = ChainState(num_keys)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
+        self._track_iteration()
+        self._negatives_per_anchor: int | None = None  # set by check_batch_shape: R without a host sync
 
     def _steps(self, valid: Tensor) -> tuple[int, int]:
-        R = self.steps if self.steps is not None else int(valid[0].sum())
+        if self.steps is not None:
+            R = self.steps
+        elif self._negatives_per_anchor is not None:
+            R = self._negatives_per_anchor
+        else:
+            R = int(valid[0].sum())
         P = self.burn_in if self.burn_in is not None else R - 1
         if P >= R:
             raise ValueError(f"emc2 burn_in (P = {P}) must be smaller than steps (R = {R})")
         return R, P
 
     def check_batch_shape(self, negatives_per_anchor: int) -> None:
+        self._negatives_per_anchor = negatives_per_anchor
         R = self.steps if self.steps is not None else negatives_per_anchor
         P = self.burn_in if self.burn_in is not None else R - 1
         if P >= R:
@@ -144,7 +152,8 @@ class EMC2(ContrastiveObjective):
                     state_score = state_score.clone()
                     state_score[rows] = (batch.anchors[rows].detach().float() * feats).sum(dim=1)
             gen = torch.Generator(device=scores.device)
-            gen.manual_seed(chain_seed(self.seed, int(self.iteration)))
+            step = self._advance()
+            gen.manual_seed(chain_seed(self.seed, step))
             res = mh_visit_counts(
                 scores.detach(), beta=b, steps=R, burn_in=P, valid=valid, init_index=init_col,
                 init_score=state_score, proposal=self.proposal, generator=gen,
@@ -170,7 +179,6 @@ class EMC2(ContrastiveObjective):
         with torch.no_grad():
             new_id = torch.where(res.index >= 0, batch.candidate_ids[res.index.clamp(min=0)], state_id)
             self.chains.write(keys, new_id, res.score)
-            self.iteration += 1
             c = res.counts.sum(dim=1)
             ess = c.square() / res.counts.square().sum(dim=1).clamp(min=1)  # (Σw)²/Σw² of the in-batch visits
             stats = {

@@ -56,6 +56,7 @@ class NegativeCache(ContrastiveObjective):
         self.register_buffer("written_at", torch.full((num_candidates,), -1, dtype=torch.int64))
         self.register_buffer("pointer", torch.zeros((), dtype=torch.int64))
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
+        self._track_iteration()
 
     @property
     def num_candidates(self) -> int:
@@ -78,7 +79,7 @@ class NegativeCache(ContrastiveObjective):
             raise RuntimeError("negative_cache needs batch.encode_candidates to fill and refresh its cache")
         b = self.beta_value(beta)
         m = self.num_candidates
-        step = int(self.iteration)
+        step = self._iteration
         with torch.no_grad():
             if self.init_full and step == 0:
                 self._refresh(batch, torch.arange(m))
@@ -110,5 +111,5 @@ class NegativeCache(ContrastiveObjective):
             all_ids, all_feats = all_gather_rows(drawn), all_gather_rows(neg.detach().float())
             self.features[all_ids.to(self.features.device)] = all_feats.to(self.features.device)
             self.written_at[all_ids.to(self.written_at.device)] = self.iteration
-            self.iteration += 1
+            self._advance()
         return ObjectiveOutput(loss, {"cache_staleness": staleness, "negative_score": s_neg.detach().mean()})
