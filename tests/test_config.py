@@ -222,7 +222,7 @@ def test_every_schema_field_round_trips_through_overrides(tmp_path):
     overrides = [
         "seed=11", "output_dir=runs/y", "data.name=digits", "data.root=/data", "data.download=true",
         "data.train_split=unlabeled", "data.eval_train_split=unlabeled", "data.eval_test_split=val",
-        "data.image_size=96", "data.n_views=3", "data.num_workers=0", "data.subset=10", "data.eval_subset=20",
+        "data.image_size=96", "data.n_views=3", "data.on_bad_sample=skip", "data.num_workers=0", "data.subset=10", "data.eval_subset=20",
         "data.augment.crop_scale_min=0.3", "data.augment.jitter_strength=1",
         "data.augment.grayscale_p=0", "data.augment.blur=false", "data.augment.flip=false",
         "model.arch=resnet50", "model.cifar_stem=false", "model.proj_hidden=2048", "model.proj_dim=256",

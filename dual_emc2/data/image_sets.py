@@ -111,6 +111,10 @@ def native_image_size(name: str) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 # Common interface
 # --------------------------------------------------------------------------------------------------------------------
+class UnreadableSample(RuntimeError):
+    """A sample whose file cannot be decoded; the message names the file and the sample id."""
+
+
 class ImageSet(Dataset, abc.ABC):
     """A labelled image dataset: ``ds[i] -> (PIL RGB image, int label)``; ``labels()`` without decoding images."""
 
@@ -452,7 +456,12 @@ class ImageNet100Set(ImageSet):
         return len(self._ds)
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
-        img, label = self._ds[self._check_index(index)]  # default_loader returns RGB
+        i = self._check_index(index)
+        try:
+            img, label = self._ds[i]  # default_loader returns RGB
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable / truncated files
+            raise UnreadableSample(f"imagenet100/{self.split}: cannot read image {self._ds.samples[i][0]} "
+                                   f"(sample id {i}): {e}") from e
         return img, int(label)
 
     def labels(self) -> np.ndarray:

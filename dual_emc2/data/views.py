@@ -7,6 +7,7 @@ SogCLR's u_i; DESIGN.md "Multi-GPU").
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -15,7 +16,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dual_emc2.data.image_sets import ImageSet
+from dual_emc2.data.image_sets import ImageSet, UnreadableSample
 
 Transform = Callable[[Image.Image], Tensor]
 
@@ -61,20 +62,45 @@ def _as_tensor(x: object, where: str) -> Tensor:
 class MultiViewDataset(Dataset):
     """Item ``i`` -> ``(i, views [n_views, 3, H, W], label)``: ``n_views`` independent draws of ``transform`` of
     ``base[i]``; ``i`` is the global sample id (position in ``base``).  The default collate gives
-    ``(ids [b], views [b, n_views, 3, H, W], labels [b])``."""
+    ``(ids [b], views [b, n_views, 3, H, W], labels [b])``.
 
-    def __init__(self, base: ImageSet, transform: Transform, n_views: int = 2, first_n: int | None = None) -> None:
+    ``on_error="raise"`` (default) lets an unreadable sample stop the run with its file named;
+    ``on_error="skip"`` replaces it by the next readable sample (that sample's id is returned), warns, and counts it
+    in :attr:`bad_samples` (shared with loader worker processes).
+    """
+
+    def __init__(self, base: ImageSet, transform: Transform, n_views: int = 2, first_n: int | None = None,
+                 on_error: str = "raise") -> None:
         if int(n_views) < 1:
             raise ValueError(f"n_views must be >= 1, got {n_views}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_bad_sample must be 'raise' or 'skip', got {on_error!r}")
         self.base = take_first(base, first_n)
-        self.transform, self.n_views = transform, int(n_views)
+        self.transform, self.n_views, self.on_error = transform, int(n_views), on_error
+        self._bad = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def bad_samples(self) -> int:
+        """Unreadable samples skipped so far (all loader workers together)."""
+        return int(self._bad)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[int, Tensor, int]:
         i = _position(index, len(self.base))
-        img, label = self.base[i]
+        for _ in range(len(self.base)):
+            try:
+                img, label = self.base[i]
+                break
+            except UnreadableSample as e:
+                if self.on_error == "raise":
+                    raise
+                self._bad += 1
+                warnings.warn(f"{e}; skipped (data.on_bad_sample=skip), using sample {(i + 1) % len(self.base)}")
+                i = (i + 1) % len(self.base)
+        else:
+            raise UnreadableSample(f"no readable sample in {self.base.name}/{self.base.split}")
         views = [_as_tensor(self.transform(img), "MultiViewDataset") for _ in range(self.n_views)]
         return i, torch.stack(views), int(label)
 

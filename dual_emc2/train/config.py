@@ -81,6 +81,7 @@ class DataConfig:
     image_size: int = field(default=28, metadata=_check(gt=0))
     n_views: int = field(default=2, metadata=_check(ge=1))
     num_workers: int = field(default=2, metadata=_check(ge=0))
+    on_bad_sample: str = field(default="raise", metadata=_check(choices=("raise", "skip")))  # unreadable files
     subset: int | None = field(default=None, metadata=_check(gt=0))
     eval_subset: int | None = field(default=None, metadata=_check(gt=0))
     augment: AugmentConfig = field(default_factory=AugmentConfig)

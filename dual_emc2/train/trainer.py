@@ -104,7 +104,8 @@ class Trainer:
                             jitter_strength=d.augment.jitter_strength, grayscale_p=d.augment.grayscale_p,
                             blur=d.augment.blur, flip=d.augment.flip, eval_resize=_eval_resize(d.name, d.image_size))
         n = None if d.subset is None else min(d.subset, len(base))
-        self.train_set = SeededViews(MultiViewDataset(base, aug.simclr(mean, std, grey_input=dataset_info(d.name).grayscale), d.n_views, first_n=n), cfg.seed)
+        self.train_set = SeededViews(MultiViewDataset(base, aug.simclr(mean, std, grey_input=dataset_info(d.name).grayscale), d.n_views, first_n=n,
+                             on_error=d.on_bad_sample), cfg.seed)
         self.lookup = UnaugmentedLookup(base, aug.eval(mean, std), first_n=n)
         self.sampler = GlobalBatchSampler(len(self.train_set), cfg.train.batch_size,
                                           world_size=self.acc.num_processes, rank=self.acc.process_index,
@@ -284,7 +285,7 @@ class Trainer:
         if self.acc.is_main_process:
             plots = plot_curves(self.out / "metrics.csv", self.out / "plots")
             final = {"step": self.pos.step, **(self.history[-1] if self.history else {}),
-                     "nonfinite_skipped": self.nonfinite_total}
+                     "nonfinite_skipped": self.nonfinite_total, "bad_samples_skipped": self.train_set.bad_samples}
             (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
             self.acc.print(f"[done] {self.out}: checkpoint {self.out / 'checkpoints'}, plots "
                            f"{', '.join(p.name for p in plots)}; " +
@@ -321,6 +322,7 @@ class Trainer:
                     values = {k: float(v) / n_window for k, v in window.items()}
                     values["lr"] = self.scheduler.get_last_lr()[0]
                     values["views_per_s"] = seen / max(dt, 1e-9)
+                    values["bad_samples"] = float(self.train_set.bad_samples)
                     t0, seen, window, n_window = time.perf_counter(), 0, {}, 0
                     if logger is not None:
                         logger.log(self.pos.step, values, group="train")
