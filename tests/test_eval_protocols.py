@@ -39,3 +39,14 @@ def test_bench_step_smoke(tmp_path):
     assert abs(rows["emc2"]["state_bytes_per_anchor"] - 8.0) < 0.01  # int32 sample id + float32 score
     assert rows["negative_cache"]["state_bytes"] >= 2000 * 128 * 4
     assert "trainer.train_step" in stdout and "overhead" in res["trainer_overhead"]
+
+
+def test_small_batch_smoke(tmp_path):
+    out = tmp_path / "sb.json"
+    _run("eval/small_batch.py", "--smoke", "--out", str(out), "--work", str(tmp_path / "runs"), timeout=600)
+    res = json.loads(out.read_text())
+    assert [(r["estimator"], r["batch"]) for r in res["runs"]] == [("emc2", 8), ("infonce", 8)]
+    for r in res["runs"]:
+        last = r["history"][-1]
+        assert last["samples"] == 64 and last["train_seconds"] > 0 and 0 <= last["knn1_acc"] <= 1
+    assert out.with_suffix(".png").stat().st_size > 1000
