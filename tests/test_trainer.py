@@ -183,3 +183,13 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert trainer.nonfinite_total == 4
     last = load_checkpoint(find_latest_valid(tmp_path / "checkpoints"))
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_gradient_accumulation_counts_optimizer_steps_and_estimator_calls(tmp_path):
+    # every micro-batch is its own contrastive batch (one estimator call, one chain update); the optimiser steps
+    # once per accumulation group with the mean gradient
+    t = Trainer(tiny_config(tmp_path, "train.grad_accum=2", "eval.enabled=false"))
+    t.fit()
+    assert t.pos.step == 6 and t.total_steps == 6
+    assert int(t.objective.iteration) == 12
+    assert t.scheduler.last_epoch == 6
