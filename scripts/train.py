@@ -24,11 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from dual_emc2.train.trainer import Trainer
+    if cfg.mode == "bimodal":  # two towers on pairs (configs/clip_*.yaml, text_wordnet.yaml)
+        from dual_emc2.train.bimodal import BimodalTrainer as Trainer
+    else:
+        from dual_emc2.train.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)
-    except (FileNotFoundError, ValueError) as e:  # missing data, bad estimator options: a message, no traceback
+    except (FileNotFoundError, ValueError, ImportError) as e:  # missing data/package, bad options: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     trainer.fit()

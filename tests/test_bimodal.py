@@ -1,0 +1,295 @@
+"""Bimodal batches, rank invariance, FAISS retrieval against brute force and hand-computed values, and the bimodal
+trainer end to end (tiny open_clip towers on shards): outputs, exact resume, streaming, eval/retrieval.py."""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dual_emc2.train.bimodal as bimodal
+from dual_emc2.data.pairs import PairSet, relevant_sets
+from dual_emc2.data.shards import write_shards
+from dual_emc2.objectives import build_objective
+from dual_emc2.train.bimodal import BimodalTrainer, bimodal_contrastive_batches, retrieval_both_directions
+from dual_emc2.train.checkpoint import find_latest_valid, load_checkpoint
+from dual_emc2.train.config import load_config
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+             "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def _unit(n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------- batches
+
+
+def test_batches_pair_each_anchor_with_its_own_column_both_ways():
+    zx, zy = _unit(5, 4, 0), _unit(5, 4, 1)
+    ids = torch.tensor([7, 3, 9, 0, 4])
+    xg = torch.tensor([0, 1, 0, 2, 3])  # pairs 0 and 2 share their x
+    yg = torch.tensor([0, 1, 2, 3, 1])  # pairs 1 and 4 share their y
+    xy, yx = bimodal_contrastive_batches(zx, zy, ids, x_groups=xg, y_groups=yg)
+    assert xy.anchors is zx and xy.candidates is zy and yx.anchors is zy and yx.candidates is zx
+    assert xy.positive.tolist() == yx.positive.tolist() == [0, 1, 2, 3, 4]
+    assert torch.equal(xy.candidate_ids, ids) and torch.equal(xy.anchor_keys, ids)
+    torch.testing.assert_close(xy.positive_scores(xy.scores()), (zx * zy).sum(1))
+    neg = xy.negative_mask
+    assert not neg.diagonal().any()
+    assert not neg[0, 2] and not neg[2, 0] and not neg[1, 4] and not neg[4, 1]  # known false negatives
+    assert int(neg.sum()) == 5 * 4 - 4 and torch.equal(neg, yx.negative_mask)
+    plain, _ = bimodal_contrastive_batches(zx, zy, ids)
+    assert int(plain.negative_mask.sum()) == 20  # D_neg(x) = every candidate but the paired one
+
+
+def _fake_world(monkeypatch, r: int, W: int, full: list[torch.Tensor]) -> None:
+    """Make bimodal.py see process ``r`` of ``W``: gathers return the global tensors holding the local slice."""
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        b = t.shape[0]
+        for f in full:
+            if f.dtype == t.dtype and f.shape[1:] == t.shape[1:] and torch.equal(f[r * b:(r + 1) * b], t.detach()):
+                return torch.cat([f[: r * b].detach(), t, f[(r + 1) * b:].detach()])
+        raise AssertionError("gathered an unknown tensor")
+
+    for name, value in (("rank", lambda: r), ("world_size", lambda: W), ("all_gather_rows", gather),
+                        ("all_gather_with_grad", gather)):
+        monkeypatch.setattr(bimodal, name, value)
+
+
+@pytest.mark.parametrize("name", ["emc2", "sogclr"])
+def test_two_processes_compute_what_one_process_does(monkeypatch, name):
+    """Per-rank losses average to the single-process loss, and each rank's chain/u states equal the single-process
+    ones for its anchors, over two steps (the second starting from states that point outside the batch)."""
+    N, B, W = 24, 8, 2
+    ids_steps = [torch.arange(B), torch.tensor([5, 17, 2, 9, 20, 11, 0, 14])]
+    groups = torch.arange(N) % 10  # some duplicates: masked false negatives
+    ref = build_objective(name, num_keys=N, num_candidates=N, symmetric=True, options={},
+                          defaults={"seed": 3, "dim": 6, "steps": B - 1})  # as BimodalTrainer sets R
+    copies = [copy.deepcopy(ref) for _ in range(W)]
+    for step, ids in enumerate(ids_steps):
+        zx, zy = _unit(B, 6, 10 + step), _unit(B, 6, 20 + step)
+        xg, yg = groups[ids], (groups[ids] + 3) % 10
+        with monkeypatch.context() as m:
+            _fake_world(m, 0, 1, [zx, zy, ids, xg, yg])
+            xy, yx = bimodal_contrastive_batches(zx, zy, ids, x_groups=xg, y_groups=yg)
+            full_loss = ref(xy, 5.0, reverse=yx).loss
+        losses = []
+        for r in range(W):
+            sl = slice(r * B // W, (r + 1) * B // W)
+            with monkeypatch.context() as m:
+                _fake_world(m, r, W, [zx, zy, ids, xg, yg])
+                xy, yx = bimodal_contrastive_batches(zx[sl], zy[sl], ids[sl], x_groups=xg[sl], y_groups=yg[sl])
+                assert xy.row_offset == r * B // W and xy.total_rows == B
+                losses.append(copies[r](xy, 5.0, reverse=yx).loss)
+        torch.testing.assert_close(torch.stack(losses).mean(), full_loss)
+        # each rank holds the states of its own anchors (the real all-gather would share them)
+        for r in range(W):
+            own = ids[r * B // W:(r + 1) * B // W]
+            for (k, v_ref), (_, v_r) in zip(ref.state_dict().items(), copies[r].state_dict().items()):
+                if v_ref.dim() == 1 and v_ref.shape[0] == N:
+                    assert torch.equal(v_ref[own], v_r[own]), k
+        for c in copies:  # emulate the all-gather of state writes before the next step
+            c.load_state_dict(ref.state_dict())
+
+
+# ----------------------------------------------------------------------------------------------------- retrieval
+
+
+def _brute_metrics(zx: np.ndarray, zy: np.ndarray, relevant: list[set[int]], ks=(1, 5, 10), nk=10) -> dict:
+    out = {}
+    for name, q, d in (("x2y", zx, zy), ("y2x", zy, zx)):
+        order = np.argsort(-(q @ d.T), axis=1, kind="stable")
+        rec = {k: [] for k in ks}
+        mrr, ndcg = [], []
+        for i, row in enumerate(order):
+            rel = relevant[i]
+            hits = [int(j in rel) for j in row]
+            for k in ks:
+                rec[k].append(float(any(hits[:k])))
+            mrr.append(1.0 / (hits.index(1) + 1) if 1 in hits[:max(ks)] else 0.0)  # MRR@10
+            dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hits[:nk]))
+            ndcg.append(dcg / sum(1 / math.log2(r + 2) for r in range(min(len(rel), nk))))
+        for k in ks:
+            out[f"{name}_recall@{k}"] = np.mean(rec[k])
+        out[f"{name}_mrr"], out[f"{name}_ndcg@{nk}"] = np.mean(mrr), np.mean(ndcg)
+    return out
+
+
+def test_faiss_retrieval_equals_brute_force_with_shared_queries():
+    n = 80
+    words = [f"lemma{i % 60}" for i in range(n)]  # 20 lemma lists shared by two synsets
+    pairs = PairSet(np.arange(n), words, [f"definition {i}" for i in range(n)])
+    relevant = relevant_sets(pairs)
+    assert relevant[5] == {5, 65}
+    zx, zy = _unit(n, 12, 0).float().numpy(), _unit(n, 12, 1).float().numpy()
+    zx[65] = zx[5]  # identical text → identical query embedding
+    got = retrieval_both_directions(zx, zy, relevant)
+    ref = _brute_metrics(zx, zy, relevant)
+    for k, v in ref.items():
+        assert got[k] == pytest.approx(v, abs=1e-9), k
+    hnsw = retrieval_both_directions(zx, zy, relevant, index="hnsw", use_gpu=False)
+    assert hnsw["x2y_recall@10"] == pytest.approx(ref["x2y_recall@10"], abs=0.05)
+
+
+def test_retrieval_metrics_hand_computed_tiny_case():
+    # queries 0 and 2 share their x, so documents 0 and 2 are both relevant to each of them
+    relevant = relevant_sets(PairSet([0, 1, 2], ["a", "b", "a"], ["d0", "d1", "d2"]))
+    zx = np.array([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]], dtype=np.float32)
+    zy = np.array([[0.6, 0.8], [1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    # x→y rankings: q0 [1, 0, 2] (hits 0 1 1), q1 [2, 0, 1] (hits 0 0 1), q2 [0, 1, 2] (hits 1 0 1)
+    m = retrieval_both_directions(zx, zy, relevant, ks=(1, 2, 3), ndcg_k=3)
+    l2, l3 = 1 / math.log2(3), 1 / math.log2(4)
+    assert m["x2y_recall@1"] == pytest.approx(1 / 3) and m["x2y_recall@2"] == pytest.approx(2 / 3)
+    assert m["x2y_recall@3"] == pytest.approx(1.0)
+    assert m["x2y_mrr"] == pytest.approx((1 / 2 + 1 / 3 + 1) / 3)
+    assert m["x2y_ndcg@3"] == pytest.approx(((l2 + l3) / (1 + l2) + l3 / 1 + (1 + l3) / (1 + l2)) / 3)
+    assert m["x2y_recall_all@2"] == pytest.approx((1 / 2 + 0 + 1 / 2) / 3)
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+
+PALETTE = [(220, 20, 20, "red"), (20, 160, 20, "green"), (20, 20, 220, "blue"), (230, 200, 20, "yellow")]
+
+
+def _shapes(n: int) -> PairSet:
+    imgs, caps = [], []
+    for k in range(n):
+        r, g, b, name = PALETTE[k % 4]
+        img = Image.new("RGB", (32, 32), (255, 255, 255))
+        size = 8 + 2 * (k // 4)
+        img.paste((r, g, b), (0, 0, size, size))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        imgs.append(buf.getvalue())
+        caps.append(f"a {name} square of size {size}")
+    return PairSet(np.arange(n) + 1000, imgs, caps, "image", "text", source="shapes")
+
+
+@pytest.fixture(autouse=True)
+def _no_plots(monkeypatch):
+    """PNG curves are tested with the unimodal trainer; drawing them here would dominate this file's runtime."""
+    import dual_emc2.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "plot_curves", lambda *args, **kwargs: [])
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bimodal")
+    write_shards(_shapes(48), root / "shards", max_count=16)
+    (root / "tiny-bimodal-clip.json").write_text(json.dumps(TINY_CLIP))
+    return root
+
+
+def _cfg(root: Path, out: Path, *extra: str):
+    return load_config(ROOT / "configs" / "clip_scratch_webdataset.yaml", [
+        f"output_dir={out}", f"towers.open_clip_model={root / 'tiny-bimodal-clip.json'}",
+        f"pairs.path={root / 'shards'}", "pairs.eval_path=null", "pairs.streaming=false", "pairs.eval_size=12",
+        "pairs.mask_duplicates=true", "pairs.augment_images=false", "data.num_workers=0", "train.batch_size=8",
+        "train.epochs=2", "train.mixed_precision=no", "train.ckpt_every=4", "train.log_every=2",
+        "eval.batch_size=16", "optim.lr=1e-3", "optim.warmup_epochs=0", *extra])
+
+
+def _flat_state(payload: dict) -> dict:
+    out = {f"{part}.{k}": v for part in ("model", "objective") for k, v in payload[part].items()}
+    for i, st in payload["optimizer"]["state"].items():
+        out |= {f"opt.{i}.{k}": v for k, v in st.items()}
+    return out
+
+
+@pytest.mark.parametrize("name", ["emc2", "infonce"])
+def test_trainer_writes_checkpoints_metrics_and_retrieval_eval(shard_dir, tmp_path, name):
+    trainer = BimodalTrainer(_cfg(shard_dir, tmp_path, f"objective.name={name}"))
+    assert len(trainer.train_pairs) == 36 and len(trainer.eval_pairs) == 12 and trainer.num_keys == 1048
+    final = trainer.fit()
+    assert final["step"] == 8
+    for key in ("x2y_recall@1", "y2x_recall@5", "x2y_mrr", "y2x_ndcg@10"):
+        assert 0.0 <= final[key] <= 1.0
+    ckpt = load_checkpoint(find_latest_valid(tmp_path / "checkpoints"))
+    assert ckpt["step"] == 8 and ckpt["config"]["mode"] == "bimodal"
+    csv_text = (tmp_path / "metrics.csv").read_text()
+    assert "pairs_per_s" in csv_text and "batch_objective" in csv_text
+    assert ("x2y/accept_rate" in csv_text) == (name == "emc2")
+    if name == "emc2":  # chain states hold shard indices of training pairs, one table per direction
+        states = ckpt["objective"]["x_to_y.chains.sample_id"]
+        visited = set(states[states >= 0].tolist())
+        assert visited and visited <= set(trainer.train_pairs.ids.tolist())
+        assert "y_to_x.chains.sample_id" in ckpt["objective"]
+
+    # eval/retrieval.py on the checkpoint rebuilds the same held-out split and reproduces the trainer's metrics
+    from eval.retrieval import main as retrieval_main
+
+    out = tmp_path / "ret.json"
+    assert retrieval_main(["--checkpoint", str(find_latest_valid(tmp_path / "checkpoints")), "--split", "eval",
+                           "--out", str(out), "--batch-size", "5"]) == 0
+    got = json.loads(out.read_text())
+    assert got["n_pairs"] == 12
+    for k in ("x2y_recall@1", "x2y_mrr", "y2x_recall@5", "y2x_ndcg@10"):
+        assert got["metrics"][k] == pytest.approx(final[k], abs=1e-6), k
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def test_resume_after_a_crash_is_bit_identical(shard_dir, tmp_path):
+    aug = "pairs.augment_images=true"  # random crops and flips are seeded per (epoch, sample)
+    full = BimodalTrainer(_cfg(shard_dir, tmp_path / "full", "eval.enabled=false", aug))
+    full.fit()
+    ref = _flat_state(full.state_payload())
+
+    class Crashing(BimodalTrainer):
+        def train_step(self, *inputs):
+            if self.pos.step == 5:  # mid-epoch 2, after the step-4 checkpoint
+                raise Crash()
+            return super().train_step(*inputs)
+
+    with pytest.raises(Crash):
+        Crashing(_cfg(shard_dir, tmp_path / "cut", "eval.enabled=false", aug)).fit()
+    resumed = BimodalTrainer(_cfg(shard_dir, tmp_path / "cut", "eval.enabled=false", aug, "train.resume=latest"))
+    resumed.fit()
+    got = _flat_state(resumed.state_payload())
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+
+
+def test_streaming_shards_train_with_their_indices(shard_dir, tmp_path):
+    cfg = _cfg(shard_dir, tmp_path, "pairs.streaming=true", f"pairs.eval_path={shard_dir / 'shards'}",
+               "pairs.mask_duplicates=false", "train.max_steps=3", "pairs.shuffle_buffer=8")
+    trainer = BimodalTrainer(cfg)
+    assert trainer.train_pairs is None and trainer.steps_per_epoch == 6 and trainer.num_keys == 1048
+    final = trainer.fit()
+    assert final["step"] == 3 and len(trainer.eval_pairs) == 48
+    states = trainer.objective.x_to_y.chains.sample_id
+    assert set(states[states >= 0].tolist()) <= set(range(1000, 1048))
+    with pytest.raises(ValueError, match="streaming shards cannot serve"):
+        BimodalTrainer(_cfg(shard_dir, tmp_path / "x", "pairs.streaming=true", "pairs.mask_duplicates=false",
+                            "objective.options.emc2.out_of_batch=reencode"))
+
+
+def test_bad_bimodal_configs_name_the_problem(shard_dir, tmp_path):
+    with pytest.raises(ValueError, match="needs mode: bimodal"):
+        BimodalTrainer(_cfg(shard_dir, tmp_path, "mode=unimodal"))
+    with pytest.raises(ValueError, match="pairs.path must name the shards"):
+        BimodalTrainer(_cfg(shard_dir, tmp_path, "pairs.path=null"))
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        BimodalTrainer(_cfg(shard_dir, tmp_path, "train.batch_size=64"))
+    with pytest.raises(ValueError, match="side x holds text but the x tower takes image"):
+        (tmp_path / "p.csv").write_text("x,y\n" + "".join(f"q{k},d{k}\n" for k in range(30)))
+        BimodalTrainer(_cfg(shard_dir, tmp_path, "pairs.source=file", f"pairs.path={tmp_path / 'p.csv'}"))
+    with pytest.raises(ValueError, match="towers.shared=true needs towers.kind=pretrained"):
+        BimodalTrainer(_cfg(shard_dir, tmp_path, "towers.shared=true"))
