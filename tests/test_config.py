@@ -225,6 +225,9 @@ def test_every_schema_field_round_trips_through_overrides(tmp_path):
         "data.image_size=96", "data.n_views=3", "data.on_bad_sample=skip", "data.num_workers=0", "data.subset=10", "data.eval_subset=20",
         "data.augment.crop_scale_min=0.3", "data.augment.jitter_strength=1",
         "data.augment.grayscale_p=0", "data.augment.blur=false", "data.augment.flip=false",
+        "data.batch_sampler=spectral", "data.spectral.refresh_every=5", "data.spectral.num_clusters=3",
+        "data.spectral.beta=2", "data.spectral.n_components=4", "data.spectral.n_neighbors=7",
+        "data.spectral.dense_max=99", "data.spectral.n_init=2",
         "model.arch=resnet50", "model.cifar_stem=false", "model.proj_hidden=2048", "model.proj_dim=256",
         "model.proj_layers=3", "model.channels_last=true", "model.norm=group", "model.head_batch_norm=false",
         "model.sync_bn=false", "objective.name=infonce", "objective.beta=5",
@@ -234,7 +237,14 @@ def test_every_schema_field_round_trips_through_overrides(tmp_path):
         "train.epochs=9", "train.max_steps=7", "train.grad_accum=2", "train.mixed_precision=fp16",
         "train.log_every=1", "train.ckpt_every=3", "train.keep_last=1", "train.resume=/tmp/ckpt.pt",
         "train.max_nonfinite=0", "train.compile=true", "train.dist_timeout_s=30", "eval.every_epochs=2", "eval.batch_size=8",
-        "eval.probe_epochs=0", "eval.knn_k=[3]", "eval.enabled=false", "eval.max_train=5", "eval.max_test=6",
+        "eval.probe_epochs=0", "eval.knn_k=[3]", "eval.enabled=false", "eval.max_train=5", "eval.max_test=6", "eval.geometry=false",
+        "mode=bimodal", "pairs.source=file", "pairs.path=/p.csv", "pairs.eval_path=/e.csv", "pairs.x_key=q",
+        "pairs.y_key=d", "pairs.id_key=id", "pairs.wordnet_pos=[verb]", "pairs.wordnet_x=examples",
+        "pairs.eval_size=10", "pairs.train_size=100", "pairs.split_seed=3", "pairs.mask_duplicates=false",
+        "pairs.streaming=true", "pairs.shuffle_buffer=10", "pairs.augment_images=true", "towers.kind=open_clip",
+        "towers.x=efficientnet_lite0", "towers.y=efficientnet_lite0", "towers.shared=true", "towers.proj_dim=64",
+        "towers.freeze_x=true", "towers.freeze_y=true", "towers.max_length=16", "towers.open_clip_model=ViT-B-32",
+        "towers.open_clip_checkpoint=/c.pt",
     ]
     cfg = load_config(None, overrides)
     default = config_to_dict(Config())
@@ -252,7 +262,7 @@ def test_every_schema_field_round_trips_through_overrides(tmp_path):
     assert changed == all_leaves  # the test above covers the whole schema
     assert load_config(save_config(cfg, tmp_path / "all.yaml")) == cfg
     assert [f.name for f in dataclasses.fields(Config)] == [
-        "seed", "output_dir", "data", "model", "objective", "optim", "train", "eval"]
+        "seed", "output_dir", "mode", "data", "pairs", "model", "towers", "objective", "optim", "train", "eval"]
 
 
 def test_yaml_1_2_booleans_keep_no_a_string(tmp_path):
@@ -270,6 +280,10 @@ def test_enumerated_choices_match_what_the_trainer_builds():
     from dual_emc2.train import config, optim
 
     assert set(config.SCHEDULE_CHOICES) == set(optim.SCHEDULES)
+    from dual_emc2.towers import two_tower
+
+    assert set(config.TOWER_KIND_CHOICES) == set(two_tower.TOWER_KINDS)
+    assert set(config.PRETRAINED_TOWER_CHOICES) == set(two_tower.PRETRAINED_TOWERS)
 
 
 def test_errors_name_their_origin_and_overrides_can_fix_a_file(tmp_path):

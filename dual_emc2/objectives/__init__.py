@@ -10,6 +10,7 @@ from dual_emc2.objectives.emc2 import EMC2
 from dual_emc2.objectives.hcl import HCL
 from dual_emc2.objectives.infonce import InfoNCE
 from dual_emc2.objectives.negative_cache import NegativeCache
+from dual_emc2.objectives.scl import HSCL, HUCL, SCL
 from dual_emc2.objectives.sogclr import SogCLR
 from dual_emc2.objectives.symmetric import SymmetricObjective
 
@@ -21,6 +22,7 @@ REGISTRY: dict[str, type[ContrastiveObjective]] = {
     "emc2": EMC2,
     "negative_cache": NegativeCache,
     "hcl": HCL,
+    "scl": SCL, "hscl": HSCL, "hucl": HUCL,
 }
 
 

@@ -36,6 +36,8 @@ class ContrastiveBatch:
                    grad mode; used by estimators that need out-of-batch candidates (EMC² refresh/re-encode, negative
                    cache).  ``None`` where no such access exists.
     extra_negative_mask: optional [B, C] bool, False removes further candidates (e.g. known false negatives).
+    labels, candidate_labels: optional [B] and [C] int64 class labels of the anchors and candidates, for supervised
+                   estimators (``needs_labels``; SCL/HSCL of seed 004).  Both or neither.
     """
 
     anchors: Tensor
@@ -48,6 +50,8 @@ class ContrastiveBatch:
     total_rows: int | None = None
     encode_candidates: EncodeFn | None = None
     extra_negative_mask: Tensor | None = None
+    labels: Tensor | None = None
+    candidate_labels: Tensor | None = None
 
     def __post_init__(self) -> None:
         B, C = self.anchors.shape[0], self.candidates.shape[0]
@@ -66,6 +70,12 @@ class ContrastiveBatch:
             raise ValueError(f"anchor_keys must have shape ({B},), got {tuple(self.anchor_keys.shape)}")
         if self.total_rows is None:
             self.total_rows = B + self.row_offset
+        if (self.labels is None) != (self.candidate_labels is None):
+            raise ValueError("labels and candidate_labels must be given together (anchor labels [B], candidate "
+                             "labels [C]) or not at all")
+        for name, t, n in (("labels", self.labels, B), ("candidate_labels", self.candidate_labels, C)):
+            if t is not None and t.shape != (n,):
+                raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
 
     @property
     def negative_mask(self) -> Tensor:
@@ -98,6 +108,8 @@ class ContrastiveObjective(nn.Module):
     name: str = "base"
     #: True when the estimator calls ``batch.encode_candidates`` (the trainer then supplies it).
     needs_candidate_encoder: bool = False
+    #: True when the estimator reads ``batch.labels`` / ``batch.candidate_labels`` (supervised; the trainer supplies them).
+    needs_labels: bool = False
 
     def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:  # pragma: no cover
         raise NotImplementedError

@@ -34,6 +34,9 @@ __all__ = [
     "ModelConfig",
     "ObjectiveConfig",
     "OptimConfig",
+    "PairsConfig",
+    "TowersConfig",
+    "SpectralConfig",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
@@ -45,6 +48,11 @@ __all__ = [
 
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
 SCHEDULE_CHOICES = ("cosine", "constant")  # the schedules dual_emc2.train.optim implements
+MODE_CHOICES = ("unimodal", "bimodal")
+TOWER_KIND_CHOICES = ("pretrained", "open_clip")  # dual_emc2.towers.two_tower.TOWER_KINDS
+PRETRAINED_TOWER_CHOICES = ("minilm", "efficientnet_lite0")  # dual_emc2.towers.two_tower.PRETRAINED_TOWERS
+PAIR_SOURCE_CHOICES = ("wordnet", "emoji", "shards", "file")
+BATCH_SAMPLER_CHOICES = ("shuffle", "spectral")  # uniform reshuffle each epoch, or seed 003's spectral batches
 
 
 class ConfigError(ValueError):
@@ -69,6 +77,22 @@ class AugmentConfig:
 
 
 @dataclass
+class SpectralConfig:
+    """High-loss batches by spectral clustering of the similarity graph (seed 003; dual_emc2.data.spectral), used
+    when ``data.batch_sampler: spectral``.  ``refresh_every``: optimiser steps between re-clusterings of the
+    embeddings of every training sample; ``num_clusters`` null: one global batch per cluster; ``beta`` null: the
+    model's current β."""
+
+    refresh_every: int = field(default=100, metadata=_check(ge=1))
+    num_clusters: int | None = field(default=None, metadata=_check(ge=1))
+    beta: float | None = field(default=None, metadata=_check(gt=0.0))
+    n_components: int | None = field(default=None, metadata=_check(ge=1))
+    n_neighbors: int = field(default=30, metadata=_check(ge=1))
+    dense_max: int = field(default=4096, metadata=_check(ge=1))
+    n_init: int = field(default=1, metadata=_check(ge=1))
+
+
+@dataclass
 class DataConfig:
     """Dataset, splits and loader settings."""
 
@@ -85,6 +109,8 @@ class DataConfig:
     subset: int | None = field(default=None, metadata=_check(gt=0))
     eval_subset: int | None = field(default=None, metadata=_check(gt=0))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    batch_sampler: str = field(default="shuffle", metadata=_check(choices=BATCH_SAMPLER_CHOICES))
+    spectral: SpectralConfig = field(default_factory=SpectralConfig)
 
 
 @dataclass
@@ -100,6 +126,52 @@ class ModelConfig:
     norm: str = field(default="batch", metadata=_check(choices=("batch", "group")))  # backbone normalisation
     head_batch_norm: bool = True
     sync_bn: bool = True  # convert batch norm to SyncBatchNorm when several CUDA processes train
+
+
+@dataclass
+class PairsConfig:
+    """Paired data (x, y) of ``mode: bimodal``; every pair keeps a stable global index (dual_emc2.data.pairs).
+
+    ``source``: ``wordnet`` (lemma list or example ↔ definition, Debian wordnet-base), ``emoji`` (image ↔ caption,
+    scripts/fetch_emoji.sh), ``shards`` (webdataset tar shards of scripts/make_shards.py) or ``file`` (CSV/TSV/JSONL
+    text pairs, columns ``x_key``/``y_key``/``id_key``).  ``path``: the WordNet dict folder, emoji folder, shard
+    folder/pattern or pairs file (null: the offline default).  The held-out split is ``eval_size`` pairs drawn with
+    ``split_seed`` (``eval_path``: a separate held-out set instead); ``train_size`` caps the training pairs.
+    """
+
+    source: str = field(default="wordnet", metadata=_check(choices=PAIR_SOURCE_CHOICES))
+    path: str | None = None
+    eval_path: str | None = None
+    x_key: str = "x"
+    y_key: str = "y"
+    id_key: str | None = None
+    wordnet_pos: list[str] = field(default_factory=lambda: ["noun"])
+    wordnet_x: str = field(default="lemmas", metadata=_check(choices=("lemmas", "examples")))
+    eval_size: int = field(default=0, metadata=_check(ge=0))
+    train_size: int | None = field(default=None, metadata=_check(gt=0))
+    split_seed: int = 0
+    mask_duplicates: bool = True  # identical x or y texts/images of other pairs are not negatives
+    streaming: bool = False  # shards: resampled webdataset streaming instead of loading every pair
+    shuffle_buffer: int = field(default=1000, metadata=_check(ge=0))
+    augment_images: bool = False  # mild random resized crop + flip on image sides
+
+
+@dataclass
+class TowersConfig:
+    """Two towers of ``mode: bimodal`` (dual_emc2.towers.two_tower): pretrained backbones by name with projections
+    to ``proj_dim`` (null: none), or an open_clip model by config name (or model-config JSON path), random or from a
+    checkpoint file."""
+
+    kind: str = field(default="pretrained", metadata=_check(choices=TOWER_KIND_CHOICES))
+    x: str = field(default="minilm", metadata=_check(choices=PRETRAINED_TOWER_CHOICES))
+    y: str = field(default="minilm", metadata=_check(choices=PRETRAINED_TOWER_CHOICES))
+    shared: bool = False  # φ = ψ: one tower for both sides (needs x == y)
+    proj_dim: int | None = field(default=256, metadata=_check(gt=0))
+    freeze_x: bool = False  # freeze the x backbone (its projection still trains)
+    freeze_y: bool = False
+    max_length: int = field(default=32, metadata=_check(ge=2))  # text tokens
+    open_clip_model: str = "RN50"
+    open_clip_checkpoint: str | None = None
 
 
 @dataclass
@@ -155,6 +227,7 @@ class EvalConfig:
     enabled: bool = True
     max_train: int | None = field(default=None, metadata=_check(gt=0))
     max_test: int | None = field(default=None, metadata=_check(gt=0))
+    geometry: bool = True  # effective rank, NC1, ETF distance, uniformity of the test features, spectrum PNG
 
 
 @dataclass
@@ -163,8 +236,11 @@ class Config:
 
     seed: int = 0
     output_dir: str = "runs/default"
+    mode: str = field(default="unimodal", metadata=_check(choices=MODE_CHOICES))  # unimodal: φ = ψ on images
     data: DataConfig = field(default_factory=DataConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)  # mode: bimodal
     model: ModelConfig = field(default_factory=ModelConfig)
+    towers: TowersConfig = field(default_factory=TowersConfig)  # mode: bimodal
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -2,6 +2,7 @@
 as in EMC² section 4 (LP and 1-NN accuracy)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader
 from dual_emc2.data.augment import eval_transform
 from dual_emc2.data.image_sets import build_image_dataset, dataset_info, dataset_stats
 from dual_emc2.data.views import EvalDataset
+from dual_emc2.metrics.geometry import geometry_metrics, plot_spectra, singular_values
 from dual_emc2.metrics.knn import knn_accuracy
 from dual_emc2.metrics.probe import extract_features, linear_probe
 
@@ -33,8 +35,13 @@ def eval_loaders(name: str, root: str | None, train_split: str, test_split: str,
 
 def evaluate_features(features: Callable[[Tensor], Tensor], train_loader: DataLoader, test_loader: DataLoader,
                       device: torch.device | str, *, probe_epochs: int = 100, knn_k: Sequence[int] = (1, 20),
-                      seed: int = 0) -> dict[str, float]:
-    """Linear-probe and k-NN accuracy of ``features`` (e.g. ``encoder.features``) on frozen train/test features."""
+                      seed: int = 0, geometry: bool = False, spectrum_png: str | Path | None = None
+                      ) -> dict[str, float]:
+    """Linear-probe and k-NN accuracy of ``features`` (e.g. ``encoder.features``) on frozen train/test features.
+
+    ``geometry``: also the collapse measures of the test features (dual_emc2.metrics.geometry, seed 004):
+    ``geo_effective_rank``, ``geo_nc1``, ``geo_etf_distance``, ``geo_uniformity``; ``spectrum_png``: a plot of their
+    singular-value spectrum."""
     module = getattr(features, "__self__", None)
     was_training = bool(getattr(module, "training", False))
     if module is not None:
@@ -49,4 +56,10 @@ def evaluate_features(features: Callable[[Tensor], Tensor], train_loader: DataLo
     metrics = knn_accuracy(xtr, ytr, xte, yte, ks=ks)
     if probe_epochs > 0:
         metrics |= linear_probe(xtr, ytr, xte, yte, epochs=probe_epochs, seed=seed, device=device)
+    if geometry:
+        geo = geometry_metrics(xte, yte, seed=seed)
+        metrics |= {f"geo_{k}": geo[k] for k in ("effective_rank", "nc1", "etf_distance", "uniformity")}
+        if spectrum_png is not None:
+            plot_spectra({"backbone features (test)": singular_values(xte)}, spectrum_png,
+                         title="singular values of the frozen features")
     return metrics

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from torch import Tensor
@@ -27,7 +28,9 @@ from tqdm.auto import tqdm
 from dual_emc2.data.augment import AugmentConfig
 from dual_emc2.data.image_sets import build_image_dataset, dataset_info, dataset_stats
 from dual_emc2.data.samplers import GlobalBatchSampler, SeededViews
+from dual_emc2.data.spectral import SpectralBatchSampler
 from dual_emc2.data.views import MultiViewDataset, UnaugmentedLookup
+from dual_emc2.distributed import all_gather_rows
 from dual_emc2.metrics.exact import global_contrastive_loss
 from dual_emc2.objectives import build_objective, options_for
 from dual_emc2.towers.temperature import ContrastiveModel
@@ -107,9 +110,7 @@ class Trainer:
         self.train_set = SeededViews(MultiViewDataset(base, aug.simclr(mean, std, grey_input=dataset_info(d.name).grayscale), d.n_views, first_n=n,
                              on_error=d.on_bad_sample), cfg.seed)
         self.lookup = UnaugmentedLookup(base, aug.eval(mean, std), first_n=n)
-        self.sampler = GlobalBatchSampler(len(self.train_set), cfg.train.batch_size,
-                                          world_size=self.acc.num_processes, rank=self.acc.process_index,
-                                          seed=cfg.seed)
+        self.sampler = self._build_batch_sampler(len(self.train_set))
         self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=d.num_workers,
                                  pin_memory=self.device.type == "cuda", persistent_workers=False)
         self.micro_per_epoch = self.sampler.batches_per_epoch()
@@ -119,6 +120,17 @@ class Trainer:
         self.steps_per_epoch = self.micro_per_epoch // cfg.train.grad_accum
         self.micro_used = self.steps_per_epoch * cfg.train.grad_accum  # whole accumulation groups per epoch
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+
+    def _build_batch_sampler(self, num_samples: int) -> GlobalBatchSampler:
+        """``data.batch_sampler``: the uniform reshuffle, or seed 003's spectral high-loss batches."""
+        cfg = self.cfg
+        common = dict(world_size=self.acc.num_processes, rank=self.acc.process_index, seed=cfg.seed)
+        if cfg.data.batch_sampler == "spectral":
+            s = cfg.data.spectral
+            return SpectralBatchSampler(num_samples, cfg.train.batch_size, **common, refresh_every=s.refresh_every,
+                                        num_clusters=s.num_clusters, beta=s.beta or 1.0, n_components=s.n_components,
+                                        n_neighbors=s.n_neighbors, dense_max=s.dense_max, n_init=s.n_init)
+        return GlobalBatchSampler(num_samples, cfg.train.batch_size, **common)
 
     def _build_model(self) -> None:
         cfg, m = self.cfg, self.cfg.model
@@ -133,6 +145,11 @@ class Trainer:
         ).to(self.device)
         global_views = cfg.train.batch_size * self.acc.num_processes * cfg.data.n_views
         self.objective.check_batch_shape(global_views - cfg.data.n_views)
+        self._prepare_optimisation(model)
+
+    def _prepare_optimisation(self, model: torch.nn.Module) -> None:
+        """Optimiser and schedule of ``model`` from ``cfg.optim``, then Accelerate's prepare (and torch.compile)."""
+        cfg = self.cfg
         o = cfg.optim
         optimizer = build_optimizer(model, o.name, o.lr, o.weight_decay, momentum=o.momentum,
                                     exclude_bias_and_norm=o.exclude_bias_and_norm)
@@ -171,6 +188,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "objective": self.objective.state_dict(),
             "rng": _rng_state(), "config": config_to_dict(self.cfg), "world_size": self.acc.num_processes,
             "nonfinite_total": self.nonfinite_total, "history": self.history,
+            "sampler": self.sampler.state_dict() if isinstance(self.sampler, SpectralBatchSampler) else None,
         }
 
     def save(self) -> Path | None:
@@ -190,14 +208,21 @@ class Trainer:
         self.pos = Position(payload["step"], payload["epoch"], payload["batch_in_epoch"])
         self.nonfinite_total = payload.get("nonfinite_total", 0)
         self.history = list(payload.get("history", []))
+        if isinstance(self.sampler, SpectralBatchSampler):
+            if payload.get("sampler") is None:
+                raise ValueError(f"{path}: checkpoint of a run without data.batch_sampler=spectral; resume it with "
+                                 "the batch sampler it was trained with")
+            self.sampler.load_state_dict(payload["sampler"])
         _set_rng_state(payload["rng"])
         if self.pos.batch_in_epoch >= self.micro_used:
             self.pos = Position(self.pos.step, self.pos.epoch + 1, 0)
 
     # ------------------------------------------------------------------------------------------------ training
-    def train_step(self, ids: Tensor, views: Tensor) -> tuple[Tensor, dict[str, Tensor]] | None:
+    def train_step(self, ids: Tensor, views: Tensor, labels: Tensor | None = None
+                   ) -> tuple[Tensor, dict[str, Tensor]] | None:
         """One micro-batch: forward, estimator, backward and (at accumulation boundaries) the optimiser step.
-        Returns None when the loss was not finite and the step was skipped."""
+        ``labels`` [b]: class labels for supervised estimators (``needs_labels``).  Returns None when the loss was
+        not finite and the step was skipped."""
         V = views.shape[1]
         x = views.flatten(0, 1).to(self.device, non_blocking=True)
         if self.cfg.model.channels_last:
@@ -207,17 +232,13 @@ class Trainer:
         with self.acc.accumulate(self.model):
             with self.acc.autocast():
                 z = self.model(x)
-            batch = unimodal_contrastive_batch(z.float(), ids, V, encode_candidates=enc)
+            batch = unimodal_contrastive_batch(
+                z.float(), ids, V, encode_candidates=enc,
+                labels=labels.to(self.device) if labels is not None and self.objective.needs_labels else None)
             beta = self.core.temperature()
             out = self.objective(batch, beta)
             if not bool(torch.isfinite(out.loss)):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.nonfinite_streak += 1
-                self.nonfinite_total += 1
-                if self.nonfinite_streak >= max(1, self.cfg.train.max_nonfinite):
-                    raise NonFiniteLossError(
-                        f"{self.nonfinite_streak} consecutive non-finite losses at step {self.pos.step}; stopping "
-                        f"(the last good checkpoint in {self.out / 'checkpoints'} is kept)")
+                self._skip_nonfinite()
                 return None
             self.nonfinite_streak = 0
             self.acc.backward(out.loss)
@@ -232,6 +253,78 @@ class Trainer:
         stats["beta"] = beta.detach()
         return out.loss.detach(), stats
 
+    def _skip_nonfinite(self) -> None:
+        """Drop this micro-batch's gradients after a non-finite loss; stop after ``train.max_nonfinite`` in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        if self.nonfinite_streak >= max(1, self.cfg.train.max_nonfinite):
+            raise NonFiniteLossError(
+                f"{self.nonfinite_streak} consecutive non-finite losses at step {self.pos.step}; stopping "
+                f"(the last good checkpoint in {self.out / 'checkpoints'} is kept)")
+
+    # Hooks of the training loop that differ between data layouts (the bimodal trainer overrides them).
+    throughput_key = "views_per_s"
+
+    def _start_epoch(self) -> None:
+        """Position the sampler and the per-sample augmentation seeds at the current epoch and batch."""
+        self.sampler.set_epoch(self.pos.epoch, start_batch=self.pos.batch_in_epoch)
+        self.train_set.set_epoch(self.pos.epoch)
+
+    def _step_inputs(self, item: Any) -> tuple[Any, ...]:
+        """Arguments of :meth:`train_step` from one loader item (``(ids, views, labels)`` here); the labels only for
+        supervised estimators."""
+        ids, views, labels = item
+        if self.objective.needs_labels:
+            return ids, views, torch.as_tensor(labels).long()
+        return ids, views
+
+    def _samples_in(self, inputs: tuple[Any, ...]) -> int:
+        """Number of encoded inputs of one micro-batch on this process (for the throughput log)."""
+        views = inputs[1]
+        return views.shape[0] * views.shape[1]
+
+    def _spectral_embeddings(self, positions: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Anchor and candidate embeddings (u, v; v None when φ = ψ) of the training samples at sampler positions
+        ``positions``, for the spectral batch sampler (no grad, eval mode)."""
+        return F.normalize(self.encode_candidates(positions), dim=-1), None
+
+    def _refresh_due(self) -> bool:
+        """A spectral re-clustering is due before the next optimiser step (never inside an accumulation group)."""
+        return (isinstance(self.sampler, SpectralBatchSampler) and self.pos.batch_in_epoch % self.cfg.train.grad_accum
+                == 0 and self.pos.batch_in_epoch < self.micro_used and self.sampler.refresh_due(self.pos.step))
+
+    @torch.no_grad()
+    def refresh_batches(self) -> float:
+        """Seed 003: embed every training sample with the current towers (each process a contiguous slice), cluster
+        the similarity graph on the main process, broadcast the clusters; they shape the batches from the current
+        position on.  Returns the seconds it took."""
+        from accelerate.utils import broadcast
+
+        t0 = time.perf_counter()
+        sampler: SpectralBatchSampler = self.sampler
+        n, world = sampler.num_samples, self.acc.num_processes
+        mine = torch.tensor_split(torch.arange(n), world)[self.acc.process_index]  # n >= global batch >= world
+        us, vs = [], []
+        for chunk in mine.split(self.cfg.eval.batch_size):
+            u, v = self._spectral_embeddings(chunk)
+            us.append(u.float())
+            if v is not None:
+                vs.append(v.float())
+        u_all = all_gather_rows(torch.cat(us))
+        v_all = all_gather_rows(torch.cat(vs)) if vs else None
+        if self.cfg.data.spectral.beta is None:
+            sampler.beta = float(self.core.temperature())
+        if self.acc.is_main_process:
+            assignment = sampler.compute_assignment(torch.arange(n), u_all.cpu(),
+                                                    None if v_all is None else v_all.cpu()).to(self.device)
+        else:
+            assignment = torch.zeros(n, dtype=torch.int64, device=self.device)
+        if world > 1:
+            assignment = broadcast(assignment, from_process=0)
+        sampler.set_assignment(assignment.cpu(), step=self.pos.step)
+        return time.perf_counter() - t0
+
     def evaluate(self) -> dict[str, float]:
         cfg = self.cfg
         if not hasattr(self, "_eval_loaders"):
@@ -241,7 +334,8 @@ class Trainer:
                 max_train=cfg.eval.max_train, max_test=cfg.eval.max_test, download=cfg.data.download)
         tr, te = self._eval_loaders
         return evaluate_features(self.core.encoder.features, tr, te, self.device, probe_epochs=cfg.eval.probe_epochs,
-                                 knn_k=cfg.eval.knn_k, seed=cfg.seed)
+                                 knn_k=cfg.eval.knn_k, seed=cfg.seed, geometry=cfg.eval.geometry,
+                                 spectrum_png=self.out / "plots" / "spectrum.png" if cfg.eval.geometry else None)
 
     def _maybe_eval(self, epoch_done: int, logger: RunLogger | None, final: bool) -> dict[str, float] | None:
         e = self.cfg.eval
@@ -299,15 +393,19 @@ class Trainer:
         window: dict[str, Tensor] = {}  # diagnostics summed since the last log step (logged as window means)
         n_window = 0
         while self.pos.step < self.total_steps:
-            self.sampler.set_epoch(self.pos.epoch, start_batch=self.pos.batch_in_epoch)
-            self.train_set.set_epoch(self.pos.epoch)
+            if self._refresh_due():
+                seconds = self.refresh_batches()
+                if logger is not None:
+                    logger.log(self.pos.step, {"spectral_refresh_s": seconds}, group="train")
+            self._start_epoch()
             self.model.train()
-            for ids, views, _ in self.loader:
-                if self.pos.batch_in_epoch >= self.micro_used:
+            for item in self.loader:
+                if self.pos.batch_in_epoch >= self.micro_used or self._refresh_due():
                     break
-                result = self.train_step(ids, views)
+                inputs = self._step_inputs(item)
+                result = self.train_step(*inputs)
                 self.pos.batch_in_epoch += 1
-                seen += views.shape[0] * views.shape[1] * self.acc.num_processes
+                seen += self._samples_in(inputs) * self.acc.num_processes
                 if not self.acc.sync_gradients:
                     continue
                 self.scheduler.step()
@@ -321,7 +419,7 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     values = {k: float(v) / n_window for k, v in window.items()}
                     values["lr"] = self.scheduler.get_last_lr()[0]
-                    values["views_per_s"] = seen / max(dt, 1e-9)
+                    values[self.throughput_key] = seen / max(dt, 1e-9)
                     values["bad_samples"] = float(self.train_set.bad_samples)
                     t0, seen, window, n_window = time.perf_counter(), 0, {}, 0
                     if logger is not None:

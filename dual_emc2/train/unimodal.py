@@ -8,14 +8,15 @@ from dual_emc2.distributed import all_gather_rows, all_gather_with_grad, rank, w
 from dual_emc2.objectives.base import ContrastiveBatch, EncodeFn
 
 
-def unimodal_contrastive_batch(z: Tensor, ids: Tensor, n_views: int, encode_candidates: EncodeFn | None = None
-                               ) -> ContrastiveBatch:
+def unimodal_contrastive_batch(z: Tensor, ids: Tensor, n_views: int, encode_candidates: EncodeFn | None = None,
+                               labels: Tensor | None = None) -> ContrastiveBatch:
     """Build the :class:`ContrastiveBatch` of one process from its projected views.
 
     ``z`` is [b·V, d] in image-major order (image k's views at rows kV … kV+V−1), ``ids`` the [b] global sample ids.
     Candidates are the views gathered over processes (with grad), in rank order, so the candidate columns are those
     of a single process holding the whole global batch.  View v of image k has positive view (v+1) mod V and chain
-    key ``id·V + v``; the other views of the same image are neither positives nor negatives.
+    key ``id·V + v``; the other views of the same image are neither positives nor negatives.  ``labels`` [b]: class
+    labels of the images (supervised estimators), repeated per view and gathered like the candidates.
     """
     if n_views < 2:
         raise ValueError(f"unimodal contrastive training needs data.n_views >= 2, got {n_views}")
@@ -34,4 +35,6 @@ def unimodal_contrastive_batch(z: Tensor, ids: Tensor, n_views: int, encode_cand
         anchors=z, candidates=candidates, positive=positive, anchor_ids=local_ids, candidate_ids=candidate_ids,
         anchor_keys=local_ids * n_views + view, row_offset=offset, total_rows=rows * world_size(),
         encode_candidates=encode_candidates,
+        labels=None if labels is None else labels.repeat_interleave(n_views),
+        candidate_labels=None if labels is None else all_gather_rows(labels.repeat_interleave(n_views)),
     )
