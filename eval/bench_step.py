@@ -1,204 +1,369 @@
 #!/usr/bin/env python
-"""Time per training step of every estimator against SimCLR (InfoNCE), same model, same batch, data on the device.
+"""Time per training step of each estimator against SimCLR (InfoNCE) in one run, the estimators' state memory, and
+the trainer's own overhead.
 
-    python eval/bench_step.py                                   # CPU: ResNet-18, 32 px, b = 32
-    python eval/bench_step.py --device cuda --size 96 --batch 32,256 --amp bf16
-    python eval/bench_step.py --device cuda --arch resnet50 --size 224 --batch 256 --amp bf16
-    python eval/bench_step.py --smoke                           # seconds (CI)
+Table 1 (estimators).  One model, one optimiser (Adam) and one synthetic batch of 2b views already on the device;
+each step is forward → ContrastiveBatch (:func:`dual_emc2.train.unimodal.unimodal_contrastive_batch`) → estimator →
+backward → optimiser step, with fresh global ids every step (so chain states and caches are read and written as in
+training).  Estimators are timed round-robin, one step each per round, so load drift hits all of them alike; the
+median over rounds after warm-up is reported with its ratio to SimCLR.  On CUDA: CUDA events, channels_last, peak
+``torch.cuda.max_memory_allocated`` of one step, and the number of host–device synchronisations of one step
+(``torch.cuda.set_sync_debug_mode``).  Estimator options follow Table 3 of the paper (EMC² P = b − 1, negative-cache
+refresh ρ = 0.01024 at b = 32 and 0.1 at b = 256) unless overridden.
 
-Each step is forward (2b views) → estimator → backward → Adam step.  Estimators are timed round-robin (one step of
-each per round) so drift hits all alike; the median over rounds is reported with its ratio to InfoNCE, the peak
-memory on CUDA, and the estimator's state size (EMC² chain state per anchor; negative cache m_neg × d floats).
-A second table compares ``Trainer.train_step`` on the same synthetic on-device batch with a bare torch loop doing
-the same work (the trainer's own overhead).
+State memory: bytes of each estimator's buffers over the m-sample dataset (2 views, so 2m anchor keys): the EMC²
+chain state per anchor key (sample id + score), SogCLR's u, the negative cache's m_neg × d float features (plus its
+per-entry refresh step).
+
+Table 2 (trainer overhead).  ``Trainer.train_step`` on a synthetic on-device batch against a bare torch loop doing the
+same forward / estimator / backward / optimiser step on the same model, optimiser and estimator objects, interleaved;
+the overhead is the median of the paired ratios.
+
+    python eval/bench_step.py                        # CPU: ResNet-18, 28 px, b = 32 (minutes on 2 cores)
+    python eval/bench_step.py --preset gpu           # ResNet-18 96 px b = 32 and 256, ResNet-50 224 px b = 256 bf16
+    python eval/bench_step.py --arch resnet18 --size 96 --batch 256 --amp bf16 --device cuda
+    python eval/bench_step.py --smoke                # seconds (CI)
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import time
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
+from torch import Tensor, nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import (ROOT, StepTimer, default_out, describe_machine, format_table, machine_info, median,
+                     resolve_device, write_json)
+from dual_emc2.objectives import build_objective
+from dual_emc2.towers.heads import build_image_encoder
+from dual_emc2.train.unimodal import unimodal_contrastive_batch
 
-from dual_emc2.objectives import build_objective  # noqa: E402
-from dual_emc2.towers.heads import build_image_encoder  # noqa: E402
-from dual_emc2.train.unimodal import unimodal_contrastive_batch  # noqa: E402
-
-ESTIMATORS = ("infonce", "emc2", "sogclr", "hcl", "negative_cache")
+ESTIMATORS = ("simclr", "emc2", "emc2_reencode", "sogclr", "hcl", "negative_cache")
+VIEWS = 2
 
 
-class Timer:
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+@dataclass(frozen=True)
+class Case:
+    """One benchmark setting: backbone, image size, batch b (images; 2b views), precision, projection dim d,
+    dataset size m (state and cache sizes), β, and the Table-3 estimator options that depend on b."""
 
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+    arch: str
+    size: int
+    batch: int
+    amp: str = "no"
+    dim: int = 128
+    dataset: int = 100_000
+    beta: float = 5.0
+    cache_refresh: float = 0.1
+    cifar_stem: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.arch} {self.size}px b={self.batch} {'bf16' if self.amp == 'bf16' else 'fp32'}"
+
+
+PRESETS: dict[str, list[Case]] = {
+    # 2-core CPU: the embedded default's network and batch (configs/fmnist_unimodal.yaml: ResNet-18, standard stem,
+    # 28 px, b = 32, d = 128, 4,000 images)
+    "cpu": [Case("resnet18", 28, 32, dim=128, dataset=4_000, cache_refresh=0.01024)],
+    # the paper's settings (Table 3): STL-10 ResNet-18 at b = 32 and 256, ImageNet-100 ResNet-50 at b = 256
+    "gpu": [Case("resnet18", 96, 32, dim=512, dataset=100_000, beta=14.28, cache_refresh=0.01024),
+            Case("resnet18", 96, 256, dim=512, dataset=100_000, beta=5.0, cache_refresh=0.1),
+            Case("resnet50", 224, 256, amp="bf16", dim=128, dataset=124_689, beta=14.28, cache_refresh=0.01)],
+    "smoke": [Case("resnet18", 8, 4, dim=32, dataset=64, cifar_stem=True, cache_refresh=0.1)],
+}
+
+
+def estimator_options(name: str, case: Case) -> tuple[str, dict[str, Any]]:
+    """Registry name and options of a table row (EMC² P = b − 1 as in Table 3; ``emc2`` is the trainer default
+    ``stale``/``drop``, ``emc2_reencode`` re-encodes out-of-batch states as the released code and the STL-10 config)."""
+    return {
+        "simclr": ("infonce", {}),
+        "emc2": ("emc2", {"burn_in": case.batch - 1}),
+        "emc2_reencode": ("emc2", {"burn_in": case.batch - 1, "out_of_batch": "reencode"}),
+        "sogclr": ("sogclr", {"gamma": 0.9}),
+        "hcl": ("hcl", {}),
+        "negative_cache": ("negative_cache", {"dim": case.dim, "refresh": case.cache_refresh, "init_full": False}),
+    }[name]
+
+
+def state_memory(objective: nn.Module, num_keys: int) -> dict[str, float]:
+    """Bytes held in the estimator's buffers (its whole state), in total and per anchor key."""
+    total = sum(b.numel() * b.element_size() for b in objective.buffers())
+    out: dict[str, float] = {"state_bytes": total, "state_bytes_per_anchor": total / num_keys}
+    chains = getattr(objective, "chains", None)
+    if chains is not None:
+        chain = sum(b.numel() * b.element_size() for b in chains.buffers())
+        out["chain_bytes_per_anchor"] = chain / chains.num_keys
+    feats = getattr(objective, "features", None)
+    if isinstance(feats, Tensor):
+        out["cache_floats"] = feats.numel()  # m_neg × d
+        out["cache_bytes"] = feats.numel() * feats.element_size()
+    return out
+
+
+def count_syncs(fn: Callable[[], Any]) -> int | None:
+    """Host–device synchronisations during ``fn()`` (CUDA only; None on CPU), from torch's sync debug mode."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
             fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
-def state_bytes(objective: torch.nn.Module) -> int:
-    return sum(b.numel() * b.element_size() for b in objective.buffers())
+class Bench:
+    """Model, optimiser, batch and estimators of one :class:`Case` on one device."""
 
-
-def bench(args: argparse.Namespace, b: int) -> dict:
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = build_image_encoder(args.arch, args.size <= 32, 512 if args.arch == "resnet18" else 2048, args.dim,
-                                channels_last=device.type == "cuda").to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    V, n_data = 2, max(args.dataset, 4 * b)
-    x = torch.randn(b * V, 3, args.size, args.size, device=device)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    pool = torch.randn(256, 3, args.size, args.size, device=device)  # stand-in images for out-of-batch encodes
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
-
-    def encode(ids: torch.Tensor) -> torch.Tensor:
-        with amp:
-            return model(pool[ids.to(device) % pool.shape[0]]).float()
-
-    names = [n for n in args.estimators.split(",") if n]
-    objectives = {n: build_objective(n, num_keys=n_data * V, num_candidates=n_data,
-                                     options={"negative_cache": {"dim": args.dim, "refresh": args.cache_refresh,
-                                                                 "init_full": False},
-                                              "emc2": {"burn_in": b - 1}}.get(n, {}),  # P = b - 1 (Table 3)
-                                     defaults={"seed": 0}).to(device) for n in names}
-    gen = torch.Generator().manual_seed(0)
-
-    def step(name: str) -> None:
-        ids = torch.randperm(n_data, generator=gen)[:b].to(device)
-        with amp:
-            z = model(x)
-        batch = unimodal_contrastive_batch(z.float(), ids, V, encode_candidates=encode)
-        out = objectives[name](batch, args.beta)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    timer = Timer(device)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    peak: dict[str, float] = {}
-    for n in names:
-        for _ in range(args.warmup):
-            step(n)
-    for r in range(args.repeats):
+    def __init__(self, case: Case, device: torch.device, names: list[str], steps: int, seed: int = 0) -> None:
+        self.case, self.device = case, device
+        cuda = device.type == "cuda"
+        torch.manual_seed(seed)
+        self.model = build_image_encoder(case.arch, case.cifar_stem, 2048 if case.arch == "resnet50" else 512,
+                                         case.dim, channels_last=cuda).to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        self.x = torch.randn(case.batch * VIEWS, 3, case.size, case.size, device=device)
+        if cuda:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        # stand-in un-augmented images for the estimators' out-of-batch encodes (EMC² re-encode, negative cache)
+        self.pool = torch.randn(min(case.dataset, 512), 3, case.size, case.size, device=device)
+        self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.amp == "bf16")
+        g = torch.Generator().manual_seed(seed)
+        # distinct ids within a step, fresh every step, made up front so no host work is timed
+        self.ids = torch.stack([torch.randperm(case.dataset, generator=g)[:case.batch] for _ in range(steps)]).to(device)
+        self.objectives = {}
         for n in names:
-            if device.type == "cuda" and r == 0:
-                torch.cuda.reset_peak_memory_stats()
-            times[n].append(timer(lambda n=n: step(n)))
-            if device.type == "cuda" and r == 0:
-                peak[n] = torch.cuda.max_memory_allocated() / 2**20
-    base = statistics.median(times["infonce"]) if "infonce" in times else float("nan")
+            reg, opts = estimator_options(n, case)
+            self.objectives[n] = build_objective(reg, num_keys=case.dataset * VIEWS, num_candidates=case.dataset,
+                                                 options=opts, defaults={"seed": seed}).to(device)
+            self.objectives[n].check_batch_shape((case.batch - 1) * VIEWS)
+        self.counter = 0
+
+    def encode(self, ids: Tensor) -> Tensor:
+        """ψ of stand-in images for global ids, batch norm in eval mode as the trainer's ``encode_candidates``."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            with self.amp:
+                return self.model(self.pool[ids.to(self.device) % self.pool.shape[0]]).float()
+        finally:
+            self.model.train(was)
+
+    def step(self, name: str) -> None:
+        obj = self.objectives[name]
+        ids = self.ids[self.counter % self.ids.shape[0]]
+        self.counter += 1
+        with self.amp:
+            z = self.model(self.x)
+        batch = unimodal_contrastive_batch(z.float(), ids, VIEWS,
+                                           encode_candidates=self.encode if obj.needs_candidate_encoder else None)
+        out = obj(batch, self.case.beta)
+        out.loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def bench_case(case: Case, device: torch.device, names: list[str], repeats: int, warmup: int) -> list[dict]:
+    """Table-1 rows of one case: median ms per step, ratio to SimCLR, peak memory, syncs, state memory."""
+    bench = Bench(case, device, names, steps=(warmup + repeats + 2) * len(names))
+    timer = StepTimer(device)
+    cuda = device.type == "cuda"
+    for n in names:
+        for _ in range(warmup):
+            bench.step(n)
+    peak, syncs = {}, {}
+    for n in names:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        bench.step(n)
+        peak[n] = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+        syncs[n] = count_syncs(lambda n=n: bench.step(n))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(repeats):
+        for n in names:
+            times[n].append(timer(lambda n=n: bench.step(n)))
+    base = median(times["simclr"]) if "simclr" in times else float("nan")
     rows = []
     for n in names:
-        med = statistics.median(times[n])
-        sb = state_bytes(objectives[n])
-        rows.append({"estimator": n, "batch": b, "views": b * V, "median_ms": med,
-                     "ratio_vs_infonce": med / base, "views_per_s": b * V / med * 1e3,
-                     "peak_mem_mib": peak.get(n), "state_bytes": sb,
-                     "state_bytes_per_anchor": sb / (n_data * V)})
-    return {"rows": rows, "dataset_size": n_data}
+        med = median(times[n])
+        rows.append({"case": case.label, "estimator": n, "options": estimator_options(n, case)[1],
+                     "batch": case.batch, "views": case.batch * VIEWS, "median_ms": med,
+                     "min_ms": min(times[n]), "ratio_vs_simclr": med / base,
+                     "views_per_s": case.batch * VIEWS / med * 1e3, "peak_mem_mib": peak[n],
+                     "peak_mem_vs_simclr_mib": (peak[n] - peak["simclr"]) if cuda and "simclr" in peak else None,
+                     "host_syncs_per_step": syncs[n], "times_ms": times[n],
+                     **state_memory(bench.objectives[n], case.dataset * VIEWS)})
+    return rows
 
 
-def trainer_overhead(args: argparse.Namespace) -> dict:
-    """Trainer.train_step on a synthetic on-device batch vs a bare loop doing the same forward/estimator/backward."""
+def trainer_overhead(case: Case, device: torch.device, repeats: int, warmup: int) -> dict[str, Any]:
+    """``Trainer.train_step`` vs a bare torch loop on the same objects and the same on-device batch (EMC² default)."""
     from dual_emc2.train.config import load_config
     from dual_emc2.train.trainer import Trainer
 
-    b = int(args.batch.split(",")[0])
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/fmnist_unimodal.yaml", [
-        "data.name=digits", f"data.image_size={args.size}", "data.num_workers=0", f"train.batch_size={b}",
-        f"model.arch={args.arch}", f"model.cifar_stem={str(args.size <= 32).lower()}", f"model.proj_dim={args.dim}",
-        "eval.enabled=false", "output_dir=/tmp/bench_step_trainer", "optim.name=adam", "optim.lr=1e-4",
-        "optim.weight_decay=0", f"train.mixed_precision={'bf16' if args.amp == 'bf16' else 'no'}",
-        "objective.name=emc2", f"objective.options.emc2.burn_in={b - 1}"])
+    b = case.batch
+    out_dir = Path(tempfile.mkdtemp(prefix="bench_step_trainer_"))
+    cfg = load_config(ROOT / "configs/fmnist_unimodal.yaml", [
+        "data.name=digits", "data.num_workers=0", f"data.image_size={case.size}", f"train.batch_size={b}",
+        f"model.arch={case.arch}", f"model.cifar_stem={str(case.cifar_stem).lower()}",
+        f"model.proj_hidden={2048 if case.arch == 'resnet50' else 512}", f"model.proj_dim={case.dim}",
+        f"model.channels_last={str(device.type == 'cuda').lower()}", f"objective.beta={case.beta}",
+        "objective.name=emc2", f"objective.options.emc2.burn_in={b - 1}", "eval.enabled=false",
+        f"train.mixed_precision={'bf16' if case.amp == 'bf16' else 'no'}", f"output_dir={out_dir}"])
     trainer = Trainer(cfg)
-    device = trainer.device
-    views = torch.randn(b, 2, 3, args.size, args.size, device=device)
-    ids = torch.arange(b, device=device)
-    model, opt, objective = trainer.model, trainer.optimizer, trainer.objective
-    timer = Timer(device)
+    if trainer.device.type != device.type:
+        raise SystemExit(f"the trainer picked {trainer.device}, the benchmark runs on {device}")
+    core, raw_opt, objective = trainer.core, trainer.optimizer.optimizer, trainer.objective
+    views = torch.randn(b, VIEWS, 3, case.size, case.size, device=device)
+    n_ids = len(trainer.train_set)
+    g = torch.Generator().manual_seed(0)
+    id_list = [torch.randperm(n_ids, generator=g)[:b].to(device) for _ in range(2 * (warmup + repeats) + 4)]
+    it = iter(id_list * 2)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.amp == "bf16")
+    x_bare = views.flatten(0, 1)
+    if cfg.model.channels_last:
+        x_bare = x_bare.contiguous(memory_format=torch.channels_last)
 
     def bare() -> None:
-        z = model(views.flatten(0, 1))
-        out = objective(unimodal_contrastive_batch(z.float(), ids, 2), trainer.core.temperature())
+        ids = next(it)
+        with amp:
+            z = core(x_bare)
+        out = objective(unimodal_contrastive_batch(z.float(), ids, VIEWS), core.temperature())
         out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        raw_opt.step()
+        raw_opt.zero_grad(set_to_none=True)
 
     def wrapped() -> None:
-        trainer.train_step(ids, views)
+        trainer.train_step(next(it), views)
 
-    for _ in range(args.warmup):
+    core.train()
+    for _ in range(warmup):
         bare()
         wrapped()
+    syncs = {"bare": count_syncs(bare), "trainer": count_syncs(wrapped)}
+    timer = StepTimer(device)
     t_bare, t_trainer = [], []
-    for _ in range(args.repeats):
-        t_bare.append(timer(bare))
-        t_trainer.append(timer(wrapped))
-    mb, mt = statistics.median(t_bare), statistics.median(t_trainer)
-    return {"batch": b, "bare_ms": mb, "trainer_ms": mt, "overhead": mt / mb - 1.0}
+    for i in range(repeats):  # alternate which goes first, so neither always follows the other
+        if i % 2:
+            t_trainer.append(timer(wrapped))
+            t_bare.append(timer(bare))
+        else:
+            t_bare.append(timer(bare))
+            t_trainer.append(timer(wrapped))
+    ratios = [t / b_ for t, b_ in zip(t_trainer, t_bare)]
+    return {"case": case.label, "estimator": "emc2 (trainer default)", "bare_ms": median(t_bare),
+            "trainer_ms": median(t_trainer), "overhead": median(ratios) - 1.0,
+            "overhead_of_medians": median(t_trainer) / median(t_bare) - 1.0, "host_syncs_per_step": syncs,
+            "bare_times_ms": t_bare, "trainer_times_ms": t_trainer}
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--arch", default="resnet18")
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--batch", default="32", help="comma-separated images per step (views = 2b)")
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--beta", type=float, default=5.0)
-    ap.add_argument("--amp", default="no", choices=("no", "bf16"))
-    ap.add_argument("--dataset", type=int, default=100_000, help="m: dataset size (state and cache sizes)")
-    ap.add_argument("--cache-refresh", type=float, default=0.01024, help="negative cache ρ (Table 3, b = 32)")
-    ap.add_argument("--estimators", default=",".join(ESTIMATORS))
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="cases to run (default: gpu on CUDA, cpu otherwise); --arch/--size/--batch make one case")
+    ap.add_argument("--arch", default=None, help="resnet18, resnet50, ... (custom case)")
+    ap.add_argument("--size", type=int, default=None, help="image side in px (custom case)")
+    ap.add_argument("--batch", default=None, help="comma-separated b (images per step; 2b views)")
+    ap.add_argument("--amp", choices=("no", "bf16"), default=None)
+    ap.add_argument("--dim", type=int, default=None, help="projection dimension d")
+    ap.add_argument("--dataset", type=int, default=None, help="m: dataset size (state and cache sizes)")
+    ap.add_argument("--cache-refresh", type=float, default=None, help="negative cache ρ")
+    ap.add_argument("--estimators", default=",".join(ESTIMATORS), help=f"from {','.join(ESTIMATORS)}")
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-trainer", action="store_true", help="skip the trainer-overhead table")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
+    ap.add_argument("--out", default=None, help="JSON path (default eval/results/bench_step_<device>[_smoke].json)")
+    args = ap.parse_args(argv)
+    names = [n for n in args.estimators.split(",") if n]
+    if not names or any(n not in ESTIMATORS for n in names):
+        ap.error(f"--estimators: choose from {', '.join(ESTIMATORS)}, got {args.estimators!r}")
+    if "simclr" not in names:
+        names.insert(0, "simclr")  # the reference of every ratio
+    args.names = names
     if args.smoke:
-        args.size, args.batch, args.repeats, args.warmup, args.dataset = 16, "8", 2, 1, 2000
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    out = Path(args.out or f"eval/results/bench_step{'_smoke' if args.smoke else ''}_{args.device}.json")
-    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or
-                                                                                      platform.machine())
-    result = {"device": dev_name, "torch": torch.__version__, "arch": args.arch, "size": args.size, "amp": args.amp,
-              "threads": torch.get_num_threads(), "repeats": args.repeats, "tables": []}
-    print(f"device: {dev_name}, {args.arch} {args.size}px, amp={args.amp}, median of {args.repeats}")
-    print(f"{'estimator':<16}{'b':>5}{'ms/step':>10}{'× InfoNCE':>11}{'views/s':>10}{'peak MiB':>10}"
-          f"{'state B/anchor':>16}{'state MiB':>11}")
-    for b in [int(v) for v in args.batch.split(",")]:
-        table = bench(args, b)
-        result["tables"].append(table)
-        for r in table["rows"]:
-            pk = f"{r['peak_mem_mib']:.0f}" if r["peak_mem_mib"] is not None else "-"
-            print(f"{r['estimator']:<16}{b:>5}{r['median_ms']:>10.2f}{r['ratio_vs_infonce']:>11.3f}"
-                  f"{r['views_per_s']:>10.0f}{pk:>10}{r['state_bytes_per_anchor']:>16.1f}"
-                  f"{r['state_bytes'] / 2**20:>11.2f}")
-    if not args.no_trainer:
-        ov = trainer_overhead(args)
-        result["trainer_overhead"] = ov
-        print(f"\ntrainer.train_step {ov['trainer_ms']:.2f} ms vs bare loop {ov['bare_ms']:.2f} ms "
-              f"(b = {ov['batch']}): overhead {100 * ov['overhead']:+.1f}%")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+        args.preset, args.repeats, args.warmup = "smoke", 3, 1
+    return args
+
+
+def build_cases(args: argparse.Namespace, device: torch.device) -> list[Case]:
+    preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
+    cases = PRESETS[preset]
+    if args.arch or args.size or args.batch:
+        base = cases[0]
+        batches = [int(b) for b in args.batch.split(",")] if args.batch else [base.batch]
+        cases = [replace(base, arch=args.arch or base.arch, size=args.size or base.size, batch=b,
+                         cifar_stem=(args.size or base.size) <= 32) for b in batches]
+    overrides = {k: v for k, v in (("amp", args.amp), ("dim", args.dim), ("dataset", args.dataset),
+                                   ("cache_refresh", args.cache_refresh)) if v is not None}
+    cases = [replace(c, **overrides) for c in cases]
+    for c in cases:
+        if c.batch < 2 or c.dataset < c.batch:
+            raise SystemExit(f"case {c.label}: need b >= 2 and dataset m >= b, got b={c.batch}, m={c.dataset}")
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    cases = build_cases(args, device)
+    out = Path(args.out) if args.out else default_out(f"bench_step_{device.type}", args.smoke)
+    info = machine_info(device)
+    print(f"machine: {describe_machine(info)}; median of {args.repeats} steps after {args.warmup} warm-up", flush=True)
+    rows: list[dict] = []
+    for case in cases:
+        rows += bench_case(case, device, args.names, args.repeats, args.warmup)
+        print(f"  {case.label}: done", flush=True)
+    overhead = None if args.no_trainer else [trainer_overhead(c, device, args.repeats, args.warmup) for c in cases]
+    result = {"protocol": "per-step time of each estimator vs SimCLR; state memory; trainer overhead",
+              "command": " ".join(["python", "eval/bench_step.py", *(sys.argv[1:] if argv is None else argv)]),
+              "machine": info, "repeats": args.repeats, "warmup": args.warmup,
+              "cases": [asdict(c) for c in cases], "rows": rows, "trainer_overhead": overhead}
+    write_json(out, result)
+
+    def fmt(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    print(f"\nStep time, {describe_machine(info)}")
+    print(format_table(
+        ["case", "estimator", "ms/step", "× SimCLR", "views/s", "peak MiB", "Δ peak MiB", "syncs/step",
+         "state B/anchor", "state MiB"],
+        [[r["case"], r["estimator"], f"{r['median_ms']:.2f}", f"{r['ratio_vs_simclr']:.3f}",
+          f"{r['views_per_s']:.0f}", fmt(r["peak_mem_mib"], ".0f"), fmt(r["peak_mem_vs_simclr_mib"], "+.0f"),
+          fmt(r["host_syncs_per_step"], "d"), f"{r['state_bytes_per_anchor']:.2f}",
+          f"{r['state_bytes'] / 2**20:.2f}"] for r in rows]))
+    mems = [r for r in rows if "chain_bytes_per_anchor" in r or "cache_floats" in r]
+    if mems:
+        print("\nEstimator state (m = dataset size, 2 views per sample → 2m anchor keys)")
+        print(format_table(["case", "estimator", "EMC² chain B/anchor", "cache m_neg × d floats", "cache MiB"],
+                           [[r["case"], r["estimator"], fmt(r.get("chain_bytes_per_anchor"), ".1f"),
+                             fmt(r.get("cache_floats"), ",d"), fmt(r.get("cache_bytes", 0) / 2**20, ".1f")]
+                            for r in mems]))
+    if overhead:
+        print("\nTrainer overhead: Trainer.train_step vs a bare loop (same model, optimiser, estimator, batch)")
+        print(format_table(["case", "bare ms", "trainer ms", "overhead", "syncs bare", "syncs trainer"],
+                           [[o["case"], f"{o['bare_ms']:.2f}", f"{o['trainer_ms']:.2f}", f"{100 * o['overhead']:+.1f}%",
+                             fmt(o["host_syncs_per_step"]["bare"], "d"), fmt(o["host_syncs_per_step"]["trainer"], "d")]
+                            for o in overhead]))
     print(f"wrote {out}")
     return 0
 

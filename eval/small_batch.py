@@ -1,134 +1,313 @@
 #!/usr/bin/env python
-"""Small-batch quality: EMC² vs SimCLR (InfoNCE) vs SogCLR vs HCL at b = 32 and b = 256 (EMC² section 4.6, Fig. 5).
+"""Small-batch quality: EMC² vs SimCLR (InfoNCE) vs SogCLR (and HCL) at b = 32 and b = 256 (EMC² section 4, Fig. 5
+and Fig. 8): linear-probe and 1-NN accuracy of the frozen backbone against samples accessed and against wall-clock.
 
-Trains each estimator with the real trainer (configs/fmnist_unimodal.yaml plus overrides; STL-10 with
-``--config configs/stl10_unimodal.yaml --override data.root=DIR``), evaluates the linear probe and 1-NN accuracy of
-the backbone after every epoch, and records them against samples accessed and against training wall-clock (the
-time spent in training steps, evaluation excluded).  EMC² uses P = b − 1 as in Table 3.
+Each run is the real trainer (:class:`dual_emc2.train.trainer.Trainer`) built from a config plus overrides, with
+evaluation after every epoch; the evaluation history is read back from the run's ``metrics.csv`` (group ``eval``).
+The trainer is subclassed only to stamp three numbers on every evaluation: samples accessed (images), training
+wall-clock (the whole training loop, data loading included, evaluation time excluded) and the process's CPU time over
+the same span.  On a shared CPU the wall-clock depends on other people's jobs, so the CPU time (data loading
+in-process, ``--workers 0``) is the default time axis there; on a GPU it is the wall-clock.  Every run of a seed starts
+from the same initial network and sees the same batches.  EMC² uses P = b − 1 (Table 3); the accuracy of the initial
+network is measured once and drawn at x = 0.
 
-    python eval/small_batch.py                        # Fashion-MNIST, 2 epochs on 2,000 images per run (CPU)
-    python eval/small_batch.py --subset 60000 --epochs 20 --batches 32,256
-    python eval/small_batch.py --smoke                # seconds (CI)
+Data: Fashion-MNIST with ``configs/fmnist_unimodal.yaml`` (the same β and optimiser at both batch sizes).  With
+``--data-root DIR`` (holding ``stl10_binary/``): STL-10 with the paper's settings, ``configs/stl10_unimodal.yaml``
+at b = 32 (β = 14.28, Adam 1e-4) and ``configs/stl10_unimodal_b256.yaml`` at b = 256 (β = 5, Adam 1e-3).
+
+Time to accuracy: for each run, the time (and samples) at which the linear-probe (and 1-NN) accuracy first reaches the
+final accuracy of SimCLR at the smallest batch (linear interpolation between evaluations), and the speed-up over it.
+
+    python eval/small_batch.py                    # Fashion-MNIST, 2,000 images, 3 epochs, b = 32 and 256 (CPU)
+    python eval/small_batch.py --subset 60000 --epochs 20 --eval-max 10000     # a GPU
+    python eval/small_batch.py --data-root /data --epochs 100                 # STL-10, the paper's protocol
+    python eval/small_batch.py --smoke            # seconds (CI)
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import contextlib
+import math
+import random
+import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import ROOT, default_out, describe_machine, format_table, machine_info, pyplot, save_figure, write_json
+from dual_emc2.train.config import load_config
+from dual_emc2.train.run_log import CSV_NAME, read_metrics
+from dual_emc2.train import trainer as trainer_module
+from dual_emc2.train.trainer import Trainer
 
-from dual_emc2.train.config import load_config  # noqa: E402
-from dual_emc2.train.trainer import Trainer  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+FMNIST_CONFIG = "configs/fmnist_unimodal.yaml"
+STL10_CONFIGS = {32: "configs/stl10_unimodal.yaml", 256: "configs/stl10_unimodal_b256.yaml"}
+METRICS = ("linear_probe_acc", "knn1_acc")
+CLOCKS = ("train_seconds", "train_cpu_seconds")
 
 
 class TimedTrainer(Trainer):
-    """Trainer that records the wall-clock spent in training steps and stamps it on every evaluation."""
+    """The trainer, stamping ``samples`` (images accessed), ``train_seconds`` (training-loop wall-clock without
+    evaluation) and ``train_cpu_seconds`` (this process's CPU time over the same span: robust to other jobs on a
+    shared CPU when data loading runs in-process, ``--workers 0``) on every evaluation, so they land in
+    ``metrics.csv`` beside the accuracies."""
 
-    train_seconds = 0.0
+    _start: tuple[float, float] | None = None
+    _eval_spent = (0.0, 0.0)
 
-    def train_step(self, ids, views):
-        t0 = time.perf_counter()
-        out = super().train_step(ids, views)
+    @staticmethod
+    def _clocks() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    def fit(self) -> dict[str, float]:
+        self._start, self._eval_spent = self._clocks(), (0.0, 0.0)
+        return super().fit()
+
+    def evaluate(self) -> dict[str, float]:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        self.train_seconds += time.perf_counter() - t0
-        return out
-
-    def evaluate(self):
+        now = self._clocks()
+        start = self._start or now
+        train = [n - s - e for n, s, e in zip(now, start, self._eval_spent)]
         metrics = super().evaluate()
-        metrics["train_seconds"] = self.train_seconds
-        metrics["samples"] = float(self.pos.step * self.cfg.train.batch_size * self.acc.num_processes)
+        self._eval_spent = tuple(e + c - n for e, c, n in zip(self._eval_spent, self._clocks(), now))
+        metrics["train_seconds"], metrics["train_cpu_seconds"] = train
+        metrics["samples"] = float(self.pos.step * self.cfg.train.batch_size * self.acc.num_processes
+                                   * self.cfg.train.grad_accum)
         return metrics
 
 
-def run(args: argparse.Namespace, name: str, b: int) -> dict:
-    out = Path(args.work) / f"{name}_b{b}"
-    overrides = [f"objective.name={name}", f"train.batch_size={b}", f"train.epochs={args.epochs}",
-                 "eval.every_epochs=1", f"output_dir={out}", f"objective.options.emc2.burn_in={b - 1}",
-                 f"data.num_workers={args.workers}", *args.override]
+def config_for(args: argparse.Namespace, b: int) -> str:
+    if args.config:
+        return args.config
+    if args.data_root:
+        return STL10_CONFIGS.get(b, STL10_CONFIGS[32])
+    return FMNIST_CONFIG
+
+
+def run_overrides(args: argparse.Namespace, name: str, b: int, seed: int, out: Path) -> list[str]:
+    o = [f"objective.name={name}", f"train.batch_size={b}", f"train.epochs={args.epochs}", f"seed={seed}",
+         "eval.every_epochs=1", f"output_dir={out}", f"objective.options.emc2.burn_in={b - 1}",
+         f"data.num_workers={args.workers}", "train.ckpt_every=1000000", "train.max_steps=null",
+         f"eval.probe_epochs={args.probe_epochs}"]
+    if args.data_root:
+        o.append(f"data.root={args.data_root}")
     if args.subset:
-        overrides.append(f"data.subset={args.subset}")
+        o.append(f"data.subset={args.subset}")
     if args.eval_max:
-        overrides += [f"eval.max_train={args.eval_max}", f"eval.max_test={args.eval_max // 3}"]
-    cfg = load_config(ROOT / args.config, overrides)
-    trainer = TimedTrainer(cfg)
+        o += [f"eval.max_train={args.eval_max}", f"eval.max_test={max(1, args.eval_max // 2)}"]
+    return o + list(args.override)
+
+
+def eval_history(run_dir: Path) -> list[dict[str, float]]:
+    """The run's evaluations from its metrics.csv: one dict per evaluated step (``step`` plus every eval metric)."""
+    series = read_metrics(run_dir / CSV_NAME)
+    by_step: dict[int, dict[str, float]] = {}
+    for (group, name), (steps, values) in series.items():
+        if group != "eval":
+            continue
+        for s, v in zip(steps.tolist(), values.tolist()):
+            by_step.setdefault(int(s), {"step": float(s)})[name] = float(v)
+    if not by_step:
+        raise RuntimeError(f"{run_dir / CSV_NAME}: no evaluation rows (group 'eval'); was eval.enabled false?")
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def time_to(history: list[dict[str, float]], metric: str, target: float, key: str = "train_seconds") -> float | None:
+    """First ``key`` (wall-clock or samples) at which ``metric`` reaches ``target``, interpolating linearly between
+    evaluations (the initial point included); None when never reached."""
+    prev = None
+    for p in history:
+        if p.get(metric, -math.inf) >= target:
+            if prev is None or prev[metric] >= target:
+                return p[key]
+            frac = (target - prev[metric]) / (p[metric] - prev[metric])
+            return prev[key] + frac * (p[key] - prev[key])
+        prev = p
+    return None
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore Python's, NumPy's and torch's global random states on exit."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def run(args: argparse.Namespace, name: str, b: int, seed: int, initial: dict[str, dict[str, float]]) -> dict:
+    out = (ROOT / args.work / f"{name}_b{b}_s{seed}").resolve()
+    if out.exists():
+        shutil.rmtree(out)  # a fresh run, never a resume of an older one
+    config = config_for(args, b)
+    overrides = run_overrides(args, name, b, seed, out)
+    trainer = TimedTrainer(load_config(ROOT / config, overrides))
+    key = f"{config}:{seed}"
+    if key not in initial:  # the initial network is the same for every estimator of a seed and config
+        with preserved_rng():  # the evaluation's loaders draw from the global RNGs: leave training's streams alone
+            start = trainer.evaluate()
+        initial[key] = {**start, "step": 0.0, "epoch": 0.0, "samples": 0.0, "train_seconds": 0.0,
+                        "train_cpu_seconds": 0.0}
+    t0 = time.perf_counter()
     trainer.fit()
-    return {"estimator": name, "batch": b, "history": trainer.history, "output_dir": str(out)}
+    wall = time.perf_counter() - t0
+    history = [initial[key], *eval_history(out)]
+    print(f"  {name} b={b} seed {seed}: " + ", ".join(f"{m}={history[-1].get(m, float('nan')):.4f}" for m in METRICS)
+          + f", train {history[-1]['train_seconds']:.0f} s (fit {wall:.0f} s)", flush=True)
+    return {"estimator": name, "batch": b, "seed": seed, "config": config, "overrides": overrides,
+            "output_dir": str(out), "history": history, "fit_seconds": wall}
 
 
-def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
+def summarise(runs: list[dict], reference: tuple[str, int]) -> dict[str, Any]:
+    """Final accuracies (mean over seeds) and time / samples to reach the reference run's final accuracy."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["estimator"], r["batch"]), []).append(r)
+    ref = groups.get(reference)
+    rows = []
+    for (name, b), rs in groups.items():
+        row: dict[str, Any] = {"estimator": name, "batch": b, "seeds": len(rs)}
+        for key in CLOCKS:
+            row[key] = float(np.mean([r["history"][-1][key] for r in rs]))
+        for m in METRICS:
+            row[m] = float(np.mean([r["history"][-1].get(m, math.nan) for r in rs]))
+            if ref is not None:
+                target = float(np.mean([r["history"][-1].get(m, math.nan) for r in ref]))
+                row[f"{m}_target"] = target
+                for key, label in (("train_seconds", "seconds"), ("train_cpu_seconds", "cpu_seconds"),
+                                   ("samples", "samples")):
+                    hits = [time_to(r["history"], m, target, key) for r in rs]
+                    row[f"{label}_to_{m}"] = None if any(h is None for h in hits) else float(np.mean(hits))
+        rows.append(row)
+    if ref is not None:
+        ref_row = next(x for x in rows if (x["estimator"], x["batch"]) == reference)
+        for row in rows:
+            for m in METRICS:
+                for label in ("seconds", "cpu_seconds", "samples"):
+                    t, t_ref = row.get(f"{label}_to_{m}"), ref_row.get(f"{label}_to_{m}")
+                    row[f"speedup_{label}_to_{m}_vs_ref"] = (t_ref / t) if t and t_ref else None
+    return {"reference": {"estimator": reference[0], "batch": reference[1]}, "rows": rows}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for r in results:
+def plot(runs: list[dict], path: Path, title: str, clock: str) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    names = sorted({r["estimator"] for r in runs})
+    batches = sorted({r["batch"] for r in runs})
+    styles = ["-", "--", ":", "-."]
+    for r in runs:
         h = r["history"]
-        label = f"{r['estimator']} b={r['batch']}"
-        ls = "-" if r["batch"] == min(x["batch"] for x in results) else "--"
-        for row, metric in enumerate(("linear_probe_acc", "knn1_acc")):
-            axes[row, 0].plot([p["samples"] for p in h], [p.get(metric, float("nan")) for p in h], ls, marker="o",
-                              label=label)
-            axes[row, 1].plot([p["train_seconds"] for p in h], [p.get(metric, float("nan")) for p in h], ls,
-                              marker="o", label=label)
-            axes[row, 0].set_ylabel(metric)
-    for ax in axes[1]:
-        ax.set_xlabel("")
+        color = f"C{names.index(r['estimator'])}"
+        ls = styles[batches.index(r["batch"]) % len(styles)]
+        label = f"{r['estimator']} b={r['batch']}" + (f" s{r['seed']}" if r["seed"] else "")
+        for row, metric in enumerate(METRICS):
+            y = [p.get(metric, math.nan) for p in h]
+            axes[row, 0].plot([p["samples"] for p in h], y, ls, color=color, marker="o", ms=3, label=label)
+            axes[row, 1].plot([p[clock] for p in h], y, ls, color=color, marker="o", ms=3, label=label)
+    for row, metric in enumerate(METRICS):
+        axes[row, 0].set_ylabel(metric.replace("_acc", " accuracy").replace("knn1", "1-NN").replace("_", " "))
     axes[1, 0].set_xlabel("samples accessed (images)")
-    axes[1, 1].set_xlabel("training wall-clock (s)")
+    axes[1, 1].set_xlabel("training wall-clock (s, evaluation excluded)" if clock == "train_seconds"
+                          else "training CPU time of the process (s, evaluation excluded)")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     axes[0, 1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return save_figure(fig, path)
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/fmnist_unimodal.yaml")
     ap.add_argument("--estimators", default="emc2,infonce,sogclr,hcl")
-    ap.add_argument("--batches", default="32,256")
-    ap.add_argument("--subset", type=int, default=2000)
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--eval-max", type=int, default=3000, help="probe train images (test: a third)")
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--work", default="runs/small_batch")
+    ap.add_argument("--batches", default="32,256", help="comma-separated b (images per step)")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--subset", type=int, default=2000, help="first N training images (0: all)")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--eval-max", type=int, default=2000, help="probe training images (test: half as many; 0: all)")
+    ap.add_argument("--probe-epochs", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=0, help="data loader workers (0: in-process, so CPU time counts it)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--clock", choices=CLOCKS, default=None,
+                    help="x axis of the time plots and the speed-up (default: CPU time on a CPU, wall-clock on a GPU)")
+    ap.add_argument("--data-root", default=None, help="folder holding stl10_binary/: run STL-10 with the paper's configs")
+    ap.add_argument("--config", default=None, help="one config for every batch size (overrides the defaults above)")
     ap.add_argument("--override", nargs="*", default=[], help="extra config overrides key.sub=value")
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--work", default="runs/small_batch", help="run folders (checkpoints, metrics.csv, plots)")
+    ap.add_argument("--no-run-plots", action="store_true",
+                    help="skip the trainer's per-run PNGs (plot_curves: ~10 s a run on a 2-core CPU; on in --smoke)")
+    ap.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
+    ap.add_argument("--out", default=None, help="JSON path (default eval/results/small_batch[_smoke].json)")
+    args = ap.parse_args(argv)
     if args.smoke:
-        args.config, args.estimators, args.batches, args.subset, args.epochs, args.eval_max = (
-            "configs/fmnist_unimodal.yaml", "emc2,infonce", "8", 64, 1, 150)
-        args.override = [*args.override, "data.name=digits", "data.image_size=8", "model.proj_hidden=64",
-                         "model.proj_dim=32", "eval.probe_epochs=10", "eval.knn_k=[1]"]
-    out = Path(args.out or f"eval/results/small_batch{'_smoke' if args.smoke else ''}.json")
-    results = [run(args, name, int(b)) for b in args.batches.split(",") for name in args.estimators.split(",")]
-    summary = {"config": args.config, "subset": args.subset, "epochs": args.epochs,
-               "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                           "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-               "runs": results}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
-    plot(results, out.with_suffix(".png"))
-    print(f"\n{'estimator':<16}{'b':>5}{'epochs':>8}{'train s':>10}{'linear probe':>14}{'1-NN':>8}")
-    for r in results:
-        last = r["history"][-1]
-        print(f"{r['estimator']:<16}{r['batch']:>5}{last['epoch']:>8.0f}{last['train_seconds']:>10.1f}"
-              f"{last.get('linear_probe_acc', float('nan')):>14.4f}{last['knn1_acc']:>8.4f}")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+        args.estimators, args.batches, args.subset, args.epochs, args.eval_max, args.probe_epochs = (
+            "emc2,infonce", "4", 16, 1, 32, 3)
+        args.threads = args.threads or 1
+        args.no_run_plots = True
+        args.work = "runs/small_batch_smoke"
+        args.override = ["data.name=digits", "data.image_size=8", "model.cifar_stem=true", "model.proj_hidden=32",
+                         "model.proj_dim=16", "eval.knn_k=[1]", "eval.batch_size=64", *args.override]
+    args.estimator_list = [s for s in args.estimators.split(",") if s]
+    args.batch_list = [int(b) for b in args.batches.split(",") if b]
+    args.seed_list = [int(s) for s in args.seeds.split(",") if s]
+    if not args.estimator_list or not args.batch_list or not args.seed_list or min(args.batch_list) < 2:
+        ap.error("--estimators, --batches (each >= 2) and --seeds must be non-empty")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else default_out("small_batch", args.smoke)
+    info = machine_info("cuda" if torch.cuda.is_available() else "cpu")
+    clock = args.clock or ("train_seconds" if info["gpu"] else "train_cpu_seconds")
+    print(f"machine: {describe_machine(info)}", flush=True)
+    initial: dict[str, dict[str, float]] = {}
+    plot_curves = trainer_module.plot_curves
+    if args.no_run_plots:  # the trainer draws its curves after training; they are not part of this protocol
+        trainer_module.plot_curves = lambda *a, **k: []
+    try:
+        runs = [run(args, name, b, seed, initial)
+                for seed in args.seed_list for b in args.batch_list for name in args.estimator_list]
+    finally:
+        trainer_module.plot_curves = plot_curves
+    ref_name = "infonce" if "infonce" in args.estimator_list else args.estimator_list[0]
+    summary = summarise(runs, (ref_name, min(args.batch_list)))
+    data = "STL-10" if args.data_root else ("digits" if args.smoke else "Fashion-MNIST")
+    result = {"protocol": "small-batch quality: linear probe and 1-NN vs samples accessed and wall-clock",
+              "command": " ".join(["python", "eval/small_batch.py", *(sys.argv[1:] if argv is None else argv)]),
+              "machine": info, "data": data, "clock": clock,
+              "config": {k: v for k, v in vars(args).items() if k not in ("estimator_list", "batch_list", "seed_list")},
+              "summary": summary, "runs": runs}
+    write_json(out, result)
+    png = plot(runs, out.with_suffix(".png"), f"{data}, {args.subset or 'all'} images, {args.epochs} epochs, "
+                                              f"{describe_machine(info)}", clock)
+
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+    ref = summary["reference"]
+    c = "seconds" if clock == "train_seconds" else "cpu_seconds"
+    print(f"\n{data}: final accuracy; time ({'wall-clock' if c == 'seconds' else 'process CPU'} s) and samples to "
+          f"reach {ref['estimator']} b={ref['batch']}'s final accuracy, and speed-up over it")
+    print(format_table(
+        ["estimator", "b", "linear probe", "1-NN", "train wall s", "train CPU s", "s to LP target", "× (LP)",
+         "samples to LP target", "s to 1-NN target", "× (1-NN)"],
+        [[r["estimator"], r["batch"], f(r["linear_probe_acc"], ".4f"), f(r["knn1_acc"], ".4f"),
+          f(r["train_seconds"], ".0f"), f(r["train_cpu_seconds"], ".0f"), f(r.get(f"{c}_to_linear_probe_acc"), ".0f"),
+          f(r.get(f"speedup_{c}_to_linear_probe_acc_vs_ref"), ".2f"), f(r.get("samples_to_linear_probe_acc"), ".0f"),
+          f(r.get(f"{c}_to_knn1_acc"), ".0f"), f(r.get(f"speedup_{c}_to_knn1_acc_vs_ref"), ".2f")]
+         for r in summary["rows"]]))
+    print(f"wrote {out} and {png}")
     return 0
 
 

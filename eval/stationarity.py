@@ -1,224 +1,507 @@
 #!/usr/bin/env python
 """Convergence to a stationary point of the global contrastive loss (EMC² section 4.5, Fig. 7, appendix D).
 
-Protocol: the first ``--images`` Fashion-MNIST training images, each with ``--views`` augmentations computed once
-(so D_pos and D_neg are finite and L(θ) of eq. (1) and ‖∇L(θ)‖² are computable exactly), a small CNN without
-normalisation layers (train and eval modes coincide), SGD with batch b = 4 images (8 views), β = 5, lr 1e-3 and for
-EMC² R = 2b − 2, P = 3 (Table 3, "STL-10 subset" row).  Every estimator sees the same batches (same seed) and the
-same number of samples; the exact objective and squared gradient norm are evaluated on all views every
-``--eval-every`` epochs with :func:`dual_emc2.metrics.exact.exact_objective`.
+Protocol (paper: first 500 STL-10 images; here Fashion-MNIST, on disk everywhere): the first ``--images`` training
+images, each with ``--views`` augmentations drawn once with a fixed seed, so D_pos (the view pairs of an image) and
+D_neg(x) (every view of every other image) are finite and the exact L(θ) of eq. (1) and ‖∇L(θ)‖² are computable.
+The exact values come from :func:`dual_emc2.metrics.exact.exact_objective` (φ = ψ on all views, float64 loss,
+two-pass chunked backprop), evaluated every ``--eval-every`` epochs.  The network has no batch norm (a small CNN, or
+ResNet-18 with GroupNorm), so training and evaluation compute the same function.
 
-The negative cache, as in the paper, contrasts against un-augmented images: its cache holds view 0 of every image,
-so it optimises a slightly different objective and also uses b extra forwards per step.
+Every estimator gets the same initial network, the same batches in the same order (per seed) and the same number of
+SGD steps, so curves are compared at equal samples accessed.  Defaults follow Table 3's "STL-10 subset" row: SGD,
+b = 4 images (8 views, 2b − 2 = 6 in-batch negatives per anchor), β = 5, lr 1e-3, EMC² with R = 2b − 2 and P = 3,
+negative-cache refresh ρ = 0.1; weight decay is 0 here (with weight decay the iterates approach a stationary point
+of L + λ‖θ‖²/2, not of L).
 
-    python eval/stationarity.py                     # default size: minutes on a 2-core CPU
-    python eval/stationarity.py --smoke             # seconds (CI)
-    python eval/stationarity.py --epochs 200 --images 500 --seeds 0,1,2 --device cuda
+Estimators (``--estimators``), all through :func:`dual_emc2.objectives.build_objective`:
+  emc2             Algorithm 1 on the finite set: a chain per view (key = view), state = a view of another image,
+                   exact acceptance ratio for an out-of-batch state (``state_score=refresh``) and its re-encoding
+                   with grad when the chain still sits on it after burn-in (``out_of_batch=reencode``).
+  emc2_r1          the same with R = 1, P = 0: one M-H step per visit, whose proposal (a uniform in-batch
+                   candidate, hence a uniform draw from D_neg) is independent of the state, so the chain is exactly
+                   invariant for softmax(β s) over D_neg.  With R > 1 steps over the *same* batch it is not (the
+                   chain drifts into the batch; see RESULTS.md).
+  emc2_stale_drop  the trainer's default (stale stored score, out-of-batch state dropped): no extra forwards.
+  simclr           InfoNCE over the in-batch candidates.
+  sogclr           SogCLR, γ = 0.9.
+  negative_cache   Lindgren et al.: cache of ψ over the negatives, refresh ρ, Gumbel-max draw, re-encode with grad.
+                   As in the paper it contrasts against one image per negative: its cache holds view 0 of every
+                   image (the estimator keys candidates by image and excludes only the anchor's own image).
+  hcl              hard-negative loss (Robinson et al.), not in Fig. 7.
+
+    python eval/stationarity.py                 # default: 3 seeds, minutes on a 2-core CPU
+    python eval/stationarity.py --smoke         # seconds (CI)
+    python eval/stationarity.py --device cuda --arch resnet18 --epochs 400 --eval-every 20   # paper scale
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import (default_out, describe_machine, format_table, geomean, machine_info, pyplot, resolve_device,
+                     save_figure, write_json)
+from dual_emc2.data.augment import simclr_transform
+from dual_emc2.data.image_sets import build_image_dataset, dataset_stats
+from dual_emc2.metrics.exact import exact_objective
+from dual_emc2.objectives import build_objective
+from dual_emc2.objectives.base import ContrastiveBatch
+from dual_emc2.towers.heads import build_image_encoder
 
-from dual_emc2.data.augment import simclr_transform  # noqa: E402
-from dual_emc2.data.image_sets import build_image_dataset, dataset_stats  # noqa: E402
-from dual_emc2.metrics.exact import exact_objective  # noqa: E402
-from dual_emc2.objectives import build_objective  # noqa: E402
-from dual_emc2.objectives.base import ContrastiveBatch  # noqa: E402
-
-ESTIMATORS = ("emc2", "emc2_stale_drop", "infonce", "sogclr", "negative_cache")
+DEFAULT_ESTIMATORS = ("emc2", "simclr", "sogclr", "negative_cache")
+ALL_ESTIMATORS = ("emc2", "emc2_r1", "emc2_stale_drop", "simclr", "sogclr", "negative_cache", "hcl")
+BASELINES = ("simclr", "sogclr", "negative_cache")
 
 
-def variants(burn_in: int, dim: int) -> dict[str, tuple[str, dict]]:
-    """label -> (registry name, options).  In this finite setting a chain state is one fixed view, so EMC² can use
-    the exact acceptance ratio (``refresh``) and re-encode a state it still sits on (``reencode``): the chain of
-    Algorithm 1 restricted to the batch plus its state.  ``emc2_stale_drop`` is the cheap variant (no extra
-    forwards)."""
+@dataclass(frozen=True)
+class Estimator:
+    """How one curve's estimator is built: registry name, options, and whether candidates are keyed by view (the
+    finite D_neg of eq. 1) or by image (negative cache: view 0 of each image)."""
+
+    registry: str
+    options: dict[str, Any]
+    by_view: bool = True
+
+
+def estimator_specs(batch: int, views: int, burn_in: int, dim: int, cache_refresh: float) -> dict[str, Estimator]:
+    """The estimators of this protocol, keyed by curve label (see the module docstring)."""
+    r = (batch - 1) * views  # in-batch negatives per anchor: the views of the other b − 1 images
+    exact = {"state_score": "refresh", "out_of_batch": "reencode"}
     return {
-        "emc2": ("emc2", {"burn_in": burn_in, "state_score": "refresh", "out_of_batch": "reencode"}),
-        "emc2_stale_drop": ("emc2", {"burn_in": burn_in, "state_score": "stale", "out_of_batch": "drop"}),
-        "infonce": ("infonce", {}),
-        "sogclr": ("sogclr", {"gamma": 0.9}),
-        "negative_cache": ("negative_cache", {"dim": dim, "refresh": 0.1}),
+        "emc2": Estimator("emc2", {"steps": r, "burn_in": burn_in, **exact}),
+        "emc2_r1": Estimator("emc2", {"steps": 1, "burn_in": 0, **exact}),
+        "emc2_stale_drop": Estimator("emc2", {"steps": r, "burn_in": burn_in, "state_score": "stale",
+                                              "out_of_batch": "drop"}),
+        "simclr": Estimator("infonce", {}),
+        "sogclr": Estimator("sogclr", {"gamma": 0.9}),
+        "negative_cache": Estimator("negative_cache", {"dim": dim, "refresh": cache_refresh}, by_view=False),
+        "hcl": Estimator("hcl", {}),
     }
 
 
 class SmallCNN(nn.Module):
-    """Conv(1→32, s2) → Conv(32→64, s2) → Conv(64→64, s2) → mean-pool → Linear(64→d), L2-normalised; no norm layers."""
+    """Conv(1→32, /2)–ReLU–Conv(32→64, /2)–ReLU–Conv(64→64, /2)–ReLU–mean-pool–Linear(64→d), L2-normalised output.
+    No normalisation layers: train and eval modes compute the same function."""
 
-    def __init__(self, dim: int = 32) -> None:
+    def __init__(self, dim: int = 32, width: int = 32) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, dim))
+            nn.Conv2d(1, width, 3, 2, 1), nn.ReLU(), nn.Conv2d(width, 2 * width, 3, 2, 1), nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(2 * width, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(self.net(x), dim=1)
 
 
+def build_model(arch: str, dim: int) -> nn.Module:
+    """``cnn`` (:class:`SmallCNN`) or a torchvision ResNet with GroupNorm, CIFAR stem, 1 input channel and a projector
+    without batch norm (``resnet18``, ``resnet50``)."""
+    if arch == "cnn":
+        return SmallCNN(dim)
+    return build_image_encoder(arch, True, 512, dim, in_channels=1, batch_norm=False, norm="group")
+
+
 def fixed_views(n_images: int, n_views: int, seed: int) -> Tensor:
-    """[n_images, n_views, 1, 28, 28]: ``n_views`` SimCLR augmentations of each image, drawn once."""
+    """[n_images, n_views, 1, 28, 28]: ``n_views`` augmentations of each of the first ``n_images`` Fashion-MNIST
+    training images, drawn once from ``seed`` (the view distribution of configs/fmnist_unimodal.yaml)."""
     base = build_image_dataset("fashion_mnist", "train")
+    if not 0 < n_images <= len(base):
+        raise ValueError(f"--images must be in [1, {len(base)}], got {n_images}")
     mean, std = dataset_stats("fashion_mnist")
-    tf = simclr_transform(28, mean, std, crop_scale=(0.3, 1.0), grayscale_p=0.0, blur=False, grey_input=True)
-    g = torch.random.fork_rng(devices=[])
-    with g:
+    tf = simclr_transform(28, mean, std, crop_scale=(0.2, 1.0), jitter_strength=0.5, grayscale_p=0.0, blur=False,
+                          grey_input=True)
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         views = torch.stack([torch.stack([tf(base[i][0]) for _ in range(n_views)]) for i in range(n_images)])
-    return views[:, :, :1]  # grey images: one channel
+    return views[:, :, :1].contiguous()  # grey images: the three channels are equal
 
 
-def run_one(name: str, views: Tensor, *, seed: int, epochs: int, batch: int, beta: float, lr: float, burn_in: int,
-            dim: int, eval_every: int, device: str) -> dict:
+def view_pairs(n: int, V: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Image id of every view (image-major rows) and the row of its positive (view v → view (v + 1) mod V)."""
+    rows = torch.arange(n * V, device=device)
+    view = rows % V
+    return rows // V, rows - view + (view + 1) % V
+
+
+def run_one(label: str, spec: Estimator, views: Tensor, args: argparse.Namespace, seed: int,
+            device: torch.device) -> dict[str, Any]:
+    """Train one estimator from the seed's initial network; return its curve of exact (L, ‖∇L‖²)."""
     n, V = views.shape[:2]
+    b = args.batch
     torch.manual_seed(seed)
-    model = SmallCNN(dim).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    flat = views.flatten(0, 1).to(device)  # image-major: view v of image k at row k*V + v
-    ids_all = torch.arange(n, device=device).repeat_interleave(V)
-    pos_all = torch.arange(n * V, device=device)
-    pos_all = pos_all - pos_all % V + (pos_all % V + 1) % V
-    registry_name, opts = variants(burn_in, dim)[name]
-    # ids: for the negative cache (which contrasts against un-augmented images) a sample is an image and its cache
-    # entry is view 0; for the others a sample is a view, and the other views of the same image are masked out of
-    # the negatives (the positive stays a positive)
-    by_view = registry_name != "negative_cache"
-    objective = build_objective(registry_name, num_keys=n * V, num_candidates=n * V if by_view else n,
-                                options=opts, defaults={"seed": seed}).to(device)
+    model = build_model(args.arch, args.dim).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    steps_per_epoch = n // b
+    total = steps_per_epoch * args.epochs
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if args.lr_schedule == "cosine"
+             else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+    flat = views.flatten(0, 1).to(device)  # [n·V, 1, 28, 28], view v of image k at row k·V + v
+    image_of, positive_of = view_pairs(n, V, device)
+    objective = build_objective(spec.registry, num_keys=n * V, num_candidates=n * V if spec.by_view else n,
+                                options=spec.options, defaults={"seed": seed}).to(device)
+    objective.check_batch_shape((b - 1) * V)
+    forwards = [0]  # views encoded, including the estimator's extra encodes
 
     def encode_candidates(ids: Tensor) -> Tensor:
-        return model(flat[ids]) if by_view else model(views[ids.cpu(), 0].to(device))
+        ids = ids.to(device)
+        forwards[0] += ids.numel()
+        return model(flat[ids] if spec.by_view else flat[ids * V])  # by image: view 0 of each image
 
-    curve = []
+    curve: list[dict[str, float]] = []
+    train_s = 0.0
 
     def evaluate(epoch: int) -> None:
-        loss, sq = exact_objective(model, None, flat, None, pos_all, ids_all, ids_all, beta, model.parameters(),
-                                   chunk=500)
+        model.eval()
+        loss, sq = exact_objective(model, None, flat, None, positive_of, image_of, image_of, args.beta,
+                                   model.parameters(), chunk=args.eval_chunk)
         opt.zero_grad(set_to_none=True)
-        curve.append({"epoch": epoch, "samples": epoch * n, "loss": loss, "grad_norm_sq": sq})
+        model.train()
+        curve.append({"epoch": epoch, "samples": epoch * steps_per_epoch * b, "forwards": forwards[0],
+                      "train_seconds": train_s, "loss": loss, "grad_norm_sq": sq})
 
     evaluate(0)
-    gen = torch.Generator().manual_seed(seed)
-    t0 = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(n, generator=gen)
-        for lo in range(0, n - batch + 1, batch):
-            img = order[lo:lo + batch].to(device)
-            rows = (img[:, None] * V + torch.arange(V, device=device)[None, :]).flatten()
+    order_gen = torch.Generator().manual_seed(seed)
+    local = torch.arange(b * V, device=device)
+    view = local % V
+    for epoch in range(1, args.epochs + 1):
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=order_gen).to(device)
+        for step in range(steps_per_epoch):
+            img = order[step * b:(step + 1) * b]
+            rows = (img[:, None] * V + torch.arange(V, device=device)).flatten()
             z = model(flat[rows])
-            image = img.repeat_interleave(V)
-            view = torch.arange(rows.numel(), device=device) % V
-            cols = torch.arange(rows.numel(), device=device)
-            ids = rows if by_view else image
-            same_image = image[:, None] == image[None, :]
-            b = ContrastiveBatch(z, z, cols - view + (view + 1) % V, ids, ids, anchor_keys=rows,
-                                 encode_candidates=encode_candidates,
-                                 extra_negative_mask=~same_image if by_view else None)
-            out = objective(b, beta)
+            forwards[0] += rows.numel()
+            image = image_of[rows]
+            ids = rows if spec.by_view else image
+            batch = ContrastiveBatch(
+                anchors=z, candidates=z, positive=local - view + (view + 1) % V, anchor_ids=ids, candidate_ids=ids,
+                anchor_keys=rows, encode_candidates=encode_candidates,
+                # by view, the other views of the anchor's image are neither positives nor negatives
+                extra_negative_mask=(image[:, None] != image[None, :]) if spec.by_view else None)
+            out = objective(batch, args.beta)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
-        if epoch % eval_every == 0 or epoch == epochs:
+            sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_s += time.perf_counter() - t0
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
             evaluate(epoch)
-    return {"curve": curve, "train_seconds": time.perf_counter() - t0}
+    return {"curve": curve, "model": model}
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
+def gradient_bias(model: nn.Module, views: Tensor, specs: dict[str, Estimator], labels: list[str],
+                  args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, float]]:
+    """Mean-field bias of each estimator at one fixed θ: how far its expected stochastic gradient is from ∇L(θ).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    With the features F = φ(all views; θ) frozen, each estimator starts from a fresh state, runs a burn-in of
+    ``--bias-burn-in-epochs`` epochs (a chain moves only when its anchor is in the batch, so it needs many epochs to
+    forget its start), then ``--bias-iters`` steps on random batches whose gradients with respect to F are averaged
+    over two halves, A and B.  With g = ∇_F L(θ) of eq. (1) and J = ∂F/∂θ, the relative bias is
+    sqrt(Jᵀ(Ā − g)·Jᵀ(B̄ − g)) / ‖Jᵀg‖ (parameter space; ``relative_bias_features`` is the same without J): the
+    cross-product of two independent halves removes the Monte-Carlo noise in expectation, so an unbiased estimator
+    reads ≈ 0 (the signed square may come out slightly negative).  An estimator whose mean field is ∇L heads for a
+    stationary point of L; a biased one settles where its own mean field vanishes, at ‖∇L‖ ≈ its bias there.
+    """
+    from dual_emc2.metrics.exact import global_contrastive_loss
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, runs in result["curves"].items():
-        ep = np.array([p["epoch"] for p in runs[0]])
+    n, V = views.shape[:2]
+    b = args.batch
+    model.eval()
+    flat = views.flatten(0, 1).to(device)
+    with torch.no_grad():
+        feats = torch.cat([model(x) for x in flat.split(args.eval_chunk)]).float()
+    image_of, positive_of = view_pairs(n, V, device)
+    f64 = feats.double().requires_grad_(True)
+    (g,) = torch.autograd.grad(global_contrastive_loss(f64, f64, positive_of, image_of, image_of, args.beta), [f64])
+    local = torch.arange(b * V, device=device)
+    view = local % V
+    out = {}
+    for label in labels:
+        spec = specs[label]
+        objective = build_objective(spec.registry, num_keys=n * V, num_candidates=n * V if spec.by_view else n,
+                                    options=spec.options, defaults={"seed": 0}).to(device)
+        objective.check_batch_shape((b - 1) * V)
+        leaf = feats.clone().requires_grad_(True)
+
+        def encode(ids: Tensor) -> Tensor:
+            ids = ids.to(device)
+            return leaf[ids] if spec.by_view else leaf[ids * V]
+
+        gen = torch.Generator().manual_seed(0)
+        order, pos = torch.randperm(n, generator=gen), 0
+        burn = max(args.bias_iters // 5, args.bias_burn_in_epochs * (n // b))
+        halves = [torch.zeros_like(feats, dtype=torch.float64) for _ in range(2)]
+        for it in range(burn + args.bias_iters):
+            if pos + b > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            img = order[pos:pos + b].to(device)
+            pos += b
+            rows = (img[:, None] * V + torch.arange(V, device=device)).flatten()
+            image = image_of[rows]
+            ids = rows if spec.by_view else image
+            batch = ContrastiveBatch(
+                anchors=leaf[rows], candidates=leaf[rows], positive=local - view + (view + 1) % V, anchor_ids=ids,
+                candidate_ids=ids, anchor_keys=rows, encode_candidates=encode,
+                extra_negative_mask=(image[:, None] != image[None, :]) if spec.by_view else None)
+            (grad,) = torch.autograd.grad(objective(batch, args.beta).loss, [leaf])
+            if it >= burn:
+                halves[(it - burn) * 2 // args.bias_iters] += grad.double()
+        a, c = (h / (args.bias_iters // 2) for h in halves)
+        bias_sq = float(((a - g) * (c - g)).sum())
+        mean = (a + c) / 2
+        # the same in parameter space: Jᵀ(Ā − g)·Jᵀ(B̄ − g) with J = ∂F/∂θ, by two chunked backward passes
+        pa, pc, pg = (pullback(model, flat, d, args.eval_chunk) for d in (a - g, c - g, g))
+        bias_sq_theta = float(sum((x * y).sum() for x, y in zip(pa, pc)))
+        norm_sq_theta = float(sum(x.square().sum() for x in pg))
+        out[label] = {"relative_bias": math.sqrt(max(bias_sq_theta, 0.0) / norm_sq_theta),
+                      "relative_bias_sq_signed": bias_sq_theta / norm_sq_theta,
+                      "bias_sq": bias_sq_theta,
+                      "relative_bias_features": math.sqrt(max(bias_sq, 0.0)) / float(g.norm()),
+                      "cosine_features": float(F.cosine_similarity(mean.flatten(), g.flatten(), dim=0))}
+    return out
+
+
+def chain_target_check(settings: list[tuple[int, int]], *, images: int, views: int, batch: int, beta: float,
+                       spread: float = 0.3, iters: int = 300, reps: int = 2000, seed: int = 0) -> list[dict[str, float]]:
+    """Does EMC²'s chain sample softmax(β s) over D_neg when its R steps per visit all propose from one mini-batch?
+
+    One anchor with fixed scores s over the (images − 1)·views negatives (image scores ~ N(0, ``spread``), views
+    jittered around them), ``reps`` independent copies of its chain.  Each iteration draws for every copy a batch of
+    b − 1 other images (their views are the in-batch candidates), runs :func:`dual_emc2.sampling.mh_visit_counts`
+    (R steps, burn-in P, exact score of the stored state, as ``state_score=refresh``) and counts the post-burn-in
+    visits, the steps spent on the out-of-batch state included (as ``out_of_batch=reencode``).  Returns, per (R, P),
+    the total variation between the counted samples (after the first third of the iterations) and softmax(β s),
+    beside the TV of as many exact draws (the Monte-Carlo floor), and the mass on the hardest 1 % of negatives.
+    """
+    from dual_emc2.sampling import mh_visit_counts
+
+    g = torch.Generator().manual_seed(seed)
+    n_img = images - 1
+    s = ((torch.randn(n_img, 1, generator=g) + 0.1 * torch.randn(n_img, views, generator=g)) * spread).clamp(-1, 1)
+    s = s.flatten()
+    target = torch.softmax(beta * s.double(), 0)
+    hard = torch.argsort(s, descending=True)[:max(1, s.numel() // 100)]
+    out = []
+    for steps, burn_in in settings:
+        state = torch.full((reps,), -1, dtype=torch.int64)
+        visits = torch.zeros(s.numel(), dtype=torch.float64)
+        for t in range(iters):
+            imgs = torch.rand(reps, n_img, generator=g).argsort(dim=1)[:, :batch - 1]
+            cand = (imgs[:, :, None] * views + torch.arange(views)).flatten(1)  # [reps, C] candidate ids
+            hit = cand == state[:, None]
+            init_index = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(state, -1))
+            init_score = torch.where(state >= 0, s[state.clamp(min=0)], torch.full((reps,), float("-inf")))
+            res = mh_visit_counts(s[cand], beta=beta, steps=steps, burn_in=burn_in, init_index=init_index,
+                                  init_score=init_score, generator=g, backend="torch")
+            if t >= iters // 3:
+                visits.index_add_(0, cand.flatten(), res.counts.flatten().double())
+                visits.index_add_(0, state.clamp(min=0), (res.stay * (state >= 0)).double())
+            state = torch.where(res.index >= 0, cand.gather(1, res.index.clamp(min=0)[:, None])[:, 0], state)
+        n = int(visits.sum())
+        emp = visits / visits.sum()
+        exact = torch.bincount(torch.multinomial(target.float(), n, replacement=True, generator=g),
+                               minlength=s.numel()).double() / n
+        out.append({"steps": steps, "burn_in": burn_in, "samples": n,
+                    "tv": float(0.5 * (emp - target).abs().sum()),
+                    "tv_exact_draws": float(0.5 * (exact - target).abs().sum()),
+                    "hardest_1pct_mass": float(emp[hard].sum()), "hardest_1pct_mass_target": float(target[hard].sum())})
+    return out
+
+
+def pullback(model: nn.Module, inputs: Tensor, d: Tensor, chunk: int) -> list[Tensor]:
+    """Jᵀd: the parameter gradient of ⟨model(inputs), d⟩, in float64, by chunks (vector–Jacobian product)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for x, dx in zip(inputs.split(chunk), d.split(chunk)):
+        out = model(x)
+        for t, gp in zip(total, torch.autograd.grad(out, params, dx.to(out.dtype), allow_unused=True)):
+            if gp is not None:
+                t += gp.double()
+    return total
+
+
+def summarise(values: list[float]) -> dict[str, Any]:
+    return {"per_seed": values, "mean": float(np.mean(values)), "geomean": geomean(values),
+            "min": float(np.min(values)), "max": float(np.max(values))}
+
+
+def plot(result: dict[str, Any], path: Path) -> Path:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
+    for label, runs in result["curves"].items():
+        x = np.array([p["samples"] for p in runs[0]])
         for ax, key in zip(axes, ("loss", "grad_norm_sq")):
             vals = np.array([[p[key] for p in r] for r in runs])
-            line, = ax.plot(ep, np.median(vals, 0), label=name)
-            ax.fill_between(ep, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
+            line, = ax.plot(x, np.median(vals, 0), label=label, lw=1.6)
+            if len(runs) > 1:
+                ax.fill_between(x, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.15)
     axes[0].set_title("exact L(θ), eq. (1)")
     axes[1].set_title("exact ‖∇L(θ)‖²")
-    axes[1].set_yscale("log")
     for ax in axes:
-        ax.set_xlabel("epochs (samples accessed / images)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{result['images']} images × {result['views']} fixed views, b = {result['batch']}, "
-                 f"β = {result['beta']}, SGD lr {result['lr']} (median and range over {len(result['seeds'])} seeds)")
+        ax.set_yscale("log")
+        ax.set_xlabel("samples accessed (images)")
+        ax.grid(alpha=0.3, which="both")
+    axes[1].legend(fontsize=8)
+    c = result["config"]
+    fig.suptitle(f"Fashion-MNIST, first {c['images']} images × {c['views']} fixed views, {c['arch']}, SGD lr "
+                 f"{c['lr']} ({c['lr_schedule']}), b = {c['batch']}, β = {c['beta']}, P = {c['burn_in']}; median and "
+                 f"range over {len(c['seeds'])} seed(s)", fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return save_figure(fig, path)
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=500)
-    ap.add_argument("--views", type=int, default=2)
+    ap.add_argument("--images", type=int, default=500, help="first N Fashion-MNIST training images")
+    ap.add_argument("--views", type=int, default=2, help="pre-computed augmentations per image")
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4, help="b images per step (2b views)")
     ap.add_argument("--beta", type=float, default=5.0)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--burn-in", type=int, default=3)
-    ap.add_argument("--dim", type=int, default=32)
-    ap.add_argument("--eval-every", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-2,
+                    help="SGD step size (paper: 1e-3 for its ResNet-18 with batch norm; see RESULTS.md for 1e-3 here)")
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
+    ap.add_argument("--momentum", type=float, default=0.0)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--burn-in", type=int, default=3, help="EMC² P (R = (b − 1) · views)")
+    ap.add_argument("--cache-refresh", type=float, default=0.1, help="negative cache ρ")
+    ap.add_argument("--arch", choices=("cnn", "resnet18", "resnet50"), default="cnn")
+    ap.add_argument("--dim", type=int, default=32, help="feature dimension d")
+    ap.add_argument("--eval-every", type=int, default=5, help="epochs between exact evaluations")
+    ap.add_argument("--eval-chunk", type=int, default=500, help="views per forward in the exact evaluation")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--estimators", default=",".join(ESTIMATORS))
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bias-iters", type=int, default=0,
+                    help="steps of the mean-field bias check at the final EMC² network (0: skip)")
+    ap.add_argument("--bias-estimators", default=None, help="estimators of the bias check (default: --estimators)")
+    ap.add_argument("--bias-burn-in-epochs", type=int, default=20,
+                    help="epochs of estimator-state burn-in at fixed θ before the bias check averages")
+    ap.add_argument("--chain-check-iters", type=int, default=300,
+                    help="iterations of the fixed-score chain check (0: skip)")
+    ap.add_argument("--chain-check-reps", type=int, default=2000, help="chain copies in the chain check")
+    ap.add_argument("--view-seed", type=int, default=1234, help="seed of the pre-computed augmentations")
+    ap.add_argument("--estimators", default=",".join(DEFAULT_ESTIMATORS),
+                    help=f"comma-separated, from {','.join(ALL_ESTIMATORS)}")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None, help="JSON path (default eval/results/stationarity[_smoke].json)")
+    args = ap.parse_args(argv)
     if args.smoke:
-        args.images, args.epochs, args.eval_every, args.seeds = 24, 2, 1, "0"
-    out = Path(args.out or f"eval/results/stationarity{'_smoke' if args.smoke else ''}.json")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    seeds = [int(s) for s in args.seeds.split(",")]
+        args.images, args.epochs, args.eval_every, args.seeds = 16, 2, 1, "0"
+        args.bias_iters, args.bias_burn_in_epochs = 40, 2
+        args.chain_check_iters, args.chain_check_reps = 30, 200
+        args.estimators = ",".join(e for e in ALL_ESTIMATORS if e != "emc2_stale_drop")
     names = [s for s in args.estimators.split(",") if s]
-    views = fixed_views(args.images, args.views, seed=1234)
-    result = {"images": args.images, "views": args.views, "batch": args.batch, "beta": args.beta, "lr": args.lr,
-              "burn_in": args.burn_in, "epochs": args.epochs, "dim": args.dim, "seeds": seeds,
-              "machine": {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                          "device": args.device, "threads": torch.get_num_threads()},
-              "curves": {}, "final_grad_norm_sq": {}, "final_loss": {}, "train_seconds": {}}
-    for name in names:
-        runs = [run_one(name, views, seed=s, epochs=args.epochs, batch=args.batch, beta=args.beta, lr=args.lr,
-                        burn_in=args.burn_in, dim=args.dim, eval_every=args.eval_every, device=args.device)
-                for s in seeds]
-        result["curves"][name] = [r["curve"] for r in runs]
-        finals = [r["curve"][-1]["grad_norm_sq"] for r in runs]
-        result["final_grad_norm_sq"][name] = {"per_seed": finals, "mean": float(np.mean(finals)),
-                                              "median": float(np.median(finals))}
-        result["final_loss"][name] = float(np.mean([r["curve"][-1]["loss"] for r in runs]))
-        result["train_seconds"][name] = float(np.mean([r["train_seconds"] for r in runs]))
-        print(f"{name:<16} final L = {result['final_loss'][name]:.4f}   final ‖∇L‖² = "
-              f"{result['final_grad_norm_sq'][name]['mean']:.3e}   ({result['train_seconds'][name]:.1f} s/run)",
-              flush=True)
+    unknown = [s for s in names if s not in ALL_ESTIMATORS]
+    if unknown or not names:
+        ap.error(f"--estimators: unknown {unknown}; choose from {', '.join(ALL_ESTIMATORS)}")
+    args.estimator_list = names
+    args.bias_list = [s for s in (args.bias_estimators or args.estimators).split(",") if s]
+    if any(s not in ALL_ESTIMATORS for s in args.bias_list):
+        ap.error(f"--bias-estimators: choose from {', '.join(ALL_ESTIMATORS)}")
+    args.seed_list = [int(s) for s in args.seeds.split(",") if s]
+    if args.batch < 2 or args.views < 2:
+        ap.error("--batch and --views must be >= 2 (every anchor needs a positive and a negative image)")
+    if args.burn_in >= (args.batch - 1) * args.views:
+        ap.error(f"--burn-in {args.burn_in} must be smaller than R = (b − 1)·views = {(args.batch - 1) * args.views}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    out = Path(args.out) if args.out else default_out("stationarity", args.smoke)
+    specs = estimator_specs(args.batch, args.views, args.burn_in, args.dim, args.cache_refresh)
+    views = fixed_views(args.images, args.views, args.view_seed)
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("estimator_list", "seed_list", "bias_list", "out", "seeds")}
+    config.update(seeds=args.seed_list, estimators=args.estimator_list, R=(args.batch - 1) * args.views)
+    result: dict[str, Any] = {
+        "protocol": "stationarity (EMC² Fig. 7): exact L(θ) and ‖∇L(θ)‖² at equal samples accessed",
+        "command": " ".join(["python", "eval/stationarity.py", *(sys.argv[1:] if argv is None else argv)]),
+        "config": config, "machine": machine_info(device),
+        "estimators": {k: {"registry": specs[k].registry, "options": specs[k].options,
+                           "negatives": "views of other images" if specs[k].by_view else "view 0 of other images"}
+                       for k in args.estimator_list},
+        "curves": {}, "final_grad_norm_sq": {}, "tail_grad_norm_sq": {}, "final_loss": {}, "train_seconds": {},
+        "forwards_per_step": {},
+    }
+    print(f"machine: {describe_machine(result['machine'])}", flush=True)
+    bias_model = None
+    for label in args.estimator_list:
+        t0 = time.perf_counter()
+        outs = [run_one(label, specs[label], views, args, s, device) for s in args.seed_list]
+        runs = [o["curve"] for o in outs]
+        if bias_model is None or label == "emc2":
+            bias_model, bias_at = outs[0]["model"], label
+        tail = max(1, len(runs[0]) // 5)  # last fifth of the evaluations: less sensitive to the last step's noise
+        result["curves"][label] = runs
+        result["final_grad_norm_sq"][label] = summarise([r[-1]["grad_norm_sq"] for r in runs])
+        result["tail_grad_norm_sq"][label] = summarise([float(np.mean([p["grad_norm_sq"] for p in r[-tail:]]))
+                                                        for r in runs])
+        result["final_loss"][label] = summarise([r[-1]["loss"] for r in runs])
+        result["train_seconds"][label] = float(np.mean([r[-1]["train_seconds"] for r in runs]))
+        steps = max(1, runs[0][-1]["samples"] // args.batch)
+        result["forwards_per_step"][label] = runs[0][-1]["forwards"] / steps
+        print(f"{label:<16} L = {result['final_loss'][label]['mean']:.4f}  ‖∇L‖² = "
+              f"{result['final_grad_norm_sq'][label]['mean']:.3e}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     g = result["final_grad_norm_sq"]
     if "emc2" in g:
-        for other in ("infonce", "sogclr", "negative_cache", "emc2_stale_drop"):
+        for other in BASELINES + ("emc2_r1", "emc2_stale_drop", "hcl"):
             if other in g:
-                key = "simclr" if other == "infonce" else other
-                result[f"grad_norm_ratio_{key}_over_emc2"] = g[other]["mean"] / g["emc2"]["mean"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    plot(result, out.with_suffix(".png"))
-    print(f"\n{'estimator':<16}{'final L':>10}{'final ‖∇L‖²':>14}{'× EMC²':>10}")
-    for name in names:
-        ratio = g[name]["mean"] / g["emc2"]["mean"] if "emc2" in g else float("nan")
-        print(f"{name:<16}{result['final_loss'][name]:>10.4f}{g[name]['mean']:>14.3e}{ratio:>10.2f}")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+                result[f"grad_norm_ratio_{other}_over_emc2"] = g[other]["mean"] / g["emc2"]["mean"]
+                result[f"grad_norm_ratio_{other}_over_emc2_per_seed"] = [
+                    a / e for a, e in zip(g[other]["per_seed"], g["emc2"]["per_seed"])]
+    result["lowest_final_grad_norm_sq"] = min(g, key=lambda k: g[k]["mean"])
+    if args.chain_check_iters > 0:
+        r = (args.batch - 1) * args.views
+        settings = sorted({(1, 0), (2, 1), (r, args.burn_in), (r, r - 1)})
+        result["chain_check"] = chain_target_check(settings, images=args.images, views=args.views, batch=args.batch,
+                                                   beta=args.beta, iters=args.chain_check_iters,
+                                                   reps=args.chain_check_reps)
+    if args.bias_iters > 0:
+        t0 = time.perf_counter()
+        bias = gradient_bias(bias_model, views, specs, args.bias_list, args, device)
+        result["gradient_bias"] = {"at": f"final network of {bias_at}, seed {args.seed_list[0]}",
+                                   "iterations": args.bias_iters, **bias}
+        print(f"gradient bias at the final {bias_at} network: {time.perf_counter() - t0:.0f} s", flush=True)
+    write_json(out, result)
+    png = plot(result, out.with_suffix(".png"))
+    e = g.get("emc2", {}).get("mean", float("nan"))
+    rows = [[k, result["final_loss"][k]["mean"], g[k]["mean"], g[k]["min"], g[k]["max"],
+             result["tail_grad_norm_sq"][k]["mean"], g[k]["mean"] / e, result["forwards_per_step"][k],
+             result["train_seconds"][k]] for k in args.estimator_list]
+    print(f"\n{len(args.seed_list)} seed(s), {args.epochs} epochs, {describe_machine(result['machine'])}")
+    print(format_table(["estimator", "final L", "final ‖∇L‖² (mean)", "min", "max", "tail mean", "÷ EMC²",
+                        "forwards/step", "train s"], rows))
+    if "chain_check" in result:
+        print("\nEMC² chain at fixed scores, R steps per visit proposing from one batch: distance of its counted samples "
+              "from softmax(β s) over D_neg")
+        print(format_table(["R", "P", "TV", "TV of exact draws", "mass on hardest 1 %", "target mass"],
+                           [[c["steps"], c["burn_in"], c["tv"], c["tv_exact_draws"], c["hardest_1pct_mass"],
+                             c["hardest_1pct_mass_target"]] for c in result["chain_check"]]))
+    if "gradient_bias" in result:
+        gb = result["gradient_bias"]
+        print(f"\nMean-field bias at the {gb['at']} ({gb['iterations']} steps at fixed θ): ‖E ĝ − ∇L‖ relative to "
+              "‖∇L‖, in parameters and in features")
+        print(format_table(["estimator", "‖bias‖/‖∇L‖ (θ)", "‖bias‖²", "‖bias‖/‖∇L‖ (features)", "cos (features)"],
+                           [[k, gb[k]["relative_bias"], gb[k]["bias_sq"], gb[k]["relative_bias_features"],
+                             gb[k]["cosine_features"]] for k in args.bias_list]))
+    print(f"wrote {out} and {png}")
     return 0
 
 

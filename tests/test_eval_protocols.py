@@ -1,52 +1,166 @@
-"""Every eval protocol runs at its smoke size (so the scripts cannot rot) and writes well-formed JSON and plots."""
+"""The eval protocols (eval/stationarity.py, eval/small_batch.py, eval/bench_step.py) run end to end at their smoke
+size, so they cannot rot, and what they report is checked against independent computations: the exact objective of
+the stationarity protocol against a brute-force eq. (1) with autograd, the time-to-accuracy interpolation against
+hand-computed values, the state sizes against the buffer layout (EMC² int32 id + float32 score per anchor key,
+negative cache m_neg × d floats)."""
+from __future__ import annotations
+
 import json
+import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+EVAL = ROOT / "eval"
+if str(EVAL) not in sys.path:
+    sys.path.insert(0, str(EVAL))
+
+import bench_step  # noqa: E402
+import small_batch  # noqa: E402
+import stationarity  # noqa: E402
 
 
-def _run(script, *args, timeout=300):
-    r = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, timeout=timeout,
-                       cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
+def _run(script: str, *args: str, timeout: int = 240) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    r = subprocess.run([sys.executable, str(EVAL / script), *args], capture_output=True, text=True, timeout=timeout,
+                       cwd=ROOT, env=env)
+    assert r.returncode == 0, f"{script} failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     return r.stdout
 
 
-def test_stationarity_smoke(tmp_path):
+# ------------------------------------------------------------------------------------------------ stationarity
+def brute_force_objective(model: torch.nn.Module, views: torch.Tensor, beta: float) -> tuple[float, float]:
+    """Eq. (1) written out view by view (positive: the other view; negatives: every view of every other image) and
+    ‖∇L‖² by plain autograd over all parameters."""
+    n, V = views.shape[:2]
+    z = model(views.flatten(0, 1))
+    image = torch.arange(n).repeat_interleave(V)
+    terms = []
+    for k in range(n * V):
+        pos = k - k % V + (k % V + 1) % V
+        s = (z[k] @ z.t()).double()
+        neg = s[image != image[k]]
+        terms.append(-beta * s[pos] + torch.logsumexp(beta * neg, dim=0))
+    loss = torch.stack(terms).mean()
+    grads = torch.autograd.grad(loss, [p for p in model.parameters()])
+    return float(loss), float(sum(g.double().square().sum() for g in grads))
+
+
+def test_stationarity_smoke_matches_brute_force(tmp_path: Path) -> None:
     out = tmp_path / "st.json"
-    _run("eval/stationarity.py", "--smoke", "--out", str(out))
+    stdout = _run("stationarity.py", "--smoke", "--out", str(out))
     res = json.loads(out.read_text())
-    assert set(res["curves"]) == {"emc2", "emc2_stale_drop", "infonce", "sogclr", "negative_cache"}
-    for name, runs in res["curves"].items():
+    cfg = res["config"]
+    assert set(res["curves"]) == set(cfg["estimators"]) >= {"emc2", "simclr", "sogclr", "negative_cache"}
+    # the epoch-0 point is the exact objective of the seed's initial network, the same for every estimator, and it
+    # equals a brute-force eq. (1) on the same pre-computed views
+    torch.manual_seed(cfg["seeds"][0])
+    model = stationarity.build_model(cfg["arch"], cfg["dim"])
+    views = stationarity.fixed_views(cfg["images"], cfg["views"], cfg["view_seed"])
+    loss0, sq0 = brute_force_objective(model, views, cfg["beta"])
+    for label, runs in res["curves"].items():
         first, last = runs[0][0], runs[0][-1]
-        assert first["epoch"] == 0 and last["epoch"] == res["epochs"]
-        assert last["grad_norm_sq"] > 0 and last["loss"] < first["loss"] + 1.0
-    # every estimator starts from the same initial model: identical exact objective at epoch 0
-    starts = {runs[0][0]["loss"] for runs in res["curves"].values()}
-    assert len(starts) == 1
-    assert res["grad_norm_ratio_simclr_over_emc2"] > 0 and res["grad_norm_ratio_sogclr_over_emc2"] > 0
-    assert out.with_suffix(".png").stat().st_size > 1000
+        assert first["loss"] == pytest.approx(loss0, rel=1e-6), label
+        assert first["grad_norm_sq"] == pytest.approx(sq0, rel=1e-4), label
+        assert last["epoch"] == cfg["epochs"]
+        assert last["samples"] == cfg["epochs"] * (cfg["images"] // cfg["batch"]) * cfg["batch"]  # images accessed
+        assert math.isfinite(last["loss"]) and last["grad_norm_sq"] > 0
+        assert last["loss"] != first["loss"]  # it trained
+    g = res["final_grad_norm_sq"]
+    for other in ("simclr", "sogclr", "negative_cache"):
+        assert res[f"grad_norm_ratio_{other}_over_emc2"] == pytest.approx(g[other]["mean"] / g["emc2"]["mean"])
+    # extra forwards: none for SimCLR (2b views a step), some for the estimators that re-encode
+    assert res["forwards_per_step"]["simclr"] == 2 * cfg["batch"]
+    assert res["forwards_per_step"]["negative_cache"] > 2 * cfg["batch"]
+    assert res["machine"]["torch"] == torch.__version__ and "final ‖∇L‖²" in stdout
+    assert out.with_suffix(".png").stat().st_size > 10_000
 
 
-def test_bench_step_smoke(tmp_path):
-    out = tmp_path / "bs.json"
-    stdout = _run("eval/bench_step.py", "--smoke", "--out", str(out))
-    res = json.loads(out.read_text())
-    rows = {r["estimator"]: r for r in res["tables"][0]["rows"]}
-    assert rows["infonce"]["ratio_vs_infonce"] == 1.0
-    assert abs(rows["emc2"]["state_bytes_per_anchor"] - 8.0) < 0.01  # int32 sample id + float32 score
-    assert rows["negative_cache"]["state_bytes"] >= 2000 * 128 * 4
-    assert "trainer.train_step" in stdout and "overhead" in res["trainer_overhead"]
+def test_stationarity_rejects_bad_arguments() -> None:
+    with pytest.raises(SystemExit):
+        stationarity.parse_args(["--estimators", "emc2,nope"])
+    with pytest.raises(SystemExit):
+        stationarity.parse_args(["--batch", "2", "--burn-in", "2"])  # R = (b − 1)·views = 2, P must be < R
 
 
-def test_small_batch_smoke(tmp_path):
+# ------------------------------------------------------------------------------------------------ small batch
+def test_time_to_interpolates_between_evaluations() -> None:
+    h = [{"train_seconds": 0.0, "samples": 0.0, "acc": 0.10},
+         {"train_seconds": 10.0, "samples": 100.0, "acc": 0.50},
+         {"train_seconds": 30.0, "samples": 200.0, "acc": 0.70},
+         {"train_seconds": 40.0, "samples": 300.0, "acc": 0.65}]
+    assert small_batch.time_to(h, "acc", 0.60) == pytest.approx(20.0)  # halfway from 0.5 (10 s) to 0.7 (30 s)
+    assert small_batch.time_to(h, "acc", 0.60, key="samples") == pytest.approx(150.0)
+    assert small_batch.time_to(h, "acc", 0.05) == 0.0  # the initial network already reaches it
+    assert small_batch.time_to(h, "acc", 0.70) == pytest.approx(30.0)
+    assert small_batch.time_to(h, "acc", 0.71) is None
+
+
+def test_eval_history_reads_the_run_log(tmp_path: Path) -> None:
+    from dual_emc2.train.run_log import RunLogger
+
+    with RunLogger(tmp_path, tensorboard=False) as log:
+        log.log(1, {"loss": 3.0}, group="train")
+        log.log(5, {"knn1_acc": 0.4, "train_seconds": 2.5}, group="eval")
+        log.log(10, {"knn1_acc": 0.6, "train_seconds": 5.0}, group="eval")
+    h = small_batch.eval_history(tmp_path)
+    assert h == [{"step": 5.0, "knn1_acc": 0.4, "train_seconds": 2.5},
+                 {"step": 10.0, "knn1_acc": 0.6, "train_seconds": 5.0}]
+
+
+def test_small_batch_smoke(tmp_path: Path) -> None:
     out = tmp_path / "sb.json"
-    _run("eval/small_batch.py", "--smoke", "--out", str(out), "--work", str(tmp_path / "runs"), timeout=600)
+    _run("small_batch.py", "--smoke", "--out", str(out), "--work", str(tmp_path / "runs"))
     res = json.loads(out.read_text())
-    assert [(r["estimator"], r["batch"]) for r in res["runs"]] == [("emc2", 8), ("infonce", 8)]
-    for r in res["runs"]:
-        last = r["history"][-1]
-        assert last["samples"] == 64 and last["train_seconds"] > 0 and 0 <= last["knn1_acc"] <= 1
-    assert out.with_suffix(".png").stat().st_size > 1000
+    runs = {(r["estimator"], r["batch"]): r for r in res["runs"]}
+    assert set(runs) == {("emc2", 4), ("infonce", 4)}
+    steps = res["config"]["subset"] // 4 * res["config"]["epochs"]
+    for r in runs.values():
+        h = r["history"]
+        assert h[0]["samples"] == 0 and h[0]["train_seconds"] == 0  # the initial network
+        assert h[-1]["samples"] == steps * 4 and h[-1]["step"] == steps
+        assert h[-1]["train_seconds"] > 0 and 0 <= h[-1]["linear_probe_acc"] <= 1 and 0 <= h[-1]["knn1_acc"] <= 1
+        assert (Path(r["output_dir"]) / "metrics.csv").is_file()
+    # both estimators start from the same network: identical accuracy at x = 0
+    assert runs[("emc2", 4)]["history"][0]["knn1_acc"] == runs[("infonce", 4)]["history"][0]["knn1_acc"]
+    ref = next(r for r in res["summary"]["rows"] if r["estimator"] == "infonce")
+    assert ref["linear_probe_acc_target"] == ref["linear_probe_acc"]  # the reference reaches its own final accuracy
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------------------------------------ step benchmark
+def test_state_memory_counts_buffers() -> None:
+    from dual_emc2.objectives import build_objective
+
+    m, d = 50, 16
+    emc2 = build_objective("emc2", num_keys=2 * m, num_candidates=m)
+    mem = bench_step.state_memory(emc2, 2 * m)
+    assert mem["chain_bytes_per_anchor"] == 8.0  # int32 sample id + float32 score
+    cache = build_objective("negative_cache", num_keys=2 * m, num_candidates=m, options={"dim": d})
+    mem = bench_step.state_memory(cache, 2 * m)
+    assert mem["cache_floats"] == m * d and mem["cache_bytes"] == 4 * m * d
+    assert mem["state_bytes"] >= mem["cache_bytes"] + 8 * m  # plus the per-entry refresh step (int64)
+
+
+def test_bench_step_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "bs.json"
+    stdout = _run("bench_step.py", "--smoke", "--device", "cpu", "--out", str(out))
+    res = json.loads(out.read_text())
+    rows = {r["estimator"]: r for r in res["rows"]}
+    assert set(rows) == set(bench_step.ESTIMATORS)
+    assert rows["simclr"]["ratio_vs_simclr"] == 1.0
+    for r in rows.values():
+        assert r["median_ms"] > 0 and len(r["times_ms"]) == res["repeats"]
+        assert r["ratio_vs_simclr"] == pytest.approx(r["median_ms"] / rows["simclr"]["median_ms"])
+    case = res["cases"][0]
+    assert rows["emc2"]["chain_bytes_per_anchor"] == 8.0
+    assert rows["negative_cache"]["cache_floats"] == case["dataset"] * case["dim"]
+    assert rows["simclr"]["state_bytes"] == 0 and rows["sogclr"]["state_bytes_per_anchor"] == 4.0
+    (ov,) = res["trainer_overhead"]
+    assert ov["bare_ms"] > 0 and ov["trainer_ms"] > 0 and math.isfinite(ov["overhead"])
+    assert "Trainer overhead" in stdout and res["machine"]["cpu"]
