@@ -14,8 +14,9 @@ from dual_emc2.train.trainer import Trainer  # noqa: E402
 class Recording(Trainer):
     losses: list
 
-    def train_step(self, ids, views):
-        out = super().train_step(ids, views)
+    def train_step(self, ids, views, *labels):
+        self.batches.append(ids.tolist())
+        out = super().train_step(ids, views, *labels)
         self.losses.append(float(out[0]))
         return out
 
@@ -26,12 +27,13 @@ def main() -> None:
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/fmnist_unimodal.yaml",
                       overrides + [f"output_dir={out_dir}"])
     t = Recording(cfg)
-    t.losses = []
+    t.losses, t.batches = [], []
     t.fit()
     rank = t.acc.process_index
     state = {k: v.cpu() for k, v in t.objective.state_dict().items()}
-    torch.save({"losses": t.losses, "objective": state, "model": t.core.state_dict(),
-                "world": t.acc.num_processes}, Path(out_dir) / f"rank{rank}.pt")
+    assignment = getattr(t.sampler, "assignment", None)
+    torch.save({"losses": t.losses, "objective": state, "model": t.core.state_dict(), "batches": t.batches,
+                "assignment": assignment, "world": t.acc.num_processes}, Path(out_dir) / f"rank{rank}.pt")
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"losses": t.losses}))
 
 
