@@ -354,13 +354,8 @@ class BimodalTrainer(Trainer):
                 encode_y=self.encode_y_by_id if needs else None, **groups)
             beta = self.core.temperature()
             out = self.objective(xy, beta, reverse=yx)
-            if not bool(torch.isfinite(out.loss)):
-                self._skip_nonfinite()
+            if not self._apply(out.loss):
                 return None
-            self.nonfinite_streak = 0
-            self.acc.backward(out.loss)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
         stats = dict(out.stats)
         stats["loss"] = out.loss.detach()
         with torch.no_grad():  # eq. (1) with D_neg = the batch, mean of both directions: comparable across estimators

@@ -237,13 +237,8 @@ class Trainer:
                 labels=labels.to(self.device) if labels is not None and self.objective.needs_labels else None)
             beta = self.core.temperature()
             out = self.objective(batch, beta)
-            if not bool(torch.isfinite(out.loss)):
-                self._skip_nonfinite()
+            if not self._apply(out.loss):
                 return None
-            self.nonfinite_streak = 0
-            self.acc.backward(out.loss)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
         stats = dict(out.stats)
         stats["loss"] = out.loss.detach()
         with torch.no_grad():  # eq. (1) with D_neg = the batch: comparable across estimators, unlike the surrogates
@@ -252,6 +247,18 @@ class Trainer:
                 batch.candidate_ids, float(beta))
         stats["beta"] = beta.detach()
         return out.loss.detach(), stats
+
+    def _apply(self, loss: Tensor) -> bool:
+        """Backward of one micro-batch's surrogate and the optimiser step (Accelerate turns it into accumulation inside
+        ``accumulate``); a non-finite loss applies nothing and returns False (:meth:`_skip_nonfinite`)."""
+        if not bool(torch.isfinite(loss)):
+            self._skip_nonfinite()
+            return False
+        self.nonfinite_streak = 0
+        self.acc.backward(loss)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
 
     def _skip_nonfinite(self) -> None:
         """Drop this micro-batch's gradients after a non-finite loss; stop after ``train.max_nonfinite`` in a row."""
