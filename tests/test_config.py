@@ -296,3 +296,14 @@ def test_errors_name_their_origin_and_overrides_can_fix_a_file(tmp_path):
     good = _write(tmp_path / "g.yaml", {"optim": {"lr": 0.1}})
     with pytest.raises(ConfigError, match=r"^command-line override: train\.epochs: must be > 0, got 0$"):
         load_config(good, ["train.epochs=0"])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds_its_estimator(path):
+    from dual_emc2.objectives import build_objective, options_for
+
+    cfg = load_config(path)
+    obj = build_objective(cfg.objective.name, num_keys=4096, num_candidates=4096,
+                          options=options_for(cfg.objective.name, cfg.objective.options),
+                          symmetric=cfg.mode == "bimodal", defaults={"dim": 16, "seed": 0})
+    assert obj is not None
