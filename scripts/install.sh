@@ -5,11 +5,14 @@ set -euo pipefail
 VENV=${1:-.venv}
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dataset-fashion-mnist wordnet-base npm)
+APT_PACKAGES=(dataset-fashion-mnist wordnet-base)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
+# npm fetches the emoji set; Debian's npm package only when no npm is on PATH (a nodejs from elsewhere brings its own
+# npm, and Debian's would conflict with it)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
