@@ -127,3 +127,23 @@ def test_plot_curves_writes_one_png_per_group(tmp_path):
     empty = tmp_path / "empty"
     RunLogger(empty, tensorboard=False).close()
     assert plot_curves(empty / "metrics.csv", tmp_path / "plots3") == []
+
+
+def test_resume_purge_survives_the_event_file_counter_gaining_a_digit(tmp_path):
+    """Event files are ordered by name; within one second the process counter sorts 10 before 9 (regression)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer import event_file_writer
+    from torch.utils.tensorboard import SummaryWriter
+
+    k = 0
+    while len(str(event_file_writer._global_uid._value)) == len(str(event_file_writer._global_uid._value + 1)):
+        SummaryWriter(log_dir=str(tmp_path / "other" / str(k))).close()  # next writer gets 9, 99, ...: one before
+        k += 1
+    with RunLogger(tmp_path / "run") as logger:
+        for step in range(1, 6):
+            logger.log(step, {"loss": float(step)})
+    with RunLogger(tmp_path / "run", start_step=3) as logger:  # its counter has one digit more
+        logger.log(4, {"loss": 40.0})
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]

@@ -9,6 +9,7 @@ import csv
 import math
 import os
 import re
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,6 +78,7 @@ class RunLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:  # pragma: no cover - tensorboard is a declared dependency
                 raise ImportError("RunLogger(tensorboard=True) needs the 'tensorboard' package") from exc
+            _wait_for_a_later_event_file_second(self.directory / "tb")
             self._tb = SummaryWriter(log_dir=str(self.directory / "tb"),
                                      purge_step=start_step + 1 if start_step > 0 else None)
 
@@ -206,3 +208,17 @@ def plot_curves(csv_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
         fig.savefig(path, dpi=100)
         written.append(path)
     return written
+
+
+def _wait_for_a_later_event_file_second(tb_dir: Path) -> None:
+    """TensorBoard orders a run's event files by name, ``events.out.tfevents.<unix second>.<host>.<pid>.<counter>``;
+    within one second and process the unpadded counter sorts 10 before 9, which would put a resumed run's purge
+    before the events it purges.  Waiting (at most a second) until the clock passes the newest file's second keeps
+    the order by time."""
+    newest = -1
+    for f in tb_dir.glob("events.out.tfevents.*"):
+        parts = f.name.split(".")
+        if len(parts) > 3 and parts[3].isdigit():
+            newest = max(newest, int(parts[3]))
+    while int(time.time()) <= newest:
+        time.sleep(0.02)
