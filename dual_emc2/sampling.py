@@ -1,9 +1,22 @@
 """Metropolis–Hastings negative sampling over in-batch candidates (EMC², Algorithm 1, eq. 9).
 
 For a score matrix ``S = [s(x_i, z_j)]`` (``B`` chains × ``C`` candidates) every chain ``i`` runs ``R`` M-H steps
-targeting ``softmax(β S_i·)`` restricted to its valid candidates, starting from a stored state.  The result is returned
-as visit counts ``W_ij`` (steps ``r ≥ P`` spent on candidate ``j``), which turn the EMC² stochastic gradient (eq. 10)
-into a single weighted sum over the batch (see :mod:`dual_emc2.objectives.emc2`).
+targeting ``softmax(β S_i·)`` restricted to its proposable set, starting from a stored state.  The result is returned
+as visit counts ``W_ij`` (steps ``r ≥ P`` spent on candidate ``j``) and the steps spent on the stored state while it is
+out of the batch, which turn the EMC² stochastic gradient (eq. 10) into a single weighted sum over the batch (see
+:mod:`dual_emc2.objectives.emc2`).
+
+Proposals (``proposal``):
+
+* ``pool`` (default): uniform over the *pool* A = C_i ∪ {z_i}: the row's valid in-batch candidates plus the chain's
+  stored out-of-batch state, which stays proposable for the whole visit (proposal column ``-1``).  Because the batch
+  is drawn independently of the state, p(z | A) ∝ π(z) on A, so a kernel invariant for the softmax restricted to A
+  keeps softmax(β s) over all of D_neg invariant (docs/DESIGN.md, "pool kernel").  No within-visit bias.
+* ``batch`` (Algorithm 1 of Yau et al.): uniform over the valid in-batch candidates only.  Once the chain leaves its
+  stored state it cannot return, so ``R > 1`` steps drift toward the softmax restricted to the batch: a bias that
+  more visits do not remove (eval/RESULTS.md, chain check).
+* ``permuted_scan``: the valid columns in a fresh random order per sweep, a randomised systematic scan.  Not exactly
+  invariant for its target even on a fixed batch; kept as a measured variant.
 
 The work is split in two:
 
@@ -23,7 +36,9 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-Proposal = Literal["uniform", "scan"]
+Proposal = Literal["pool", "batch", "permuted_scan"]
+PROPOSALS: tuple[str, ...] = ("pool", "batch", "permuted_scan")
+_RENAMED = {"uniform": "batch", "scan": "permuted_scan"}
 Backend = Literal["auto", "torch", "triton"]
 
 
@@ -31,7 +46,7 @@ class MHResult(NamedTuple):
     """Output of :func:`mh_visit_counts`.
 
     counts:   [B, C] float32, number of post-burn-in steps chain ``i`` sat on in-batch candidate ``j``.
-    index:    [B] int64, final in-batch column of each chain, ``-1`` if it never left its (out-of-batch) init state.
+    index:    [B] int64, final in-batch column of each chain, ``-1`` if it ends on its (out-of-batch) init state.
     score:    [B] float32, score of each chain's final state (the stored init score if it never moved).
     stay:     [B] float32, post-burn-in steps spent on the out-of-batch init state.
     accepted: [B] float32, number of accepted proposals over all ``R`` steps.
@@ -47,7 +62,7 @@ class MHResult(NamedTuple):
 class MHProposals(NamedTuple):
     """Pre-drawn randomness of ``R`` M-H steps for ``B`` chains, step-major for coalesced loads."""
 
-    index: Tensor  # [R, B] int64, proposed candidate column
+    index: Tensor  # [R, B] int64, proposed candidate column; -1 proposes the stored out-of-batch state (pool)
     log_u: Tensor  # [R, B] float32, log of the acceptance uniform
 
 
@@ -69,24 +84,34 @@ def _check_inputs(scores: Tensor, valid: Tensor | None, steps: int, burn_in: int
     return valid
 
 
+def check_proposal(proposal: str) -> str:
+    """``proposal`` if it names a proposal, else a ValueError naming the choices (and the new name of a renamed one)."""
+    if proposal in PROPOSALS:
+        return proposal
+    if proposal in _RENAMED:
+        raise ValueError(f"proposal {proposal!r} is now called {_RENAMED[proposal]!r}; choices: {', '.join(PROPOSALS)}")
+    raise ValueError(f"proposal must be one of {', '.join(PROPOSALS)}, got {proposal!r}")
+
+
 def draw_mh_proposals(
     valid: Tensor,
     steps: int,
-    proposal: Proposal = "uniform",
+    proposal: Proposal = "pool",
     generator: torch.Generator | None = None,
     row_offset: int = 0,
     total_rows: int | None = None,
+    state_in_pool: Tensor | None = None,
 ) -> MHProposals:
     """Draw the proposals and acceptance uniforms of ``steps`` M-H steps for each row of ``valid``.
 
-    ``uniform`` (Algorithm 1): each step proposes a column uniformly from the row's valid columns.
-    ``scan`` (the authors' released code): the valid columns are visited in a random order, a fresh random
-    permutation for every sweep through them.  Not exactly invariant for the target (see DESIGN.md); kept for
-    reproducing the released code.
+    ``pool``: each step proposes uniformly from the row's valid columns plus, where ``state_in_pool[i]``, the stored
+    state (column ``-1``).  ``batch`` (Algorithm 1): uniformly from the valid columns.  ``permuted_scan``: the valid
+    columns in a random order, a fresh random permutation for every sweep through them.
 
     The random streams are drawn for ``total_rows`` chains and rows ``row_offset : row_offset + B`` are kept, so a
     process holding part of a global batch gets the same numbers as a single process holding all of it.
     """
+    proposal = check_proposal(proposal)
     B, C = valid.shape
     total_rows = B if total_rows is None else total_rows
     if not 0 <= row_offset <= total_rows - B:
@@ -95,14 +120,17 @@ def draw_mh_proposals(
     rows = slice(row_offset, row_offset + B)
     n_valid = valid.sum(dim=1)  # [B]
     # valid columns first, in column order: order[i, k] is the k-th valid column of row i
-    if proposal == "uniform":
+    if proposal in ("pool", "batch"):
         u_prop = torch.rand(total_rows, steps, generator=generator, device=dev)[rows]
         log_u = torch.rand(total_rows, steps, generator=generator, device=dev)[rows].log_()
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
-        k = (u_prop * n_valid[:, None]).long()
-        k = torch.minimum(k, (n_valid - 1)[:, None])
-        index = order.gather(1, k)
-    elif proposal == "scan":
+        extra = state_in_pool.to(torch.int64) if proposal == "pool" and state_in_pool is not None else 0
+        n_pool = n_valid + extra
+        k = (u_prop * n_pool[:, None]).long()
+        k = torch.minimum(k, (n_pool - 1)[:, None])
+        index = order.gather(1, k.clamp(max=C - 1))
+        index = torch.where(k >= n_valid[:, None], torch.full_like(index, -1), index)  # k = n_valid: the state
+    else:
         log_u = torch.rand(total_rows, steps, generator=generator, device=dev)[rows].log_()
         sweeps = -(-steps // int(n_valid.min()))
         perms = []
@@ -114,8 +142,6 @@ def draw_mh_proposals(
         r = torch.arange(steps, device=dev)[None, :]
         flat = (r // n_valid[:, None]) * C + r % n_valid[:, None]
         index = perm.gather(1, flat)
-    else:
-        raise ValueError(f"proposal must be 'uniform' or 'scan', got {proposal!r}")
     return MHProposals(index=index.t().contiguous(), log_u=log_u.t().contiguous())
 
 
@@ -132,6 +158,7 @@ def mh_chains_torch(
     """Reference implementation of the sequential part: a loop over steps, vectorised over chains.
 
     Step ``r`` accepts proposal ``j`` iff ``log u_r < β (S_ij − s_cur)`` (probability ``min(1, e^{β(S_ij − s_cur)})``).
+    A proposal ``-1`` is the stored state, with score ``init_score`` (pool proposals).
     """
     R, B = prop_index.shape
     beta_t = torch.tensor(beta, dtype=torch.float32, device=prop_score.device)
@@ -177,7 +204,11 @@ def run_mh_chains(
 ) -> MHResult:
     """Run the chains for pre-drawn proposals, on the fused Triton kernel where it can run, else the torch loop."""
     global _warned_fallback
-    prop_score = scores.to(torch.float32).gather(1, prop.index.t()).t().contiguous()  # [R, B], gathered up front
+    idx = prop.index.t()
+    prop_score = scores.to(torch.float32).gather(1, idx.clamp(min=0))  # [B, R], gathered up front
+    # column -1 is the stored state (proposable under ``pool``), with its score
+    prop_score = torch.where(idx < 0, init_score.to(torch.float32)[:, None], prop_score)
+    prop_score = prop_score.t().contiguous()
     if backend == "auto":
         use_triton = scores.is_cuda and triton_available(scores.device)
         if scores.is_cuda and not use_triton and not _warned_fallback:
@@ -208,7 +239,7 @@ def mh_visit_counts(
     valid: Tensor | None = None,
     init_index: Tensor | None = None,
     init_score: Tensor | None = None,
-    proposal: Proposal = "uniform",
+    proposal: Proposal = "pool",
     generator: torch.Generator | None = None,
     row_offset: int = 0,
     total_rows: int | None = None,
@@ -222,8 +253,10 @@ def mh_visit_counts(
         steps: R, M-H steps per chain.  burn_in: P, steps ``r < P`` are not counted.
         valid: [B, C] bool mask of allowed negatives (positives and self excluded); all True if None.
         init_index: [B] in-batch column of each chain's stored state, ``-1`` if it is out of the batch (default all -1).
-        init_score: [B] score of the stored state; ``-inf`` (default) makes the first proposal always accepted.
-        proposal: ``"uniform"`` (Algorithm 1, default) or ``"scan"`` (released code; slightly biased).
+        init_score: [B] score of the stored state; ``-inf`` (default) means no state: the first proposal is always
+            accepted, and under ``pool`` there is no state to propose.
+        proposal: ``"pool"`` (default: batch ∪ {stored state}, no within-visit bias), ``"batch"`` (Algorithm 1) or
+            ``"permuted_scan"``; see the module docstring.
         generator: torch generator on ``scores.device`` for reproducible draws.
         row_offset, total_rows: position of these chains in the global batch (rank-invariant randomness).
         backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"`` or ``"triton"``.
@@ -244,5 +277,6 @@ def mh_visit_counts(
     # an in-batch init state takes its score from the current scores: the exact acceptance ratio
     in_batch = init_index >= 0
     init_score = torch.where(in_batch, scores.float().gather(1, init_index.clamp(min=0)[:, None])[:, 0], init_score)
-    prop = draw_mh_proposals(valid, steps, proposal, generator, row_offset, total_rows)
+    state_in_pool = (~in_batch) & torch.isfinite(init_score)
+    prop = draw_mh_proposals(valid, steps, proposal, generator, row_offset, total_rows, state_in_pool=state_in_pool)
     return run_mh_chains(prop, scores, init_index, init_score, float(beta), burn_in, backend)

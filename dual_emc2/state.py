@@ -23,30 +23,41 @@ def _check_keys(keys: Tensor, size: int, what: str) -> None:
 
 
 class ChainState(nn.Module):
-    """EMC² Markov-chain state Z_i per anchor key: the global id of the current negative (−1: none yet) and its last
-    computed score s(x_i, Z_i) (the ``stale`` score of DESIGN.md).  8 bytes per anchor (int32 + float32)."""
+    """EMC² Markov-chain state Z_i per anchor key: the candidate key of the current negative (−1: none yet; a sample
+    id, or ``id · n_views + view`` when candidates are views) and its last computed score s(x_i, Z_i) (the ``stale``
+    score of docs/DESIGN.md).  8 bytes per anchor (int32 + float32)."""
 
     def __init__(self, num_keys: int) -> None:
         super().__init__()
         if num_keys < 1:
             raise ValueError(f"num_keys must be >= 1, got {num_keys}")
-        self.register_buffer("sample_id", torch.full((num_keys,), -1, dtype=torch.int32))
+        self.register_buffer("candidate_key", torch.full((num_keys,), -1, dtype=torch.int32))
         self.register_buffer("score", torch.full((num_keys,), float("-inf"), dtype=torch.float32))
+        self._register_load_state_dict_pre_hook(_reject_pre_key_checkpoints)
 
     @property
     def num_keys(self) -> int:
-        return self.sample_id.numel()
+        return self.candidate_key.numel()
 
     def read(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """(candidate key [B] int64, stored score [B] float32) of the chains of ``keys``."""
         _check_keys(keys, self.num_keys, "ChainState.read")
-        return self.sample_id[keys].long(), self.score[keys]
+        return self.candidate_key[keys].long(), self.score[keys]
 
     @torch.no_grad()
-    def write(self, keys: Tensor, sample_id: Tensor, score: Tensor) -> None:
+    def write(self, keys: Tensor, candidate_key: Tensor, score: Tensor) -> None:
         """Store new states for ``keys`` (this process's anchors); every process receives every process's update."""
-        keys, sample_id, score = all_gather_rows(keys), all_gather_rows(sample_id), all_gather_rows(score.float())
-        self.sample_id[keys] = sample_id.to(torch.int32)
+        keys, candidate_key, score = (all_gather_rows(keys), all_gather_rows(candidate_key),
+                                      all_gather_rows(score.float()))
+        self.candidate_key[keys] = candidate_key.to(torch.int32)
         self.score[keys] = score
+
+
+def _reject_pre_key_checkpoints(state_dict, prefix, *_args) -> None:
+    if prefix + "sample_id" in state_dict and prefix + "candidate_key" not in state_dict:
+        raise ValueError(
+            f"{prefix}sample_id: this checkpoint's EMC² chains hold sample ids (dual_emc2 0.1); chains now hold "
+            "candidate keys. Resume it with dual_emc2 0.1, or start the estimator state afresh (load the model only)")
 
 
 class AnchorScalarState(nn.Module):

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from dual_emc2.objectives.batches import same_group_mask
 from PIL import Image
 
 from dual_emc2.data.offline_sets import emoji_pairs, read_emoji, read_wordnet, wordnet_license, wordnet_pairs
@@ -18,7 +20,6 @@ from dual_emc2.data.pairs import (
     read_image_caption_folder,
     read_pairs_file,
     relevant_sets,
-    same_group_mask,
     split_pairs,
 )
 

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".g
 
 __all__ = [
     "MODALITIES", "Modality", "PairCollator", "PairDataset", "PairSet", "decode_rgb", "group_ids",
-    "image_format", "read_image_caption_folder", "read_pairs_file", "relevant_sets", "same_group_mask",
+    "image_format", "read_image_caption_folder", "read_pairs_file", "relevant_sets",
     "screen_pairs", "side_problem", "split_pairs",
 ]
 
@@ -98,8 +99,6 @@ def screen_pairs(pairs: PairSet, on_bad: str = "raise") -> PairSet:
             break
     if not bad:
         return pairs
-    import warnings
-
     warnings.warn(f"{pairs.source}: dropped {len(bad)} bad pairs: " + "; ".join(m for _, m in bad[:3]) +
                   (" ..." if len(bad) > 3 else ""), stacklevel=2)
     drop = {k for k, _ in bad}
@@ -235,13 +234,6 @@ def relevant_sets(pairs: PairSet, direction: str = "x2y") -> list[set[int]]:
         by_x.setdefault(a, []).append(j)
         by_y.setdefault(b, []).append(j)
     return [set(by_x[a]) | set(by_y[b]) for a, b in zip(gx.tolist(), gy.tolist())]
-
-
-def same_group_mask(anchor_x: Tensor, anchor_y: Tensor, cand_x: Tensor, cand_y: Tensor) -> Tensor:
-    """[B, C] bool, False where candidate j is a known false negative of anchor i: same x group or same y group
-    (identical text or image).  Feed it as ``ContrastiveBatch.extra_negative_mask``; the own column is False too,
-    which the id mask already removes."""
-    return (anchor_x[:, None] != cand_x[None, :]) & (anchor_y[:, None] != cand_y[None, :])
 
 
 # ------------------------------------------------------------------------------------------------------- readers

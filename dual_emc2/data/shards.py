@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import braceexpand
 import numpy as np
+import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
@@ -127,8 +129,15 @@ def expand_shards(spec: str | os.PathLike[str]) -> list[str]:
     return files
 
 
-def _parse_sample(sample: dict[str, Any]) -> tuple[int, tuple[str, Any], tuple[str, Any], dict | None]:
-    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__')!r}"
+def _where(sample: dict[str, Any]) -> str:
+    return f"{sample.get('__url__', '?')}: sample {sample.get('__key__')!r}"
+
+
+def _parse_sample(sample: dict[str, Any], check_images: bool = True
+                  ) -> tuple[int, tuple[str, Any], tuple[str, Any], dict | None]:
+    """(index, (modality, x), (modality, y), meta) of one webdataset sample; malformed members, empty text and (with
+    ``check_images``) images that do not decode are a ValueError naming the shard, key and index."""
+    where = _where(sample)
     raw = sample.get("index.cls")
     if raw is None:
         raise ValueError(f"{where}: no index.cls member (not written by write_shards?)")
@@ -150,7 +159,7 @@ def _parse_sample(sample: dict[str, Any]) -> tuple[int, tuple[str, Any], tuple[s
                 raise ValueError(f"{where}: {found[0]} is not UTF-8 text ({err})") from None
         else:
             side_value = ("image", bytes(data))
-        why = side_problem(side_value[1], side_value[0])
+        why = side_problem(side_value[1], side_value[0]) if check_images or ext == "txt" else None
         if why is not None:
             raise ValueError(f"{where} (index {idx}): {found[0]}: {why}")
         sides.append(side_value)
@@ -169,8 +178,6 @@ class BadSampleHandler:
     def __init__(self, on_error: str = "raise") -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        import torch
-
         self.on_error = on_error
         self._count = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -193,8 +200,6 @@ class BadSampleHandler:
             raise ValueError(f"{msg} (data.on_bad_sample=skip skips such samples and counts them)") from exn
         self._count += 1
         if int(self._count) <= 3:
-            import warnings
-
             warnings.warn(f"skipped bad shard sample: {msg}", stacklevel=2)
         return True
 
@@ -288,8 +293,16 @@ class ShardStream(IterableDataset):
         return self.handler.count
 
     def _decode(self, sample: dict[str, Any]) -> tuple[int, Any, Any]:
-        idx, (_, x), (_, y), _ = _parse_sample(sample)
-        return (idx, self.decode_x(x) if self.decode_x else x, self.decode_y(y) if self.decode_y else y)
+        # images are checked by decoding them once, here, not also in _parse_sample
+        idx, (_, x), (_, y), _ = _parse_sample(sample, check_images=False)
+        out = [idx]
+        for side, value, decode in (("x", x, self.decode_x), ("y", y, self.decode_y)):
+            try:
+                out.append(decode(value) if decode else value)
+            except Exception as err:  # PIL raises OSError, SyntaxError, ... for broken images
+                raise ValueError(f"{_where(sample)} (index {idx}): {side} side does not decode "
+                                 f"({type(err).__name__}: {err})") from err
+        return tuple(out)
 
     def __iter__(self) -> Iterator[tuple[int, Any, Any]]:
         return iter(self.pipeline)

@@ -68,7 +68,7 @@ if triton is not None:
 
     @triton.jit
     def _mh_chains_kernel(
-        pi_ptr,  # [R, B] int64 proposed columns
+        pi_ptr,  # [R, B] int64 proposed columns (-1: the stored state)
         ps_ptr,  # [R, B] float32 scores of the proposals
         lu_ptr,  # [R, B] float32 log u
         init_idx_ptr,  # [B] int64, -1 = out-of-batch state
@@ -167,7 +167,8 @@ def mh_chains_triton(
     ``min(1, e^{β(S_ij − s_cur)})`` (EMC² eq. 9).
 
     Args:
-        prop_index: [R, B] int64 proposed in-batch columns, in ``[0, num_candidates)``.
+        prop_index: [R, B] int64 proposed in-batch columns, in ``[0, num_candidates)``, or ``-1`` for the chain's
+            stored out-of-batch state (pool proposals; its score is in ``prop_score`` like any other).
         prop_score: [R, B] float32 scores of the proposals.
         log_u: [R, B] float32 log acceptance uniforms.
         init_index: [B] initial column of each chain (integer dtype), ``-1`` for an out-of-batch state.
@@ -208,8 +209,8 @@ def mh_chains_triton(
     if check_indices is None:
         check_indices = device.type == "cpu"
     if check_indices and R * B > 0:
-        if bool((prop_index < 0).any()) or bool((prop_index >= C).any()):
-            raise ValueError(f"prop_index must hold columns in [0, {C}), got values outside")
+        if bool((prop_index < -1).any()) or bool((prop_index >= C).any()):
+            raise ValueError(f"prop_index must hold columns in [-1, {C}) (-1: the stored state), got values outside")
         if bool((init_index < -1).any()) or bool((init_index >= C).any()):
             raise ValueError(f"init_index must hold columns in [-1, {C}), got values outside")
     if not is_usable(device):

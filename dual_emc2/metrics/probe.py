@@ -25,18 +25,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
 Solver = Literal["auto", "lbfgs", "adam"]
 LBFGS_MAX_ELEMENTS = 1 << 27  # N × (d + C) floats (512 MiB in float32) up to which "auto" runs full-batch L-BFGS
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    return x
 
 
 def extract_features(
@@ -68,7 +61,7 @@ def extract_features(
                                                                   if isinstance(batch, (tuple, list)) else ""))
                 _, images, y = batch
                 y = torch.as_tensor(y).reshape(-1)
-                out = fn(_to_device(images, device))
+                out = fn(send_to_device(images, device, non_blocking=True))
                 if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != y.shape[0]:
                     shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                     raise ValueError(f"loader batch {b}: fn must return a [{y.shape[0]}, d] feature matrix "

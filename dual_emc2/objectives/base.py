@@ -31,6 +31,10 @@ class ContrastiveBatch:
                    id differs from ``anchor_ids[i]`` (D_neg(x) = all samples but x's own, eq. 1 / eq. 21).
     anchor_keys:   [B] int64 key of each anchor's per-anchor state (chain, u); defaults to ``anchor_ids``.  In the
                    unimodal setting both views of an image are anchors, so keys are ``id * n_views + view``.
+    candidate_keys: [C] int64 key of each candidate column, what an EMC² chain state points to; defaults to
+                   ``candidate_ids``.  Unimodal: ``id * n_views + view``, so a stored state re-enters the batch at the
+                   column of the *same* view.  ``candidate_keys // views_per_id`` must equal ``candidate_ids``.
+    views_per_id:  candidate keys per sample id (1 bimodal, n_views unimodal); ``encode_candidates`` gets ids.
     row_offset, total_rows: position of these anchors in the global batch (rank-invariant random numbers).
     encode_candidates: maps global ids to candidate features ψ(z) of the *un-augmented* samples, under the caller's
                    grad mode; used by estimators that need out-of-batch candidates (EMC² refresh/re-encode, negative
@@ -46,6 +50,8 @@ class ContrastiveBatch:
     anchor_ids: Tensor
     candidate_ids: Tensor
     anchor_keys: Tensor | None = None
+    candidate_keys: Tensor | None = None
+    views_per_id: int = 1
     row_offset: int = 0
     total_rows: int | None = None
     encode_candidates: EncodeFn | None = None
@@ -68,6 +74,12 @@ class ContrastiveBatch:
             self.anchor_keys = self.anchor_ids
         elif self.anchor_keys.shape != (B,):
             raise ValueError(f"anchor_keys must have shape ({B},), got {tuple(self.anchor_keys.shape)}")
+        if self.candidate_keys is None:
+            self.candidate_keys = self.candidate_ids
+        elif self.candidate_keys.shape != (C,):
+            raise ValueError(f"candidate_keys must have shape ({C},), got {tuple(self.candidate_keys.shape)}")
+        if self.views_per_id < 1:
+            raise ValueError(f"views_per_id must be >= 1, got {self.views_per_id}")
         if self.total_rows is None:
             self.total_rows = B + self.row_offset
         if (self.labels is None) != (self.candidate_labels is None):

@@ -1,17 +1,29 @@
-"""EMC² (Yau et al., ICML 2024, seed 001): Metropolis–Hastings negatives with persistent per-anchor chains.
+"""EMC² (Yau, Liu, Chen, Kwok, Jordan and Liu, "EMC²: Efficient MCMC Negative Sampling for Contrastive Learning with
+Global Convergence", ICML 2024): persistent per-anchor Markov chains over the negatives.
 
-Each anchor key i keeps a chain state Z_i (a global sample id) and its last score.  At every step the chain runs R
-M-H steps over the in-batch valid candidates (Algorithm 1, eq. 9), started from Z_i, and the post-burn-in visit counts
-W_ij (steps r ≥ P) give the surrogate of eq. (10)–(11):
+Each anchor key i keeps a chain state z_i (a candidate key) and its last score.  At every step the estimator needs
+E_{z ~ π_i} ∇s(x_i, z), π_i = softmax(β s(x_i, ·)) over all of D_neg(x_i) (eq. 4–6).  The batch is an auxiliary
+variable drawn independently of z_i: with the *pool* A_i = C_i ∪ {z_i} (valid in-batch candidates plus the stored
+state), p(z_i | A_i) ∝ π_i on A_i (docs/DESIGN.md, "pool kernel").  Hence
 
-    ℓ(θ) = (β / B) Σ_i [ −s(x_i, y_i) + Σ_j W̄_ij s(x_i, z_j) ],      W̄ = W / (R − P) detached.
+* any kernel invariant for π_i restricted to A_i keeps π_i invariant: one exact draw from softmax over A_i
+  (``state_update="draw"``), or R M-H steps with uniform proposals over A_i (``proposal="pool"``);
+* the Rao–Blackwell weights w_i = softmax(β s_i·) over A_i (``weights="rao_blackwell"``), the state's own term
+  included, satisfy E[Σ_a w_ia ∇s(x_i, a)] = E_{π_i} ∇s at stationarity.
 
-Where the stored state is out of the batch (DESIGN.md):
-  * state score ``stale``: use the stored score (released code); ``refresh``: re-encode Z_i without grad for the exact
-    acceptance ratio.  A state whose sample *is* among the batch candidates starts from that column with its exact
-    current score (``map_state_into_batch``, on by default).
-  * steps still on the out-of-batch state after burn-in: ``reencode`` adds W̄_stay,i · s(x_i, ψ(Z_i)) with ψ(Z_i) re-
-    encoded with grad (released code); ``drop`` renormalises the in-batch visit counts instead.
+The surrogate (eq. 10–11 with these weights) is
+
+    ℓ(θ) = (β / B) Σ_i [ −s(x_i, y_i) + Σ_j w_ij s(x_i, z_j) + (m_i / q) w_i,state s(x_i, ψ(z_i)) ],
+
+weights detached; ψ(z_i) is re-encoded with grad for a random fraction q of the out-of-batch states (m_i ~
+Bernoulli(q), ``reencode_fraction``), which keeps the estimate unbiased.  A state whose key is among the batch's
+candidates is that column (``map_state_into_batch``): no re-encoding, and the pool is the batch.
+
+Variants reachable by options (their measured bias is in eval/RESULTS.md):
+  ``weights="visits"``: post-burn-in visit counts of R M-H steps (the paper's estimator) with ``proposal`` ``pool``,
+  ``batch`` (Algorithm 1: in-batch proposals, biased toward the batch softmax at small batch) or ``permuted_scan``;
+  ``state_score="stale"``: the stored score instead of re-encoding (the released code; no extra forward);
+  ``out_of_batch="drop"``: no state term, weights renormalised over the batch (no extra forward; biased).
 """
 from __future__ import annotations
 
@@ -24,22 +36,22 @@ from dual_emc2.objectives.base import (
     ObjectiveOutput,
     weighted_negative_surrogate,
 )
-from dual_emc2.sampling import mh_visit_counts
+from dual_emc2.sampling import PROPOSALS, check_proposal, mh_visit_counts
 from dual_emc2.state import ChainState
 
-_STATE_SCORE = ("stale", "refresh")
-_OUT_OF_BATCH = ("reencode", "drop")
-_PROPOSALS = ("uniform", "scan")
+WEIGHTS = ("rao_blackwell", "visits")
+STATE_UPDATES = ("draw", "chain")
+STATE_SCORES = ("exact", "stale")
+OUT_OF_BATCH = ("reencode", "drop")
 
 
-def lookup_columns(sample_id: Tensor, candidate_ids: Tensor, valid: Tensor) -> Tensor:
-    """Column j of ``candidate_ids`` holding ``sample_id[i]`` (first one in id order), −1 where absent or not valid."""
-    order = torch.argsort(candidate_ids, stable=True)
-    sorted_ids = candidate_ids[order]
-    pos = torch.searchsorted(sorted_ids, sample_id).clamp(max=sorted_ids.numel() - 1)
+def lookup_columns(keys: Tensor, candidate_keys: Tensor) -> Tensor:
+    """Column j with ``candidate_keys[j] == keys[i]`` (the first in key order), −1 where absent or ``keys[i] < 0``."""
+    order = torch.argsort(candidate_keys, stable=True)
+    sorted_keys = candidate_keys[order]
+    pos = torch.searchsorted(sorted_keys, keys).clamp(max=sorted_keys.numel() - 1)
     col = order[pos]
-    found = (sorted_ids[pos] == sample_id) & (sample_id >= 0)
-    found &= valid.gather(1, col[:, None])[:, 0]
+    found = (sorted_keys[pos] == keys) & (keys >= 0)
     return torch.where(found, col, torch.full_like(col, -1))
 
 
@@ -48,19 +60,48 @@ def chain_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
 
 
+def pool_logits(scores: Tensor, valid: Tensor, state_score: Tensor, state_in_pool: Tensor, beta: float) -> Tensor:
+    """[B, C + 1] logits β s over the pool A_i = C_i ∪ {z_i}: columns 0..C−1 the batch (−inf where not a valid
+    negative), column C the stored state (−inf where it is in the batch already or absent)."""
+    batch = (beta * scores.float()).masked_fill(~valid, float("-inf"))
+    state = torch.where(state_in_pool, beta * state_score.float(), torch.full_like(state_score.float(), float("-inf")))
+    return torch.cat([batch, state[:, None]], dim=1)
+
+
+def draw_rows(generator: torch.Generator, shape_per_row: tuple[int, ...], row_offset: int, total_rows: int,
+              rows: int, device: torch.device) -> Tensor:
+    """Uniforms in [0, 1) of shape [rows, *shape_per_row], drawn for all ``total_rows`` rows of the global batch and
+    sliced: the numbers a row gets do not depend on how the batch is split over processes."""
+    u = torch.rand((total_rows, *shape_per_row), generator=generator, device=device)
+    return u[row_offset:row_offset + rows]
+
+
+def gumbel_argmax(logits: Tensor, uniforms: Tensor) -> Tensor:
+    """One exact draw per row from softmax(logits) (Gumbel-max), with the uniforms given."""
+    g = -torch.log(-torch.log(uniforms.clamp(min=1e-12, max=1 - 1e-7)))
+    return torch.argmax(logits + g, dim=1)
+
+
 class EMC2(ContrastiveObjective):
-    """EMC² estimator.
+    """EMC² estimator (see the module docstring for the maths and the variants).
 
     Args:
         num_keys: number of anchor keys (dataset size × anchors per sample); one chain state each.
-        steps: R, M-H steps per anchor and iteration; ``None`` uses the number of valid candidates of the first row
-            (R = B − 2 in the unimodal setting, as in the paper).
-        burn_in: P < R, steps not counted.  ``None`` uses R − 1 (only the last sample, as in the analysis).
-        proposal: ``"uniform"`` (default, exact) or ``"scan"`` (released code, slightly biased).
-        state_score: ``"stale"`` or ``"refresh"``.  out_of_batch: ``"reencode"`` or ``"drop"``.
-        map_state_into_batch: start a chain from the batch column holding its state's sample when present.
-        seed: seed of the per-step generators.
-        backend: sampler backend, ``"auto"``/``"torch"``/``"triton"``.
+        weights: ``"rao_blackwell"`` (default: softmax over the pool) or ``"visits"`` (M-H visit counts).
+        state_update: how the chain moves: ``"draw"`` (one exact draw from the pool softmax; default with Rao–Blackwell
+            weights) or ``"chain"`` (the last state of R M-H steps; the only choice with visit-count weights).
+        proposal: M-H proposal when a chain runs: ``"pool"`` (default), ``"batch"`` (Algorithm 1) or
+            ``"permuted_scan"``.
+        steps: R, M-H steps per anchor and iteration; ``None`` uses the in-batch negatives per anchor.
+        burn_in: P < R, steps not counted (visit weights).  ``None`` uses R − 1 (only the last sample).
+        state_score: ``"exact"`` (re-encode an out-of-batch state without grad for its current score; default) or
+            ``"stale"`` (the score stored when the state was drawn).
+        out_of_batch: the gradient term of an out-of-batch state: ``"reencode"`` (ψ(z) re-encoded with grad; default)
+            or ``"drop"`` (weights renormalised over the batch).
+        reencode_fraction: q in (0, 1]: the fraction of out-of-batch states whose gradient term is computed each
+            step, weighted 1/q (unbiased; fewer backward passes).
+        map_state_into_batch: start a chain from the batch column holding its state's key when present.
+        seed: seed of the per-step generators.  backend: sampler backend, ``"auto"``/``"torch"``/``"triton"``.
     """
 
     name = "emc2"
@@ -69,37 +110,57 @@ class EMC2(ContrastiveObjective):
         self,
         num_keys: int,
         num_candidates: int = 1,
+        weights: str = "rao_blackwell",
+        state_update: str | None = None,
+        proposal: str = "pool",
         steps: int | None = None,
         burn_in: int | None = None,
-        proposal: str = "uniform",
-        state_score: str = "stale",
-        out_of_batch: str = "drop",
+        state_score: str = "exact",
+        out_of_batch: str = "reencode",
+        reencode_fraction: float = 1.0,
         map_state_into_batch: bool = True,
         seed: int = 0,
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        if proposal not in _PROPOSALS:
-            raise ValueError(f"emc2 proposal must be one of {_PROPOSALS}, got {proposal!r}")
-        if state_score not in _STATE_SCORE:
-            raise ValueError(f"emc2 state_score must be one of {_STATE_SCORE}, got {state_score!r}")
-        if out_of_batch not in _OUT_OF_BATCH:
-            raise ValueError(f"emc2 out_of_batch must be one of {_OUT_OF_BATCH}, got {out_of_batch!r}")
+        if state_score == "refresh":
+            raise ValueError("emc2 state_score 'refresh' is now called 'exact'; choices: exact, stale")
+        for opt, value, choices in (("weights", weights, WEIGHTS), ("state_score", state_score, STATE_SCORES),
+                                    ("out_of_batch", out_of_batch, OUT_OF_BATCH)):
+            if value not in choices:
+                raise ValueError(f"emc2 {opt} must be one of {', '.join(choices)}, got {value!r}")
+        try:
+            proposal = check_proposal(proposal)
+        except ValueError as err:
+            raise ValueError(f"emc2 {err}") from None
+        if state_update is None:
+            state_update = "draw" if weights == "rao_blackwell" else "chain"
+        if state_update not in STATE_UPDATES:
+            raise ValueError(f"emc2 state_update must be one of {', '.join(STATE_UPDATES)}, got {state_update!r}")
+        if weights == "visits" and state_update != "chain":
+            raise ValueError("emc2 weights='visits' counts the visits of an M-H chain: state_update must be 'chain'")
+        if not 0.0 < reencode_fraction <= 1.0:
+            raise ValueError(f"emc2 reencode_fraction (q) must be in (0, 1], got {reencode_fraction}")
         if steps is not None and steps < 1:
             raise ValueError(f"emc2 steps (R) must be >= 1, got {steps}")
         if burn_in is not None and burn_in < 0:
             raise ValueError(f"emc2 burn_in (P) must be >= 0, got {burn_in}")
         if steps is not None and burn_in is not None and burn_in >= steps:
             raise ValueError(f"emc2 burn_in (P = {burn_in}) must be smaller than steps (R = {steps})")
+        self.weights, self.state_update, self.proposal = weights, state_update, proposal
         self.steps, self.burn_in = steps, burn_in
-        self.proposal, self.state_score, self.out_of_batch = proposal, state_score, out_of_batch
+        self.state_score, self.out_of_batch, self.reencode_fraction = state_score, out_of_batch, reencode_fraction
         self.map_state_into_batch = map_state_into_batch
         self.seed, self.backend = seed, backend
-        self.needs_candidate_encoder = state_score == "refresh" or out_of_batch == "reencode"
+        self.needs_candidate_encoder = state_score == "exact" or out_of_batch == "reencode"
         self.chains = ChainState(num_keys)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
         self._track_iteration()
         self._negatives_per_anchor: int | None = None  # set by check_batch_shape: R without a host sync
+
+    @property
+    def runs_chain(self) -> bool:
+        return self.state_update == "chain"
 
     def _steps(self, valid: Tensor) -> tuple[int, int]:
         if self.steps is not None:
@@ -115,6 +176,8 @@ class EMC2(ContrastiveObjective):
 
     def check_batch_shape(self, negatives_per_anchor: int) -> None:
         self._negatives_per_anchor = negatives_per_anchor
+        if not self.runs_chain:
+            return
         R = self.steps if self.steps is not None else negatives_per_anchor
         P = self.burn_in if self.burn_in is not None else R - 1
         if P >= R:
@@ -123,69 +186,134 @@ class EMC2(ContrastiveObjective):
                 + (f", the {negatives_per_anchor} in-batch negatives per anchor" if self.steps is None else "")
                 + "): lower objective.options.emc2.burn_in or raise the batch size")
 
-    def _encode(self, batch: ContrastiveBatch, ids: Tensor) -> Tensor:
+    def _encode_states(self, batch: ContrastiveBatch, state_key: Tensor, need: Tensor, with_grad: Tensor
+                       ) -> Tensor | None:
+        """ψ of the states of rows ``need`` (all rows' features returned in row order of ``need.nonzero()``), each
+        sample id encoded once; rows ``with_grad`` under grad, the others without."""
+        rows = need.nonzero()[:, 0]
+        if rows.numel() == 0:
+            return None
         if batch.encode_candidates is None:
             raise RuntimeError(
-                f"emc2 with state_score={self.state_score!r}, out_of_batch={self.out_of_batch!r} needs "
-                "batch.encode_candidates (the trainer supplies it when the objective says needs_candidate_encoder)"
-            )
-        return batch.encode_candidates(ids)
+                f"emc2 with state_score={self.state_score!r}, out_of_batch={self.out_of_batch!r} re-encodes chain "
+                "states by sample id and needs an encoder (GlobalContrastiveLoss: pass encode_x/encode_y; "
+                "ContrastiveBatch: encode_candidates), or use state_score='stale', out_of_batch='drop'")
+        ids = state_key[rows] // batch.views_per_id
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        grad_uniq = torch.zeros(uniq.numel(), dtype=torch.bool, device=uniq.device)
+        grad_uniq[inverse[with_grad[rows]]] = True
+        parts, order = [], []
+        if bool(grad_uniq.any()):
+            with torch.enable_grad():
+                parts.append(batch.encode_candidates(uniq[grad_uniq]))
+            order.append(grad_uniq.nonzero()[:, 0])
+        if bool((~grad_uniq).any()):
+            with torch.no_grad():
+                parts.append(batch.encode_candidates(uniq[~grad_uniq]))
+            order.append((~grad_uniq).nonzero()[:, 0])
+        feats = torch.cat([p.to(batch.anchors.dtype) for p in parts])
+        position = torch.empty_like(uniq)
+        position[torch.cat(order)] = torch.arange(uniq.numel(), device=uniq.device)
+        return feats[position[inverse]]
 
     def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:
         b = self.beta_value(beta)
         scores = batch.scores()
         valid = batch.negative_mask
-        R, P = self._steps(valid)
+        B = scores.shape[0]
+        dev = scores.device
         keys = batch.anchor_keys
-        state_id, state_score = self.chains.read(keys)
+        state_key, stored_score = self.chains.read(keys)
+        step = self._advance()
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(chain_seed(self.seed, step))
+        draw = dict(row_offset=batch.row_offset, total_rows=batch.total_rows, rows=B, device=dev)
 
         with torch.no_grad():
-            if self.map_state_into_batch:
-                init_col = lookup_columns(state_id, batch.candidate_ids, valid)
+            col = lookup_columns(state_key, batch.candidate_keys) if self.map_state_into_batch \
+                else torch.full_like(state_key, -1)
+            present = col >= 0
+            col_valid = present & valid.gather(1, col.clamp(min=0)[:, None])[:, 0]
+            # a state present in the batch but masked for this anchor (a known false negative) is forgotten
+            state_key = torch.where(present & ~col_valid, torch.full_like(state_key, -1), state_key)
+            col = torch.where(col_valid, col, torch.full_like(col, -1))
+            outside = (state_key >= 0) & (col < 0)
+            chosen = draw_rows(gen, (), **draw) < self.reencode_fraction  # Bernoulli(q) per row
+            q = self.reencode_fraction
+            if self.state_score == "exact":
+                refresh = outside & chosen  # re-encoded: exact score, the chain moves, gradient term
+                frozen = outside & ~chosen  # not re-encoded this step: the chain stays (random-scan update)
+                grad_rows = refresh if self.out_of_batch == "reencode" else torch.zeros_like(outside)
+                need = refresh
             else:
-                init_col = torch.full_like(state_id, -1)
-            outside = (init_col < 0) & (state_id >= 0)
-            if self.state_score == "refresh":
-                rows = outside.nonzero()[:, 0]
-                if rows.numel():
-                    feats = self._encode(batch, state_id[rows]).float()
-                    state_score = state_score.clone()
-                    state_score[rows] = (batch.anchors[rows].detach().float() * feats).sum(dim=1)
-            gen = torch.Generator(device=scores.device)
-            step = self._advance()
-            gen.manual_seed(chain_seed(self.seed, step))
-            res = mh_visit_counts(
-                scores.detach(), beta=b, steps=R, burn_in=P, valid=valid, init_index=init_col,
-                init_score=state_score, proposal=self.proposal, generator=gen,
-                row_offset=batch.row_offset, total_rows=batch.total_rows, backend=self.backend,
-            )
-            n_post = float(R - P)
-            if self.out_of_batch == "drop":
-                in_batch = res.counts.sum(dim=1, keepdim=True)
-                # a chain that never entered the batch after burn-in falls back to the exact in-batch softmax
-                softmax = torch.softmax((b * scores.detach().float()).masked_fill(~valid, float("-inf")), dim=1)
-                weights = torch.where(in_batch > 0, res.counts / in_batch.clamp(min=1), softmax)
-            else:
-                weights = res.counts / n_post
-
-        loss = weighted_negative_surrogate(batch.positive_scores(scores), scores, weights, beta)
-        if self.out_of_batch == "reencode":
-            rows = (res.stay > 0).nonzero()[:, 0]
-            if rows.numel():
-                feats = self._encode(batch, state_id[rows])
-                s_out = (batch.anchors[rows] * feats).sum(dim=1)
-                loss = loss + beta * ((res.stay[rows] / n_post).detach() * s_out).sum() / scores.shape[0]
+                frozen = torch.zeros_like(outside)
+                grad_rows = outside & chosen if self.out_of_batch == "reencode" else torch.zeros_like(outside)
+                need = grad_rows
+        feats = self._encode_states(batch, state_key, need, grad_rows)
+        state_score = stored_score.float().clone()
+        s_out = None
+        if feats is not None:
+            need_rows = need.nonzero()[:, 0]
+            s_out = (batch.anchors[need_rows].float() * feats.float()).sum(dim=1)  # grad where encoded with grad
+            if self.state_score == "exact":
+                state_score[need_rows] = s_out.detach()
+        in_pool = outside & ~frozen
+        state_score = torch.where(in_pool, state_score, torch.full_like(state_score, float("-inf")))
 
         with torch.no_grad():
-            new_id = torch.where(res.index >= 0, batch.candidate_ids[res.index.clamp(min=0)], state_id)
-            self.chains.write(keys, new_id, res.score)
-            c = res.counts.sum(dim=1)
-            ess = c.square() / res.counts.square().sum(dim=1).clamp(min=1)  # (Σw)²/Σw² of the in-batch visits
+            s_det = scores.detach().float()
+            if self.runs_chain:
+                R, P = self._steps(valid)
+                res = mh_visit_counts(
+                    s_det, beta=b, steps=R, burn_in=P, valid=valid, init_index=col, init_score=state_score,
+                    proposal=self.proposal, generator=gen, row_offset=batch.row_offset, total_rows=batch.total_rows,
+                    backend=self.backend)
+                new_col, new_score = res.index, res.score
+            logits = pool_logits(s_det, valid, state_score, in_pool, b)
+            batch_softmax = torch.softmax(logits[:, :-1], dim=1)
+            if self.weights == "rao_blackwell":
+                p = torch.softmax(logits, dim=1)
+                w_batch, w_state = p[:, :-1], p[:, -1]
+            else:
+                n_post = float(R - P)
+                w_batch, w_state = res.counts / n_post, res.stay / n_post
+            if self.out_of_batch == "drop":  # renormalise over the batch; a chain never in it: the batch softmax
+                mass = w_batch.sum(dim=1, keepdim=True)
+                w_batch = torch.where(mass > 0, w_batch / mass.clamp(min=1e-30), batch_softmax)
+                w_state = torch.zeros_like(w_state)
+            if self.state_score == "exact" and q < 1:
+                # control variate: E over the Bernoulli(q) choice of h + (m/q)(w − h) is w, the unbiased weights;
+                # rows that were not re-encoded use the batch softmax h and keep their state
+                refresh_rows = (outside & ~frozen)[:, None]
+                w_batch = torch.where(refresh_rows, batch_softmax + (w_batch - batch_softmax) / q,
+                                      torch.where(frozen[:, None], batch_softmax, w_batch))
+            w_state = torch.where(grad_rows, w_state / q, torch.zeros_like(w_state))
+            if not self.runs_chain:
+                pick = gumbel_argmax(logits, draw_rows(gen, (logits.shape[1],), **draw))
+                new_col = torch.where(pick < logits.shape[1] - 1, pick, torch.full_like(pick, -1))
+                new_score = torch.where(new_col >= 0, s_det.gather(1, new_col.clamp(min=0)[:, None])[:, 0],
+                                        state_score)
+            new_col = torch.where(frozen, torch.full_like(new_col, -1), new_col)
+            new_score = torch.where(frozen, stored_score.float(), new_score)
+
+        loss = weighted_negative_surrogate(batch.positive_scores(scores), scores, w_batch, beta)
+        if s_out is not None and bool(grad_rows.any()):
+            rows_in_need = grad_rows[need]  # positions of the grad rows among the encoded rows
+            loss = loss + beta * (w_state[grad_rows].detach() * s_out[rows_in_need]).sum() / B
+
+        with torch.no_grad():
+            new_key = torch.where(new_col >= 0, batch.candidate_keys[new_col.clamp(min=0)], state_key)
+            self.chains.write(keys, new_key, new_score)
+            w_all = torch.cat([w_batch, w_state[:, None]], dim=1).clamp(min=0)
+            ess = w_all.sum(dim=1).square() / w_all.square().sum(dim=1).clamp(min=1e-30)
             stats = {
-                "accept_rate": res.accepted.mean() / R,
-                "stay_frac": res.stay.mean() / n_post,
+                "state_weight": w_state.mean(),
                 "start_outside_frac": outside.float().mean(),
-                "ess": ess.sum() / (c > 0).sum().clamp(min=1),  # distinct-negative equivalent, chains that visited
-                "visited_score": (weights * scores.detach()).sum(dim=1).mean(),
+                "reencoded_frac": need.float().mean(),
+                "frozen_frac": frozen.float().mean(),
+                "ess": ess.mean(),
+                "visited_score": (w_batch * s_det).sum(dim=1).mean(),
             }
+            if self.runs_chain:
+                stats["accept_rate"] = res.accepted.mean() / R
         return ObjectiveOutput(loss, stats)

@@ -10,10 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-__all__ = ["HFTextBackbone", "OpenCLIPTextBackbone", "TokenBatch", "mean_pool", "minilm_path", "to_device"]
+__all__ = ["HFTextBackbone", "OpenCLIPTextBackbone", "TokenBatch", "mean_pool", "minilm_path"]
 
 TokenBatch = dict[str, Tensor]
 
@@ -118,9 +117,3 @@ class OpenCLIPTextBackbone(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         return self.clip.encode_text(tokens, normalize=False)
 
-
-def to_device(inputs: Any, device: torch.device | str) -> Any:
-    """Move a tensor or a dict of tensors to ``device``."""
-    if isinstance(inputs, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-    return inputs.to(device, non_blocking=True)

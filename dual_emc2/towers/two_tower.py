@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
 from dual_emc2.data.pairs import decode_rgb
@@ -27,7 +28,7 @@ from dual_emc2.towers.pretrained_image import (
     stack_images,
 )
 from dual_emc2.towers.temperature import InverseTemperature
-from dual_emc2.towers.text import HFTextBackbone, OpenCLIPTextBackbone, minilm_path, to_device
+from dual_emc2.towers.text import HFTextBackbone, OpenCLIPTextBackbone, minilm_path
 
 if TYPE_CHECKING:
     from dual_emc2.train.config import TowersConfig
@@ -151,7 +152,7 @@ class TwoTowerModel(nn.Module):
                 chunk = items[start:start + batch_size]
                 if tf is not None:
                     chunk = [tf(decode_rgb(v)) for v in chunk]
-                out.append(tower(to_device(tower.prepare(chunk), device)).float().cpu())
+                out.append(tower(send_to_device(tower.prepare(chunk), device)).float().cpu())
         finally:
             self.train(was)
         if not out:

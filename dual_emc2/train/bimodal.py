@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import send_to_device
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -32,19 +33,16 @@ from dual_emc2.data.pairs import (
     decode_rgb,
     read_pairs_file,
     relevant_sets,
-    same_group_mask,
     screen_pairs,
     split_pairs,
 )
 from dual_emc2.data.samplers import SeededViews
 from dual_emc2.data.shards import ShardStream, read_manifest, read_shards
-from dual_emc2.distributed import all_gather_rows, all_gather_with_grad, rank, world_size
 from dual_emc2.metrics.exact import global_contrastive_loss
 from dual_emc2.metrics.faiss_search import build_index
 from dual_emc2.metrics.retrieval import retrieval_metrics
 from dual_emc2.objectives import build_objective, options_for
-from dual_emc2.objectives.base import ContrastiveBatch, EncodeFn
-from dual_emc2.towers.text import to_device
+from dual_emc2.objectives.batches import bimodal_contrastive_batches
 from dual_emc2.towers.two_tower import TwoTowerModel, build_two_tower
 from dual_emc2.train.config import Config, PairsConfig
 from dual_emc2.train.trainer import Trainer
@@ -56,35 +54,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------------- batches
-
-
-def bimodal_contrastive_batches(
-    zx: Tensor, zy: Tensor, ids: Tensor, *, x_groups: Tensor | None = None, y_groups: Tensor | None = None,
-    encode_x: EncodeFn | None = None, encode_y: EncodeFn | None = None,
-) -> tuple[ContrastiveBatch, ContrastiveBatch]:
-    """The x→y and y→x :class:`ContrastiveBatch` of one process.
-
-    ``zx``, ``zy``: [b, d] unit-norm φ(x_i), ψ(y_i) of this process's pairs; ``ids``: their [b] global indices.
-    ``x_groups`` / ``y_groups``: optional [b] ids of identical-x / identical-y groups; candidates of the anchor's
-    group are known false negatives and are masked.  ``encode_y`` (ψ of y by sample index) serves x→y estimators
-    that need out-of-batch candidates, ``encode_x`` the reverse direction.
-    """
-    b = ids.numel()
-    if zx.shape[0] != b or zy.shape[0] != b:
-        raise ValueError(f"expected {b} x and y feature rows, got {zx.shape[0]} and {zy.shape[0]}")
-    cand_y, cand_x = all_gather_with_grad(zy), all_gather_with_grad(zx)
-    cand_ids = all_gather_rows(ids)
-    offset = rank() * b
-    positive = torch.arange(b, device=zx.device) + offset
-    total = b * world_size()
-    mask = None
-    if x_groups is not None and y_groups is not None:
-        mask = same_group_mask(x_groups, y_groups, all_gather_rows(x_groups), all_gather_rows(y_groups))
-    xy = ContrastiveBatch(anchors=zx, candidates=cand_y, positive=positive, anchor_ids=ids, candidate_ids=cand_ids,
-                          row_offset=offset, total_rows=total, encode_candidates=encode_y, extra_negative_mask=mask)
-    yx = ContrastiveBatch(anchors=zy, candidates=cand_x, positive=positive, anchor_ids=ids, candidate_ids=cand_ids,
-                          row_offset=offset, total_rows=total, encode_candidates=encode_x, extra_negative_mask=mask)
-    return xy, yx
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -302,15 +271,8 @@ class BimodalTrainer(Trainer):
         raw = pairs.x if side == "x" else pairs.y
         decode = self.lookup_tf[0 if side == "x" else 1]
         tower = self.core.tower(side)
-        inputs = to_device(tower.prepare([decode(raw[i]) for i in pos]), self.device)
-        was = tower.training
-        tower.eval()
-        try:
-            with self.acc.autocast():
-                z = tower(inputs)
-        finally:
-            tower.train(was)
-        return z.float()
+        inputs = send_to_device(tower.prepare([decode(raw[i]) for i in pos]), self.device, non_blocking=True)
+        return self._forward_in_eval_mode(tower, inputs)
 
     def encode_x_by_id(self, ids: Tensor) -> Tensor:
         return self._encode_by_id("x", ids)
@@ -340,7 +302,7 @@ class BimodalTrainer(Trainer):
     def train_step(self, ids: Tensor, x_inputs: Any, y_inputs: Any) -> tuple[Tensor, dict[str, Tensor]] | None:
         """One micro-batch of pairs: both towers, both directions of the estimator, backward, optimiser step."""
         ids = ids.to(self.device)
-        x_inputs, y_inputs = to_device(x_inputs, self.device), to_device(y_inputs, self.device)
+        x_inputs, y_inputs = send_to_device((x_inputs, y_inputs), self.device, non_blocking=True)
         needs = self.objective.needs_candidate_encoder
         groups = {}
         if self.group_of is not None:

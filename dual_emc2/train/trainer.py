@@ -8,9 +8,7 @@ and data position, so a resumed run continues exactly.
 from __future__ import annotations
 
 import json
-import math
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from torch import Tensor
@@ -170,15 +167,18 @@ class Trainer:
         x = self.lookup(ids.cpu()).to(self.device)
         if self.cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        enc = self.core.encoder
-        was = enc.training
-        enc.eval()
+        return self._forward_in_eval_mode(self.core.encoder, x)
+
+    def _forward_in_eval_mode(self, module: torch.nn.Module, inputs: Any) -> Tensor:
+        """``module(inputs)`` in float32 under autocast with norm layers and dropout in eval mode (the inputs are
+        samples looked up by id, not a batch), the training mode restored after; the caller's grad mode applies."""
+        was = module.training
+        module.eval()
         try:
             with self.acc.autocast():
-                z = enc(x)
+                return module(inputs).float()
         finally:
-            enc.train(was)
-        return z.float()
+            module.train(was)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def state_payload(self) -> dict[str, Any]:
@@ -294,7 +294,7 @@ class Trainer:
     def _spectral_embeddings(self, positions: Tensor) -> tuple[Tensor, Tensor | None]:
         """Anchor and candidate embeddings (u, v; v None when φ = ψ) of the training samples at sampler positions
         ``positions``, for the spectral batch sampler (no grad, eval mode)."""
-        return F.normalize(self.encode_candidates(positions), dim=-1), None
+        return self.encode_candidates(positions), None  # the encoder's z is unit-norm already
 
     def _refresh_due(self) -> bool:
         """A spectral re-clustering is due before the next optimiser step (never inside an accumulation group)."""

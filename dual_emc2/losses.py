@@ -1,0 +1,217 @@
+"""The public loss: the global contrastive loss (Yau et al., eq. 1) optimised by any of the project's estimators, as a
+drop-in ``nn.Module`` for a user's own training loop (open_clip, sentence-transformers, plain torch).
+
+Bimodal (CLIP-style, two towers): D_neg(x_i) = {y_j : j ≠ i}, and the target is L = ½ (L_xy + L_yx) with
+
+    L_xy = mean_i [ −β s(x_i, y_i) + log Σ_{j ≠ i} exp(β s(x_i, y_j)) ],
+
+each direction with its own estimator state.  Unimodal (SimCLR-style, one tower): ``x_features`` and
+``y_features`` are two views of the same b images, row i of each belonging to image ``index[i]``; all 2b views are
+anchors against all 2b views, the positive of a view is the other view of its image (``infonce`` is NT-Xent).
+
+Example::
+
+    loss_fn = GlobalContrastiveLoss("emc2", num_samples=len(dataset))
+    for index, images, texts in loader:                     # index: the dataset position of each pair
+        x = F.normalize(model.encode_image(images), dim=-1)
+        y = F.normalize(model.encode_text(texts), dim=-1)
+        loss = loss_fn(x, y, index, model.logit_scale.exp(),
+                       encode_x=lambda ids: F.normalize(model.encode_image(images_of(ids)), dim=-1),
+                       encode_y=lambda ids: F.normalize(model.encode_text(texts_of(ids)), dim=-1))
+        loss.backward()
+
+``encode_x`` / ``encode_y`` map global ids to features of those samples under the caller's grad mode; EMC²'s default
+re-encodes its chain states with them (unbiased at any batch size, docs/DESIGN.md).  Without encoders use
+``GlobalContrastiveLoss("emc2", N, state_score="stale", out_of_batch="drop")`` (no extra forwards, biased at small
+batch).  Under ``torch.distributed`` the features are gathered with gradient over processes; pass each process's own
+rows and ids.  The estimator state (chains, SogCLR's u, the negative cache) is in ``state_dict()``.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from dual_emc2.distributed import all_gather_rows, world_size
+from dual_emc2.metrics.exact import global_contrastive_loss
+from dual_emc2.objectives import REGISTRY, build_objective
+from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective
+from dual_emc2.objectives.batches import bimodal_contrastive_batches, unimodal_contrastive_batch
+from dual_emc2.objectives.symmetric import SymmetricObjective
+
+Mode = Literal["bimodal", "unimodal"]
+MODES = ("bimodal", "unimodal")
+EncodeFn = Callable[[Tensor], Tensor]
+
+
+def _unit_rows(name: str, t: Tensor, tol: float) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [b, d], got {type(t).__name__}")
+    if t.dim() != 2 or t.shape[0] == 0:
+        raise ValueError(f"{name} must have shape [b, d] with b >= 1, got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be floating point, got {t.dtype}")
+    norms = t.detach().float().norm(dim=1)
+    if not bool(torch.isfinite(norms).all()):
+        raise ValueError(f"{name} has non-finite values (rows {torch.nonzero(~torch.isfinite(norms))[:5, 0].tolist()})")
+    lo, hi = float(norms.min()), float(norms.max())
+    if lo < 1 - tol or hi > 1 + tol:
+        raise ValueError(f"{name} rows must be unit vectors (L2 norm 1), got norms in [{lo:.4g}, {hi:.4g}]; pass "
+                         "F.normalize(features, dim=-1) (open_clip: encode_image(..., normalize=True))")
+
+
+class GlobalContrastiveLoss(nn.Module):
+    """Global contrastive loss with a chosen estimator.
+
+    Args:
+        estimator: ``emc2`` (default options: unbiased Rao–Blackwell weights over batch ∪ chain state), ``infonce``
+            (= ``clip``, ``simclr``), ``sogclr``, ``negative_cache``, ``hcl``, ``scl``, ``hscl``, ``hucl``.
+        num_samples: size of the training set; ``index`` values lie in [0, num_samples).
+        mode: ``"bimodal"`` (x, y from two towers; both directions) or ``"unimodal"`` (x, y two views).
+        check_inputs: validate shapes, unit norms and ids every call (one host sync); off for speed once it runs.
+        **options: the estimator's options, as ``objective.options.<estimator>`` in configs (e.g. ``burn_in=31``,
+            ``reencode_fraction=0.5``, ``gamma=0.9``, ``seed=0``).
+
+    Call: ``loss_fn(x_features, y_features, index, logit_scale, encode_x=None, encode_y=None)`` → scalar tensor.
+        x_features, y_features: [b, d] unit rows.  index: [b] int global ids in [0, num_samples), distinct.
+        logit_scale: β, a float or a 0-dim tensor (open_clip's ``logit_scale.exp()``; may require grad).
+        encode_x, encode_y: ids → [n, d] unit features of those samples (for estimators that re-encode).
+        labels: [b] class labels for the supervised estimators (unimodal).  x_groups, y_groups: [b] ids of groups of
+        identical x / y (bimodal): candidates in the anchor's group are masked as known false negatives.
+    ``last_stats``: detached diagnostics of the last call (estimator stats and ``batch_objective``, eq. 1 with D_neg
+    the batch).
+    """
+
+    def __init__(self, estimator: str = "emc2", num_samples: int = 0, mode: Mode = "bimodal", *,
+                 check_inputs: bool = True, **options: Any) -> None:
+        super().__init__()
+        if mode not in MODES:
+            hint = difflib.get_close_matches(str(mode), MODES, n=1)
+            raise ValueError(f"mode must be 'bimodal' or 'unimodal', got {mode!r}"
+                             + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be the training set size (an int >= 1), got {num_samples!r}")
+        keys = num_samples * (2 if mode == "unimodal" else 1)
+        objective = build_objective(estimator, num_keys=keys, num_candidates=num_samples, options=options,
+                                    symmetric=mode == "bimodal")
+        self._setup(objective, mode, num_samples, check_inputs, views_per_sample=2)
+        self.estimator = estimator
+
+    def _setup(self, objective: ContrastiveObjective, mode: str, num_samples: int, check_inputs: bool,
+               views_per_sample: int) -> None:
+        self.objective = objective
+        self.mode = mode
+        self.views_per_sample = views_per_sample
+        self.num_samples = num_samples
+        self.check_inputs = check_inputs
+        self.last_stats: dict[str, Tensor] = {}
+        self._shape_checked: int | None = None
+
+    @classmethod
+    def wrap(cls, objective: ContrastiveObjective, mode: Mode, num_samples: int, *, views_per_sample: int = 2,
+             check_inputs: bool = False) -> "GlobalContrastiveLoss":
+        """A loss around an estimator built elsewhere (the trainer builds it from a config, with
+        ``num_samples × views_per_sample`` anchor keys in the unimodal mode)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(objective, mode, num_samples, check_inputs, views_per_sample)
+        self.estimator = objective.name
+        return self
+
+    @property
+    def direction(self) -> ContrastiveObjective:
+        """The estimator of one direction (x→y bimodal; the only one unimodal)."""
+        return self.objective.x_to_y if isinstance(self.objective, SymmetricObjective) else self.objective
+
+    def _check_call(self, x: Tensor, y: Tensor, index: Tensor, logit_scale: Tensor | float) -> None:
+        tol = 2e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3
+        _unit_rows("x_features", x, tol)
+        _unit_rows("y_features", y, tol)
+        if x.shape != y.shape:
+            raise ValueError(f"x_features {tuple(x.shape)} and y_features {tuple(y.shape)} must have the same shape "
+                             "(one row per pair or image)")
+        if not isinstance(index, Tensor) or index.shape != (x.shape[0],) or index.is_floating_point():
+            raise ValueError(f"index must be an integer tensor of shape ({x.shape[0]},) holding each row's dataset "
+                             f"index, got {getattr(index, 'dtype', type(index).__name__)} "
+                             f"{tuple(getattr(index, 'shape', ()))}")
+        every = all_gather_rows(index.to(x.device))
+        lo, hi = int(every.min()), int(every.max())
+        if lo < 0 or hi >= self.num_samples:
+            raise ValueError(f"index values must lie in [0, num_samples={self.num_samples}), got [{lo}, {hi}]: pass "
+                             "the dataset position of each sample, and num_samples = len(dataset)")
+        if torch.unique(every).numel() != every.numel():
+            raise ValueError("index has repeated ids in one (global) batch: each sample may appear once per step")
+        beta = float(logit_scale.detach()) if isinstance(logit_scale, Tensor) else float(logit_scale)
+        if not beta > 0 or beta == float("inf"):
+            raise ValueError(f"logit_scale (β) must be a finite positive number, got {beta}")
+
+    def _check_shape(self, negatives_per_anchor: int) -> None:
+        if self._shape_checked != negatives_per_anchor:
+            for est in ((self.objective.x_to_y, self.objective.y_to_x)
+                        if isinstance(self.objective, SymmetricObjective) else (self.objective,)):
+                est.check_batch_shape(negatives_per_anchor)
+            self._shape_checked = negatives_per_anchor
+
+    def _check_encoders(self, encode_x: EncodeFn | None, encode_y: EncodeFn | None) -> None:
+        if not self.objective.needs_candidate_encoder:
+            return
+        missing = [n for n, f in (("encode_x", encode_x), ("encode_y", encode_y)) if f is None]
+        if self.mode == "unimodal":
+            missing = [] if (encode_x or encode_y) else ["encode_x"]
+        if missing:
+            raise ValueError(
+                f"estimator {self.estimator!r} with these options re-encodes samples by id: pass "
+                f"{' and '.join(missing)} (ids → unit features), or build it without re-encoding "
+                "(emc2: state_score='stale', out_of_batch='drop')")
+
+    def forward(self, x_features: Tensor, y_features: Tensor, index: Tensor, logit_scale: Tensor | float,
+                encode_x: EncodeFn | None = None, encode_y: EncodeFn | None = None, *, labels: Tensor | None = None,
+                x_groups: Tensor | None = None, y_groups: Tensor | None = None) -> Tensor:
+        if self.check_inputs:
+            self._check_call(x_features, y_features, index, logit_scale)
+        self._check_encoders(encode_x, encode_y)
+        index = index.to(x_features.device, torch.int64)
+        if self.mode == "unimodal":
+            views = torch.stack([x_features, y_features], dim=1)  # [b, 2, d]: image-major, view 0 then view 1
+            return self.forward_views(views, index, logit_scale, encode_x or encode_y, labels=labels)
+        b_global = x_features.shape[0] * world_size()
+        self._check_shape(b_global - 1)
+        xy, yx = bimodal_contrastive_batches(x_features, y_features, index, x_groups=x_groups, y_groups=y_groups,
+                                             encode_x=encode_x, encode_y=encode_y)
+        out = self.objective(xy, logit_scale, reverse=yx)
+        with torch.no_grad():
+            beta = float(logit_scale.detach()) if isinstance(logit_scale, Tensor) else float(logit_scale)
+            batch_objective = 0.5 * sum(_batch_objective(bt, beta) for bt in (xy, yx))
+        self.last_stats = dict(out.stats) | {"loss": out.loss.detach(), "batch_objective": batch_objective}
+        return out.loss
+
+    def forward_views(self, views: Tensor, index: Tensor, logit_scale: Tensor | float,
+                      encode: EncodeFn | None = None, *, labels: Tensor | None = None) -> Tensor:
+        """Unimodal loss of ``views`` [b, V, d] (V ≥ 2 unit views of each of b images): every view is an anchor, its
+        positive the next view of its image (v → v + 1 mod V), the other images' views its negatives."""
+        if self.mode != "unimodal":
+            raise ValueError("forward_views is the unimodal loss; this loss was built with mode='bimodal'")
+        b, V, d = views.shape
+        if V != self.views_per_sample:
+            raise ValueError(f"this loss keeps state for {self.views_per_sample} views per image, got {V}")
+        self._check_shape(b * world_size() * V - V)
+        batch = unimodal_contrastive_batch(views.reshape(b * V, d), index.to(views.device, torch.int64), V,
+                                           encode_candidates=encode, labels=labels)
+        out = self.objective(batch, logit_scale)
+        with torch.no_grad():
+            beta = float(logit_scale.detach()) if isinstance(logit_scale, Tensor) else float(logit_scale)
+            self.last_stats = dict(out.stats) | {"loss": out.loss.detach(),
+                                                 "batch_objective": _batch_objective(batch, beta)}
+        self._last_batch = batch
+        return out.loss
+
+
+def _batch_objective(batch: ContrastiveBatch, beta: float) -> Tensor:
+    """Eq. (1) with D_neg the batch: comparable across estimators, unlike their surrogates."""
+    return global_contrastive_loss(batch.anchors.detach(), batch.candidates.detach(), batch.positive,
+                                   batch.anchor_ids, batch.candidate_ids, beta)
+
+
+__all__ = ["GlobalContrastiveLoss", "MODES", "REGISTRY"]
