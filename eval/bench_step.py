@@ -43,7 +43,7 @@ from dual_emc2.objectives import build_objective
 from dual_emc2.towers.heads import build_image_encoder
 from dual_emc2.train.unimodal import unimodal_contrastive_batch
 
-ESTIMATORS = ("simclr", "emc2", "emc2_reencode", "sogclr", "hcl", "negative_cache")
+ESTIMATORS = ("simclr", "emc2", "emc2_q025", "emc2_stale_drop", "sogclr", "hcl", "negative_cache")
 VIEWS = 2
 
 
@@ -80,12 +80,15 @@ PRESETS: dict[str, list[Case]] = {
 
 
 def estimator_options(name: str, case: Case) -> tuple[str, dict[str, Any]]:
-    """Registry name and options of a table row (EMC² P = b − 1 as in Table 3; ``emc2`` is the trainer default
-    ``stale``/``drop``, ``emc2_reencode`` re-encodes out-of-batch states as the released code and the STL-10 config)."""
+    """Registry name and options of a table row: ``emc2`` is the default (Rao–Blackwell weights over batch ∪ state,
+    every out-of-batch state re-encoded), ``emc2_q025`` re-encodes a random quarter of them (weighted 4×), and
+    ``emc2_stale_drop`` is the paper's Algorithm 1 with stale scores and no re-encoding (P = b − 1, Table 3)."""
     return {
         "simclr": ("infonce", {}),
-        "emc2": ("emc2", {"burn_in": case.batch - 1}),
-        "emc2_reencode": ("emc2", {"burn_in": case.batch - 1, "out_of_batch": "reencode"}),
+        "emc2": ("emc2", {}),
+        "emc2_q025": ("emc2", {"reencode_fraction": 0.25}),
+        "emc2_stale_drop": ("emc2", {"weights": "visits", "proposal": "batch", "burn_in": case.batch - 1,
+                                     "state_score": "stale", "out_of_batch": "drop"}),
         "sogclr": ("sogclr", {"gamma": 0.9}),
         "hcl": ("hcl", {}),
         "negative_cache": ("negative_cache", {"dim": case.dim, "refresh": case.cache_refresh, "init_full": False}),
