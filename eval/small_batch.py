@@ -90,8 +90,10 @@ def config_for(args: argparse.Namespace, b: int) -> str:
 
 
 def run_overrides(args: argparse.Namespace, name: str, b: int, seed: int, out: Path) -> list[str]:
+    # EMC² runs its default estimator (Rao–Blackwell weights over the batch plus the re-encoded chain state): it has
+    # no steps / burn-in to set (objective.options.emc2.burn_in only matters for weights=visits).
     o = [f"objective.name={name}", f"train.batch_size={b}", f"train.epochs={args.epochs}", f"seed={seed}",
-         "eval.every_epochs=1", f"output_dir={out}", f"objective.options.emc2.burn_in={b - 1}",
+         f"eval.every_epochs={args.eval_every}", f"output_dir={out}",
          f"data.num_workers={args.workers}", "train.ckpt_every=1000000", "train.max_steps=null",
          f"eval.probe_epochs={args.probe_epochs}"]
     if args.data_root:
@@ -99,7 +101,10 @@ def run_overrides(args: argparse.Namespace, name: str, b: int, seed: int, out: P
     if args.subset:
         o.append(f"data.subset={args.subset}")
     if args.eval_max:
-        o += [f"eval.max_train={args.eval_max}", f"eval.max_test={max(1, args.eval_max // 2)}"]
+        o.append(f"eval.max_train={args.eval_max}")
+    eval_test = args.eval_test if args.eval_test is not None else args.eval_max // 2
+    if eval_test:
+        o.append(f"eval.max_test={eval_test}")
     return o + list(args.override)
 
 
@@ -233,6 +238,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--subset", type=int, default=2000, help="first N training images (0: all)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--eval-max", type=int, default=2000, help="probe training images (test: half as many; 0: all)")
+    ap.add_argument("--eval-test", type=int, default=None,
+                    help="held-out test images of the probe and 1-NN (default: half of --eval-max; 0: all)")
+    ap.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     ap.add_argument("--probe-epochs", type=int, default=100)
     ap.add_argument("--workers", type=int, default=0, help="data loader workers (0: in-process, so CPU time counts it)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -67,16 +67,41 @@ def test_stationarity_smoke_matches_brute_force(tmp_path: Path) -> None:
         first, last = runs[0][0], runs[0][-1]
         assert first["loss"] == pytest.approx(loss0, rel=1e-6), label
         assert first["grad_norm_sq"] == pytest.approx(sq0, rel=1e-4), label
-        assert last["epoch"] == cfg["epochs"]
-        assert last["samples"] == cfg["epochs"] * (cfg["images"] // cfg["batch"]) * cfg["batch"]  # images accessed
+        # equal forwards (the default): every estimator stops at the first step that spends the common budget,
+        # SimCLR's forwards for --epochs epochs; re-encodes count
+        assert cfg["budget"] == cfg["epochs"] * (cfg["images"] // cfg["batch"]) * cfg["batch"] * cfg["views"]
+        assert last["checkpoint"] == cfg["budget"]
+        per_step = last["forwards"] / last["steps"]
+        assert cfg["budget"] <= last["forwards"] < cfg["budget"] + 2 * per_step + cfg["batch"] * cfg["views"]
+        assert [p["checkpoint"] for p in runs[0]] == sorted({p["checkpoint"] for p in runs[0]})
         assert math.isfinite(last["loss"]) and last["grad_norm_sq"] > 0
         assert last["loss"] != first["loss"]  # it trained
+    simclr_last = res["curves"]["simclr"][0][-1]
+    assert simclr_last["samples"] == cfg["epochs"] * (cfg["images"] // cfg["batch"]) * cfg["batch"]  # images accessed
     g = res["final_grad_norm_sq"]
     for other in ("simclr", "sogclr", "negative_cache"):
         assert res[f"grad_norm_ratio_{other}_over_emc2"] == pytest.approx(g[other]["mean"] / g["emc2"]["mean"])
-    # extra forwards: none for SimCLR (2b views a step), some for the estimators that re-encode
+    # extra forwards: none for SimCLR (2b views a step), some for the estimators that re-encode, hence fewer steps
     assert res["forwards_per_step"]["simclr"] == 2 * cfg["batch"]
     assert res["forwards_per_step"]["negative_cache"] > 2 * cfg["batch"]
+    assert res["forwards_per_step"]["emc2"] > 2 * cfg["batch"]
+    assert res["steps"]["emc2"][0] < res["steps"]["simclr"][0]
+    # the bias check reports the Monte-Carlo noise of its block means beside the noise-corrected bias
+    gb = res["gradient_bias"]
+    for label in ("emc2", "emc2_batch", "simclr", "sogclr", "negative_cache"):
+        assert gb[label]["mc_noise"] > 0 and gb[label]["relative_bias"] >= 0 and gb[label]["relative_bias_se"] >= 0
+        assert gb[label]["relative_bias_naive"] ** 2 == pytest.approx(
+            gb[label]["relative_bias_sq_signed"] + gb[label]["mc_noise"] ** 2, rel=1e-6, abs=1e-12)
+    # per-seed files of one configuration merge into one result (curves in seed order, summaries recomputed)
+    other = json.loads(out.read_text())
+    other["config"]["seeds"] = [cfg["seeds"][0] + 1]
+    (tmp_path / "st_b.json").write_text(json.dumps(other))
+    merged = tmp_path / "merged.json"
+    stationarity.main(["--merge", f"{tmp_path / 'st_b.json'},{out}", "--out", str(merged)])
+    m = json.loads(merged.read_text())
+    assert m["config"]["seeds"] == [cfg["seeds"][0], cfg["seeds"][0] + 1]
+    assert all(len(runs) == 2 for runs in m["curves"].values())
+    assert m["final_grad_norm_sq"]["emc2"]["per_seed"] == [g["emc2"]["mean"]] * 2
     assert res["machine"]["torch"] == torch.__version__ and "final ‖∇L‖²" in stdout
     assert out.with_suffix(".png").stat().st_size > 10_000
 
@@ -86,6 +111,18 @@ def test_stationarity_rejects_bad_arguments() -> None:
         stationarity.parse_args(["--estimators", "emc2,nope"])
     with pytest.raises(SystemExit):
         stationarity.parse_args(["--batch", "2", "--burn-in", "2"])  # R = (b − 1)·views = 2, P must be < R
+
+
+def test_stationarity_step_size_schedules() -> None:
+    f = stationarity.lr_factor
+    assert f("constant", 0.7, 0.5) == 1.0
+    assert f("cosine", 0.0, 0.5) == 1.0 and f("cosine", 0.5, 0.5) == pytest.approx(0.5) and f("cosine", 1.0, 0.5) < 1e-12
+    assert f("const_cosine", 0.4, 0.5) == 1.0 and f("const_cosine", 0.75, 0.5) == pytest.approx(0.5)
+    assert f("const_step", 0.4, 0.5) == 1.0 and f("const_step", 0.6, 0.5) == 0.1 and f("const_step", 0.9, 0.5) == 0.01
+    args = stationarity.parse_args(["--images", "100", "--epochs", "3"])
+    assert args.budget == 3 * 25 * 4 * 2  # SimCLR's forwards: epochs × (n // b) steps × 2b views
+    assert stationarity.parse_args(["--equal", "samples"]).budget == 0
+    assert stationarity.parse_args(["--budget-forwards", "5000"]).budget == 5000
 
 
 # ------------------------------------------------------------------------------------------------ small batch

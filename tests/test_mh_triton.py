@@ -34,7 +34,7 @@ CHAIN_CASES = [
 ]
 TIE_CASE = (6, 5, 35, 7, 1 / 0.07)
 # end-to-end mh_visit_counts on a unimodal batch of b images x 2 views: (b, R, P, proposal)
-VISIT_CASES = [(6, 10, 5, "uniform"), (5, 23, 0, "scan")]
+VISIT_CASES = [(6, 10, 5, "batch"), (5, 23, 0, "permuted_scan"), (6, 17, 4, "pool"), (70, 33, 8, "pool")]
 
 _RUNNER = textwrap.dedent(
     """
@@ -55,16 +55,19 @@ _RUNNER = textwrap.dedent(
 
 
 def _random_chain_args(B: int, C: int, R: int, P: int, beta: float, seed: int) -> tuple:
-    """Proposals from a random mask with a different number of valid columns per row, mixed init states."""
+    """Pool proposals from a random mask with a different number of valid columns per row, mixed init states: rows
+    whose out-of-batch state has a score propose it (column -1) along with their valid columns."""
     gen = torch.Generator().manual_seed(seed)
     scores = torch.randn(B, C, generator=gen)
     density = torch.rand(B, 1, generator=gen) * 0.8 + 0.2
     valid = torch.rand(B, C, generator=gen) < density
     valid[torch.arange(B), torch.randint(0, C, (B,), generator=gen)] = True
-    prop = draw_mh_proposals(valid, R, generator=gen)
-    prop_score = scores.gather(1, prop.index.t()).t().contiguous()
     init_index = torch.where(torch.rand(B, generator=gen) < 0.5, torch.randint(0, C, (B,), generator=gen), -1)
     init_score = torch.where(torch.rand(B, generator=gen) < 0.5, torch.randn(B, generator=gen), float("-inf"))
+    in_pool = (init_index < 0) & torch.isfinite(init_score)
+    prop = draw_mh_proposals(valid, R, proposal="pool", generator=gen, state_in_pool=in_pool)
+    idx = prop.index.t()
+    prop_score = torch.where(idx < 0, init_score[:, None], scores.gather(1, idx.clamp(min=0))).t().contiguous()
     return (prop.index, prop_score, prop.log_u, init_index, init_score, beta, P, C)
 
 
@@ -98,7 +101,8 @@ def _unimodal_visit_kwargs(b: int, R: int, P: int, proposal: str, seed: int) -> 
     feats = torch.nn.functional.normalize(torch.randn(B, 16, generator=gen), dim=1)
     eye = torch.eye(B, dtype=torch.bool)
     valid = ~(eye | eye[torch.arange(B) ^ 1])
-    init_index = torch.where(torch.rand(B, generator=gen) < 0.5, torch.randint(0, B, (B,), generator=gen), -1)
+    valid_col = torch.multinomial(valid.float(), 1, generator=gen)[:, 0]
+    init_index = torch.where(torch.rand(B, generator=gen) < 0.5, valid_col, -1)
     init_score = torch.where(torch.rand(B, generator=gen) < 0.5, torch.rand(B, generator=gen), float("-inf"))
     return dict(scores=feats @ feats.t(), beta=3.0, steps=R, burn_in=P, valid=valid, init_index=init_index,
                 init_score=init_score, proposal=proposal, seed=seed + 1)
@@ -167,6 +171,7 @@ def test_interpreted_cases_cover_stays_and_moves(interpreted):
     assert any(bool((r.stay > 0).any()) for r in refs), "no chain ever sat on its out-of-batch init state"
     assert any(bool((r.index == -1).any()) for r in refs), "no chain ended on its out-of-batch init state"
     assert all(bool((r.accepted > 0).any()) for r in refs), "a case where no chain ever moved"
+    assert any(bool((args[0] == -1).any()) for args in interpreted["chains"]), "no chain proposed its stored state"
 
 
 @needs_triton
@@ -283,7 +288,7 @@ def _cuda_ready() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("B,R,proposal", [(512, 510, "uniform"), (512, 510, "scan"), (2000, 77, "uniform")])
+@pytest.mark.parametrize("B,R,proposal", [(512, 510, "batch"), (512, 510, "permuted_scan"), (512, 510, "pool"), (2000, 77, "pool")])
 def test_cuda_triton_backend_matches_torch_backend(B, R, proposal):
     _cuda_ready()
     dev = torch.device("cuda")

@@ -16,8 +16,9 @@ def unimodal_batch(b=6, d=8, seed=0, dtype=torch.float32, ids=None):
     ids = torch.arange(b) if ids is None else ids
     anchor_ids = ids.repeat(2)
     positive = torch.cat([torch.arange(b, 2 * b), torch.arange(b)])
-    keys = torch.cat([ids * 2, ids * 2 + 1])
-    return feats, ContrastiveBatch(feats, feats, positive, anchor_ids, anchor_ids, anchor_keys=keys)
+    keys = torch.cat([ids * 2, ids * 2 + 1])  # anchor key = candidate key = id * 2 + view
+    return feats, ContrastiveBatch(feats, feats, positive, anchor_ids, anchor_ids, anchor_keys=keys,
+                                   candidate_keys=keys, views_per_id=2)
 
 
 def bimodal_batch(b=5, d=8, seed=0):
@@ -56,49 +57,69 @@ def test_emc2_long_chains_estimate_the_gradient_of_eq1():
     beta = 3.0
     ref = global_contrastive_loss(feats, feats, batch.positive, batch.anchor_ids, batch.candidate_ids, beta)
     (g_ref,) = torch.autograd.grad(ref, feats)
-    emc2 = EMC2(num_keys=10, steps=40_000, burn_in=500, seed=3)
+    emc2 = EMC2(num_keys=10, weights="visits", steps=40_000, burn_in=500, seed=3)
     (g,) = torch.autograd.grad(emc2(batch, beta).loss, feats)
     rel = (g - g_ref).norm() / g_ref.norm()
     assert rel < 0.03, float(rel)
 
 
-def test_emc2_state_persists_and_maps_into_the_batch():
+def test_emc2_rao_blackwell_without_state_is_the_batch_gradient_of_eq1():
+    # first visit: no chain state, the pool is the batch, and the Rao-Blackwell weights are its exact softmax
+    feats, batch = unimodal_batch(b=5, dtype=torch.float64, seed=1)
+    ref = global_contrastive_loss(feats, feats, batch.positive, batch.anchor_ids, batch.candidate_ids, 3.0)
+    (g_ref,) = torch.autograd.grad(ref, feats)
+    (g,) = torch.autograd.grad(EMC2(num_keys=10)(batch, 3.0).loss, feats)
+    assert torch.allclose(g, g_ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("opts", [{}, {"weights": "visits", "steps": 6, "burn_in": 2}])
+def test_emc2_state_persists_and_maps_into_the_batch(opts):
     feats, batch = unimodal_batch(b=4)
-    emc2 = EMC2(num_keys=8, steps=6, burn_in=2, seed=0)
+    emc2 = EMC2(num_keys=8, seed=0, **opts)
     out = emc2(batch, 5.0)
-    sid = emc2.chains.sample_id[batch.anchor_keys].long()
-    assert (sid >= 0).all() and (sid != batch.anchor_ids).all(), "a chain sits on its own sample"
+    key = emc2.chains.candidate_key[batch.anchor_keys].long()
+    col = (key[:, None] == batch.candidate_keys[None, :]).long().argmax(dim=1)
+    assert (batch.candidate_keys[col] == key).all(), "a chain state is not a candidate key of the batch"
+    assert (key // 2 != batch.anchor_ids).all(), "a chain sits on its own sample"
     s = (feats @ feats.t()).detach()
     stored = emc2.chains.score[batch.anchor_keys]
-    view_scores = torch.stack([s[torch.arange(8), sid], s[torch.arange(8), sid + 4]], dim=1)  # either view of sid
-    assert ((view_scores - stored[:, None]).abs().min(dim=1).values < 1e-6).all(), "stored score is not the sample's"
-    out2 = emc2(batch, 5.0)  # same samples: every chain restarts inside the batch
+    assert torch.allclose(stored, s[torch.arange(8), col]), "stored score is not the score of the stored view"
+    out2 = emc2(batch, 5.0)  # same samples: every chain restarts inside the batch, at the column of its view
     assert float(out2.stats["start_outside_frac"]) == 0.0
-    assert 0 < float(out.stats["accept_rate"]) <= 1
+    if "weights" in opts:
+        assert 0 < float(out.stats["accept_rate"]) <= 1
 
 
-def test_emc2_rank_split_equals_single_process():
+@pytest.mark.parametrize("opts", [{}, {"weights": "visits", "steps": 6, "burn_in": 1}, {"reencode_fraction": 0.5}])
+def test_emc2_rank_split_equals_single_process(opts):
     feats, batch = unimodal_batch(b=4, seed=2)
-    full = EMC2(num_keys=8, steps=6, burn_in=1, seed=5)
+    table = F.normalize(torch.randn(20, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    batch.encode_candidates = lambda ids: table[ids]
+    full = EMC2(num_keys=40, seed=5, **opts)
+    full.chains.candidate_key[:8] = torch.tensor([30, 31, 2, 33, 34, 35, 4, 37], dtype=torch.int32)
     loss_full = full(batch, 4.0).loss
-    ranks = [EMC2(num_keys=8, steps=6, burn_in=1, seed=5) for _ in range(2)]
+    ranks = [EMC2(num_keys=40, seed=5, **opts) for _ in range(2)]
     losses = []
     for r, (lo, hi) in enumerate([(0, 4), (4, 8)]):
+        ranks[r].chains.load_state_dict({"candidate_key": torch.tensor([30, 31, 2, 33, 34, 35, 4, 37] + [-1] * 32,
+                                                                       dtype=torch.int32),
+                                         "score": torch.full((40,), float("-inf"))})
         part = ContrastiveBatch(feats[lo:hi], feats, batch.positive[lo:hi], batch.anchor_ids[lo:hi],
-                                batch.candidate_ids, anchor_keys=batch.anchor_keys[lo:hi], row_offset=lo, total_rows=8)
+                                batch.candidate_ids, anchor_keys=batch.anchor_keys[lo:hi],
+                                candidate_keys=batch.candidate_keys, views_per_id=2, row_offset=lo, total_rows=8,
+                                encode_candidates=batch.encode_candidates)
         losses.append(ranks[r](part, 4.0).loss)
     assert torch.allclose(0.5 * (losses[0] + losses[1]), loss_full, atol=1e-6)
     for key in range(8):  # keys 0,2,4,6 are view-0 anchors (rank 0), keys 1,3,5,7 view-1 anchors (rank 1)
         owner = ranks[0] if key % 2 == 0 else ranks[1]
-        assert owner.chains.sample_id[key] == full.chains.sample_id[key]
+        assert owner.chains.candidate_key[key] == full.chains.candidate_key[key]
         assert owner.chains.score[key] == full.chains.score[key]
 
 
-def test_emc2_out_of_batch_reencode_and_refresh():
-    # one anchor pair whose chain sits on sample 99 (not in the batch) with a huge stale score: it never moves, so
-    # with out_of_batch="reencode" the whole negative weight goes to the re-encoded sample 99.
-    feats, batch = unimodal_batch(b=3, seed=4)
-    z99 = F.normalize(torch.randn(1, 8), dim=1).requires_grad_(True)
+def _state_out_of_batch(b=3, seed=4):
+    """A unimodal batch whose every chain sits on view 0 of sample 99 (key 198), out of the batch."""
+    feats, batch = unimodal_batch(b=b, seed=seed)
+    z99 = F.normalize(torch.randn(1, 8, generator=torch.Generator().manual_seed(seed)), dim=1).requires_grad_(True)
     calls = []
 
     def encode(ids):
@@ -107,23 +128,84 @@ def test_emc2_out_of_batch_reencode_and_refresh():
         return z99.expand(ids.numel(), -1)
 
     batch.encode_candidates = encode
-    emc2 = EMC2(num_keys=6, num_candidates=100, steps=5, burn_in=1, out_of_batch="reencode")
-    emc2.chains.sample_id[:] = 99
+    return feats, batch, z99, calls
+
+
+def test_emc2_stale_state_visits_and_reencode():
+    # stale score 50: the chain never moves, so the whole negative weight goes to the re-encoded sample 99
+    feats, batch, z99, calls = _state_out_of_batch()
+    emc2 = EMC2(num_keys=6, weights="visits", proposal="batch", steps=5, burn_in=1, state_score="stale")
+    emc2.chains.candidate_key[:] = 198
     emc2.chains.score[:] = 50.0
     out = emc2(batch, 2.0)
-    assert float(out.stats["stay_frac"]) == 1.0
+    assert float(out.stats["state_weight"]) == 1.0
     g_feats, g_z = torch.autograd.grad(out.loss, [feats, z99])
     # d/dz of (beta/B) sum_i s(x_i, z) = beta/B * sum_i x_i
     assert torch.allclose(g_z[0], 2.0 / 6 * feats.detach().sum(0), atol=1e-6)
     assert calls and calls[-1][1] is True
-    # refresh: the stale score is replaced by the exact one (no grad), so chains now move into the batch
-    calls.clear()
-    emc2r = EMC2(num_keys=6, num_candidates=100, steps=5, burn_in=1, state_score="refresh", out_of_batch="drop")
-    emc2r.chains.sample_id[:] = 99
-    emc2r.chains.score[:] = 50.0
-    out = emc2r(batch, 2.0)
-    assert calls and calls[0][1] is False
-    assert float(out.stats["stay_frac"]) < 1.0
+
+
+def test_emc2_default_weights_are_the_pool_softmax_and_encode_each_id_once():
+    feats, batch, z99, calls = _state_out_of_batch()
+    emc2 = EMC2(num_keys=6)
+    emc2.chains.candidate_key[:] = 198
+    emc2.chains.score[:] = 50.0  # ignored: the exact score is used
+    out = emc2(batch, 2.0)
+    assert len(calls) == 1 and calls[0][0].tolist() == [99] and calls[0][1] is True, calls
+    g_feats, g_z = torch.autograd.grad(out.loss, [feats, z99])
+    # brute force: surrogate with softmax weights over batch ∪ {z99}
+    f, z = feats.detach().clone().requires_grad_(True), z99.detach().clone().requires_grad_(True)
+    s = f @ f.t()
+    s_z = (f @ z.t())[:, 0]
+    logits = torch.cat([(2.0 * s).masked_fill(~batch.negative_mask, float("-inf")), 2.0 * s_z[:, None]], dim=1)
+    p = torch.softmax(logits, dim=1).detach()
+    ref = 2.0 * (-s.gather(1, batch.positive[:, None])[:, 0] + (p[:, :-1] * s).sum(1) + p[:, -1] * s_z).mean()
+    gf, gz = torch.autograd.grad(ref, [f, z])
+    assert torch.allclose(g_feats, gf, atol=1e-6) and torch.allclose(g_z, gz, atol=1e-6)
+    assert torch.allclose(out.stats["state_weight"], p[:, -1].mean())
+
+
+def test_emc2_reencode_fraction_is_unbiased_over_the_random_choice():
+    # q = 0.5: rows not re-encoded use the batch softmax and keep their state, the others are corrected by 1/q;
+    # averaged over the Bernoulli choices the gradient equals the q = 1 (all re-encoded) gradient
+    feats, batch, z99, calls = _state_out_of_batch(b=4, seed=6)
+
+    def grad(q, seed):
+        emc2 = EMC2(num_keys=8, reencode_fraction=q, seed=seed)
+        emc2.chains.candidate_key[:] = 198
+        g = torch.autograd.grad(emc2(batch, 3.0).loss, [feats, z99], allow_unused=True, materialize_grads=True)
+        return torch.cat([g[0].flatten(), g[1].flatten()])
+
+    full = grad(1.0, 0)
+    reps = torch.stack([grad(0.5, seed) for seed in range(600)])
+    err = (reps.mean(0) - full).norm() / full.norm()
+    noise = reps.std(0).norm() / math.sqrt(600) / full.norm()
+    assert err < 3 * noise + 1e-3, (float(err), float(noise))
+    assert not torch.allclose(reps[0], full, atol=1e-4), "q < 1 did not change a single draw"
+
+
+def test_emc2_state_masked_in_the_batch_is_forgotten():
+    # the stored key is in the batch but masked for this anchor (a known false negative): no re-encoding, no weight
+    feats, batch, z99, calls = _state_out_of_batch()
+    mask = torch.ones(6, 6, dtype=torch.bool)
+    mask[:, 2] = False  # candidate column 2 holds key 4 (sample 2, view 0)
+    batch.extra_negative_mask = mask
+    emc2 = EMC2(num_keys=6)
+    emc2.chains.candidate_key[:] = 4
+    out = emc2(batch, 2.0)
+    assert not calls and float(out.stats["state_weight"]) == 0.0
+    assert (emc2.chains.candidate_key != 4).all()
+
+
+def test_emc2_renamed_options_name_the_new_one():
+    with pytest.raises(ValueError, match="now called 'exact'"):
+        EMC2(num_keys=4, state_score="refresh")
+    with pytest.raises(ValueError, match="now called 'batch'"):
+        EMC2(num_keys=4, proposal="uniform")
+    with pytest.raises(ValueError, match="state_update must be 'chain'"):
+        EMC2(num_keys=4, weights="visits", state_update="draw")
+    with pytest.raises(ValueError, match="reencode_fraction"):
+        EMC2(num_keys=4, reencode_fraction=0.0)
 
 
 def test_sogclr_u_follows_the_moving_average_and_weights():
@@ -193,7 +275,8 @@ def test_negative_cache_draws_follow_the_cache_softmax():
     assert int(cache.pointer) == (250 * 3) % m
 
 
-@pytest.mark.parametrize("name, opts", [("emc2", {"steps": 6, "burn_in": 2}), ("sogclr", {}),
+@pytest.mark.parametrize("name, opts", [("emc2", {}), ("emc2", {"weights": "visits", "steps": 6, "burn_in": 2}),
+                                        ("sogclr", {}),
                                         ("negative_cache", {"dim": 8})])
 def test_state_round_trips_through_state_dict(name, opts):
     table = F.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(9)), dim=1)

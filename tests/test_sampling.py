@@ -37,8 +37,8 @@ def test_scan_visits_close_to_softmax_within_its_known_bias():
     valid = torch.ones(B, C, dtype=torch.bool)
     valid[1, :5] = False
     gen = torch.Generator().manual_seed(2)
-    scan = mh_visit_counts(scores, beta=beta, steps=100_000, burn_in=100, valid=valid, proposal="scan", generator=gen)
-    uni = mh_visit_counts(scores, beta=beta, steps=100_000, burn_in=100, valid=valid, proposal="uniform", generator=gen)
+    scan = mh_visit_counts(scores, beta=beta, steps=100_000, burn_in=100, valid=valid, proposal="permuted_scan", generator=gen)
+    uni = mh_visit_counts(scores, beta=beta, steps=100_000, burn_in=100, valid=valid, proposal="batch", generator=gen)
     target = _target(scores, valid, beta)
     tv_scan, tv_uni = _tv(scan.counts, target), _tv(uni.counts, target)
     assert (tv_scan < 0.06).all(), tv_scan
@@ -48,7 +48,7 @@ def test_scan_visits_close_to_softmax_within_its_known_bias():
 
 def test_scan_visits_every_valid_column_once_per_sweep():
     valid = torch.tensor([[True, False, True, True, True], [False, True, True, False, True]])
-    prop = draw_mh_proposals(valid, steps=12, proposal="scan", generator=torch.Generator().manual_seed(0))
+    prop = draw_mh_proposals(valid, steps=12, proposal="permuted_scan", generator=torch.Generator().manual_seed(0))
     idx = prop.index.t()
     assert sorted(idx[0, :4].tolist()) == [0, 2, 3, 4] and sorted(idx[0, 4:8].tolist()) == [0, 2, 3, 4]
     assert sorted(idx[1, :3].tolist()) == [1, 2, 4] and sorted(idx[1, 3:6].tolist()) == [1, 2, 4]
@@ -80,7 +80,7 @@ def test_rank_slices_reproduce_the_full_batch():
     B, C = 8, 8
     scores = torch.randn(B, C)
     valid = ~torch.eye(B, dtype=torch.bool)
-    for proposal in ("uniform", "scan"):
+    for proposal in ("batch", "permuted_scan"):
         full = mh_visit_counts(scores, beta=2.0, steps=30, burn_in=5, valid=valid, proposal=proposal,
                                generator=torch.Generator().manual_seed(7))
         parts = [mh_visit_counts(scores[lo:lo + 4], beta=2.0, steps=30, burn_in=5, valid=valid[lo:lo + 4],

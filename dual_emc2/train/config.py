@@ -52,6 +52,7 @@ MODE_CHOICES = ("unimodal", "bimodal")
 TOWER_KIND_CHOICES = ("pretrained", "open_clip")  # dual_emc2.towers.two_tower.TOWER_KINDS
 PRETRAINED_TOWER_CHOICES = ("minilm", "efficientnet_lite0")  # dual_emc2.towers.two_tower.PRETRAINED_TOWERS
 PAIR_SOURCE_CHOICES = ("wordnet", "emoji", "shards", "file")
+ARCH_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "small_cnn")  # towers.heads.IMAGE_ARCHS
 BATCH_SAMPLER_CHOICES = ("shuffle", "spectral")  # uniform reshuffle each epoch, or seed 003's spectral batches
 
 
@@ -117,7 +118,7 @@ class DataConfig:
 class ModelConfig:
     """Backbone and projection head."""
 
-    arch: str = "resnet18"
+    arch: str = field(default="resnet18", metadata=_check(choices=ARCH_CHOICES))  # a ResNet or "small_cnn"
     cifar_stem: bool = True
     proj_hidden: int = field(default=512, metadata=_check(gt=0))
     proj_dim: int = field(default=128, metadata=_check(gt=0))
