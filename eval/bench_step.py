@@ -222,7 +222,7 @@ def trainer_overhead(case: Case, device: torch.device, repeats: int, warmup: int
         f"model.arch={case.arch}", f"model.cifar_stem={str(case.cifar_stem).lower()}",
         f"model.proj_hidden={2048 if case.arch == 'resnet50' else 512}", f"model.proj_dim={case.dim}",
         f"model.channels_last={str(device.type == 'cuda').lower()}", f"objective.beta={case.beta}",
-        "objective.name=emc2", f"objective.options.emc2.burn_in={b - 1}", "eval.enabled=false",
+        "objective.name=emc2", "eval.enabled=false",
         f"train.mixed_precision={'bf16' if case.amp == 'bf16' else 'no'}", f"output_dir={out_dir}"])
     trainer = Trainer(cfg)
     if trainer.device.type != device.type:

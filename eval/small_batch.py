@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import random
 import shutil
@@ -179,11 +180,18 @@ def summarise(runs: list[dict], reference: tuple[str, int]) -> dict[str, Any]:
     ref = groups.get(reference)
     rows = []
     for (name, b), rs in groups.items():
-        row: dict[str, Any] = {"estimator": name, "batch": b, "seeds": len(rs)}
+        row: dict[str, Any] = {"estimator": name, "batch": b, "seeds": len(rs),
+                               "seed_list": [r["seed"] for r in rs],
+                               "epochs": float(np.mean([r["history"][-1].get("epoch", math.nan) for r in rs]))}
         for key in CLOCKS:
             row[key] = float(np.mean([r["history"][-1][key] for r in rs]))
         for m in METRICS:
-            row[m] = float(np.mean([r["history"][-1].get(m, math.nan) for r in rs]))
+            finals = [r["history"][-1].get(m, math.nan) for r in rs]
+            row[m] = float(np.mean(finals))
+            row[f"{m}_per_seed"] = [float(v) for v in finals]
+            # across seeds: sample std (ddof 1) and the standard error of the mean, std / sqrt(seeds)
+            row[f"{m}_std"] = float(np.std(finals, ddof=1)) if len(finals) > 1 else None
+            row[f"{m}_sem"] = row[f"{m}_std"] / math.sqrt(len(finals)) if len(finals) > 1 else None
             if ref is not None:
                 target = float(np.mean([r["history"][-1].get(m, math.nan) for r in ref]))
                 row[f"{m}_target"] = target
@@ -230,6 +238,58 @@ def plot(runs: list[dict], path: Path, title: str, clock: str) -> Path:
     return save_figure(fig, path)
 
 
+def mean_curves(runs: list[dict], metric: str) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+    """Per (estimator, b): the epochs evaluated by every seed, and the mean, std (ddof 1; 0 with one seed) and mean
+    train CPU / wall seconds of ``metric`` over the seeds at those epochs."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["estimator"], r["batch"]), []).append(r)
+    out = {}
+    for key, rs in groups.items():
+        tables = [{round(p.get("epoch", math.nan), 6): p for p in r["history"]} for r in rs]
+        epochs = sorted(set.intersection(*(set(t) for t in tables)))
+        vals = np.array([[t[e].get(metric, math.nan) for e in epochs] for t in tables], dtype=float)
+        out[key] = {"epoch": np.array(epochs, dtype=float), "mean": vals.mean(0),
+                    "std": vals.std(0, ddof=1) if len(rs) > 1 else np.zeros(len(epochs)),
+                    **{c: np.array([[t[e][c] for e in epochs] for t in tables]).mean(0) for c in CLOCKS}}
+    return out
+
+
+def plot_bands(runs: list[dict], path: Path, title: str, clock: str = "epoch") -> Path:
+    """Linear-probe (top) and 1-NN (bottom) accuracy against ``clock`` (``epoch`` or a mean clock of CLOCKS): the
+    mean over seeds with a ± 1 std band per estimator, one column per batch size."""
+    plt = pyplot()
+    batches = sorted({r["batch"] for r in runs})
+    names = list(dict.fromkeys(r["estimator"] for r in runs))
+    label = {"emc2": "EMC² (default, Rao–Blackwell)", "infonce": "SimCLR (InfoNCE)", "sogclr": "SogCLR", "hcl": "HCL"}
+    fig, axes = plt.subplots(len(METRICS), len(batches), figsize=(5.5 * len(batches), 7), squeeze=False,
+                             sharey="row")
+    for row, metric in enumerate(METRICS):
+        curves = mean_curves(runs, metric)
+        for col, b in enumerate(batches):
+            ax = axes[row, col]
+            for i, name in enumerate(names):
+                c = curves.get((name, b))
+                if c is None:
+                    continue
+                x = c["epoch"] if clock == "epoch" else c[clock]
+                seeds = sum(1 for r in runs if (r["estimator"], r["batch"]) == (name, b))
+                ax.plot(x, c["mean"], "-o", ms=3, color=f"C{i}", label=f"{label.get(name, name)} ({seeds} seeds)")
+                ax.fill_between(x, c["mean"] - c["std"], c["mean"] + c["std"], color=f"C{i}", alpha=0.2)
+            ax.set_title(f"b = {b}", fontsize=10)
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(("linear probe" if metric == "linear_probe_acc" else "1-NN") + " test accuracy")
+            if row == len(METRICS) - 1:
+                ax.set_xlabel("epoch" if clock == "epoch" else
+                              "training CPU s (mean over seeds)" if clock == "train_cpu_seconds" else
+                              "training wall-clock s (mean over seeds)")
+    axes[0, -1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title + "\nmean ± 1 std over seeds", fontsize=9)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--estimators", default="emc2,infonce,sogclr,hcl")
@@ -254,6 +314,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="skip the trainer's per-run PNGs (plot_curves: ~10 s a run on a 2-core CPU; on in --smoke)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
     ap.add_argument("--out", default=None, help="JSON path (default eval/results/small_batch[_smoke].json)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="train nothing: combine the runs of these result files (or their .partial.json, written "
+                         "after every run) into --out, with the summary, table and plots")
     args = ap.parse_args(argv)
     if args.smoke:
         args.estimators, args.batches, args.subset, args.epochs, args.eval_max, args.probe_epochs = (
@@ -278,27 +341,69 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else default_out("small_batch", args.smoke)
     info = machine_info("cuda" if torch.cuda.is_available() else "cpu")
     clock = args.clock or ("train_seconds" if info["gpu"] else "train_cpu_seconds")
+    if args.merge:
+        return merge(args, out)
     print(f"machine: {describe_machine(info)}", flush=True)
     initial: dict[str, dict[str, float]] = {}
     plot_curves = trainer_module.plot_curves
     if args.no_run_plots:  # the trainer draws its curves after training; they are not part of this protocol
         trainer_module.plot_curves = lambda *a, **k: []
+    data = "STL-10" if args.data_root else ("digits" if args.smoke else "Fashion-MNIST")
+    command = " ".join(["python", "eval/small_batch.py", *(sys.argv[1:] if argv is None else argv)])
+    config = {k: v for k, v in vars(args).items() if k not in ("estimator_list", "batch_list", "seed_list")}
+    runs: list[dict] = []
     try:
-        runs = [run(args, name, b, seed, initial)
-                for seed in args.seed_list for b in args.batch_list for name in args.estimator_list]
+        for seed in args.seed_list:
+            for b in args.batch_list:
+                for name in args.estimator_list:
+                    runs.append(run(args, name, b, seed, initial))
+                    # the runs so far, so that an interrupted grid keeps what it finished (--merge reads these)
+                    write_json(out.with_name(out.stem + ".partial.json"),
+                               {"command": command, "machine": info, "data": data, "clock": clock,
+                                "config": config, "runs": runs})
     finally:
         trainer_module.plot_curves = plot_curves
-    ref_name = "infonce" if "infonce" in args.estimator_list else args.estimator_list[0]
-    summary = summarise(runs, (ref_name, min(args.batch_list)))
-    data = "STL-10" if args.data_root else ("digits" if args.smoke else "Fashion-MNIST")
+    report(runs, out, {"command": command, "machine": info, "data": data, "clock": clock, "config": config})
+    return 0
+
+
+def merge(args: argparse.Namespace, out: Path) -> int:
+    """``--merge``: the runs of several result files (one per process of a grid run in parallel) as one result."""
+    metas, runs = [], []
+    for p in args.merge:
+        d = json.loads(Path(p).read_text())
+        metas.append({k: d.get(k) for k in ("command", "machine", "data", "clock", "config")})
+        runs += d["runs"]
+    seen = set()
+    for r in runs:
+        key = (r["estimator"], r["batch"], r["seed"])
+        if key in seen:
+            raise SystemExit(f"--merge: run {key} appears twice")
+        seen.add(key)
+    first = metas[0]
+    report(runs, out, {"command": " | ".join(m["command"] for m in metas), "merged_from": list(args.merge),
+                       "machine": first["machine"], "data": first["data"], "clock": first["clock"],
+                       "config": first["config"], "configs": [m["config"] for m in metas]})
+    return 0
+
+
+def report(runs: list[dict], out: Path, meta: dict[str, Any]) -> None:
+    """Summary (mean ± std over seeds, time to the reference accuracy), JSON, plots and the printed table."""
+    data, clock, cfg, info = meta["data"], meta["clock"], meta["config"], meta["machine"]
+    names = list(dict.fromkeys(r["estimator"] for r in runs))
+    batches = sorted({r["batch"] for r in runs})
+    ref_name = "infonce" if "infonce" in names else names[0]
+    summary = summarise(runs, (ref_name, min(batches)))
     result = {"protocol": "small-batch quality: linear probe and 1-NN vs samples accessed and wall-clock",
-              "command": " ".join(["python", "eval/small_batch.py", *(sys.argv[1:] if argv is None else argv)]),
-              "machine": info, "data": data, "clock": clock,
-              "config": {k: v for k, v in vars(args).items() if k not in ("estimator_list", "batch_list", "seed_list")},
-              "summary": summary, "runs": runs}
+              **meta, "summary": summary, "runs": runs}
     write_json(out, result)
-    png = plot(runs, out.with_suffix(".png"), f"{data}, {args.subset or 'all'} images, {args.epochs} epochs, "
-                                              f"{describe_machine(info)}", clock)
+    seeds = sorted({r["seed"] for r in runs})
+    epochs = max(r["history"][-1].get("epoch", 0) for r in runs)
+    title = (f"{data}, {cfg.get('subset') or 'all'} images, {epochs:g} epochs, {len(seeds)} seeds, "
+             f"{describe_machine(info)}")
+    png = plot_bands(runs, out.with_suffix(".png"), title)
+    plot_bands(runs, out.with_name(out.stem + "_cpu.png"), title, clock=clock)
+    plot(runs, out.with_name(out.stem + "_runs.png"), title, clock)
 
     def f(v: Any, spec: str) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
@@ -307,6 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     c = "seconds" if clock == "train_seconds" else "cpu_seconds"
     print(f"\n{data}: final accuracy; time ({'wall-clock' if c == 'seconds' else 'process CPU'} s) and samples to "
           f"reach {ref['estimator']} b={ref['batch']}'s final accuracy, and speed-up over it")
+    print(f"\n{data}: final accuracy, mean ± std over seeds (sem = std / sqrt(seeds))")
+    print(format_table(
+        ["estimator", "b", "seeds", "epochs", "linear probe", "LP sem", "1-NN", "1-NN sem", "train CPU s"],
+        [[r["estimator"], r["batch"], r["seeds"], f(r["epochs"], "g"),
+          f(r["linear_probe_acc"], ".4f") + " ± " + f(r["linear_probe_acc_std"], ".4f"), f(r["linear_probe_acc_sem"], ".4f"),
+          f(r["knn1_acc"], ".4f") + " ± " + f(r["knn1_acc_std"], ".4f"), f(r["knn1_acc_sem"], ".4f"),
+          f(r["train_cpu_seconds"], ".0f")] for r in summary["rows"]]))
     print(format_table(
         ["estimator", "b", "linear probe", "1-NN", "train wall s", "train CPU s", "s to LP target", "× (LP)",
          "samples to LP target", "s to 1-NN target", "× (1-NN)"],
@@ -316,7 +428,6 @@ def main(argv: list[str] | None = None) -> int:
           f(r.get(f"{c}_to_knn1_acc"), ".0f"), f(r.get(f"speedup_{c}_to_knn1_acc_vs_ref"), ".2f")]
          for r in summary["rows"]]))
     print(f"wrote {out} and {png}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -207,6 +207,9 @@ def run_one(label: str, spec: Estimator, views: Tensor, args: argparse.Namespace
         curve.append({"checkpoint": checkpoint, "epoch": steps[0] / steps_per_epoch, "steps": steps[0],
                       "samples": steps[0] * b, "forwards": forwards[0], "lr": opt.param_groups[0]["lr"],
                       "train_seconds": train_s, "loss": loss, "grad_norm_sq": sq})
+        if args.progress:
+            print(f"  {label} seed {seed}: forwards {forwards[0]:,} steps {steps[0]} lr {opt.param_groups[0]['lr']:.3g}"
+                  f"  L {loss:.4f}  ‖∇L‖² {sq:.4g}", flush=True)
 
     evaluate(0)
     next_eval = min(gap, end)
@@ -584,6 +587,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--merge", default=None,
                     help="comma-separated result JSONs of one configuration on disjoint seeds: combine them into --out")
+    ap.add_argument("--progress", action="store_true", help="print every exact evaluation")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
     ap.add_argument("--out", default=None, help="JSON path (default eval/results/stationarity[_smoke].json)")
     args = ap.parse_args(argv)

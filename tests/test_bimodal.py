@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import dual_emc2.train.bimodal as bimodal
+import dual_emc2.objectives.batches as batches
 from dual_emc2.data.pairs import PairSet, relevant_sets
 from dual_emc2.data.shards import write_shards
 from dual_emc2.objectives import build_objective
@@ -55,7 +55,7 @@ def test_batches_pair_each_anchor_with_its_own_column_both_ways():
 
 
 def _fake_world(monkeypatch, r: int, W: int, full: list[torch.Tensor]) -> None:
-    """Make bimodal.py see process ``r`` of ``W``: gathers return the global tensors holding the local slice."""
+    """Make the batch builders see process ``r`` of ``W``: gathers return the global tensors holding the local slice."""
 
     def gather(t: torch.Tensor) -> torch.Tensor:
         b = t.shape[0]
@@ -66,7 +66,7 @@ def _fake_world(monkeypatch, r: int, W: int, full: list[torch.Tensor]) -> None:
 
     for name, value in (("rank", lambda: r), ("world_size", lambda: W), ("all_gather_rows", gather),
                         ("all_gather_with_grad", gather)):
-        monkeypatch.setattr(bimodal, name, value)
+        monkeypatch.setattr(batches, name, value)
 
 
 @pytest.mark.parametrize("name", ["emc2", "sogclr"])
@@ -76,22 +76,24 @@ def test_two_processes_compute_what_one_process_does(monkeypatch, name):
     N, B, W = 24, 8, 2
     ids_steps = [torch.arange(B), torch.tensor([5, 17, 2, 9, 20, 11, 0, 14])]
     groups = torch.arange(N) % 10  # some duplicates: masked false negatives
+    table_x, table_y = _unit(N, 6, 30), _unit(N, 6, 31)  # un-augmented features by id, for EMC²'s re-encodes
+    enc = {"encode_x": lambda i: table_x[i], "encode_y": lambda i: table_y[i]}
     ref = build_objective(name, num_keys=N, num_candidates=N, symmetric=True, options={},
-                          defaults={"seed": 3, "dim": 6, "steps": B - 1})  # as BimodalTrainer sets R
+                          defaults={"seed": 3, "dim": 6})
     copies = [copy.deepcopy(ref) for _ in range(W)]
     for step, ids in enumerate(ids_steps):
         zx, zy = _unit(B, 6, 10 + step), _unit(B, 6, 20 + step)
         xg, yg = groups[ids], (groups[ids] + 3) % 10
         with monkeypatch.context() as m:
             _fake_world(m, 0, 1, [zx, zy, ids, xg, yg])
-            xy, yx = bimodal_contrastive_batches(zx, zy, ids, x_groups=xg, y_groups=yg)
+            xy, yx = bimodal_contrastive_batches(zx, zy, ids, x_groups=xg, y_groups=yg, **enc)
             full_loss = ref(xy, 5.0, reverse=yx).loss
         losses = []
         for r in range(W):
             sl = slice(r * B // W, (r + 1) * B // W)
             with monkeypatch.context() as m:
                 _fake_world(m, r, W, [zx, zy, ids, xg, yg])
-                xy, yx = bimodal_contrastive_batches(zx[sl], zy[sl], ids[sl], x_groups=xg[sl], y_groups=yg[sl])
+                xy, yx = bimodal_contrastive_batches(zx[sl], zy[sl], ids[sl], x_groups=xg[sl], y_groups=yg[sl], **enc)
                 assert xy.row_offset == r * B // W and xy.total_rows == B
                 losses.append(copies[r](xy, 5.0, reverse=yx).loss)
         torch.testing.assert_close(torch.stack(losses).mean(), full_loss)
@@ -222,12 +224,12 @@ def test_trainer_writes_checkpoints_metrics_and_retrieval_eval(shard_dir, tmp_pa
     assert ckpt["step"] == 8 and ckpt["config"]["mode"] == "bimodal"
     csv_text = (tmp_path / "metrics.csv").read_text()
     assert "pairs_per_s" in csv_text and "batch_objective" in csv_text
-    assert ("x2y/accept_rate" in csv_text) == (name == "emc2")
+    assert ("x2y/state_weight" in csv_text) == (name == "emc2")
     if name == "emc2":  # chain states hold shard indices of training pairs, one table per direction
-        states = ckpt["objective"]["x_to_y.chains.sample_id"]
+        states = ckpt["objective"]["x_to_y.chains.candidate_key"]
         visited = set(states[states >= 0].tolist())
         assert visited and visited <= set(trainer.train_pairs.ids.tolist())
-        assert "y_to_x.chains.sample_id" in ckpt["objective"]
+        assert "y_to_x.chains.candidate_key" in ckpt["objective"]
 
     # eval/retrieval.py on the checkpoint rebuilds the same held-out split and reproduces the trainer's metrics
     from eval.retrieval import main as retrieval_main
@@ -274,7 +276,7 @@ def test_streaming_shards_train_with_their_indices(shard_dir, tmp_path):
     assert trainer.train_pairs is None and trainer.steps_per_epoch == 6 and trainer.num_keys == 1048
     final = trainer.fit()
     assert final["step"] == 3 and len(trainer.eval_pairs) == 48
-    states = trainer.objective.x_to_y.chains.sample_id
+    states = trainer.objective.x_to_y.chains.candidate_key
     assert set(states[states >= 0].tolist()) <= set(range(1000, 1048))
     with pytest.raises(ValueError, match="streaming shards cannot serve"):
         BimodalTrainer(_cfg(shard_dir, tmp_path / "x", "pairs.streaming=true", "pairs.mask_duplicates=false",

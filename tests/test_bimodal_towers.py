@@ -83,7 +83,7 @@ def test_minilm_text_pairs_train_with_reencoded_chain_states(tmp_path, monkeypat
         "pairs.x_key=lemma", "pairs.y_key=definition", "pairs.id_key=id", "pairs.eval_size=16",
         "pairs.train_size=null", "train.batch_size=4", "train.max_steps=3", "towers.max_length=12",
         "objective.options.emc2.state_score=exact", "objective.options.emc2.out_of_batch=reencode",
-        "objective.options.emc2.burn_in=1", "eval.batch_size=4"])
+        "eval.batch_size=4"])
     trainer = BimodalTrainer(cfg)  # 8 training pairs, 2 steps per epoch: step 3 revisits anchors with stored states
     assert trainer.objective.needs_candidate_encoder and trainer.core.shared
     calls = []

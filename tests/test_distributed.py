@@ -14,7 +14,7 @@ WORKER = ROOT / "tests" / "_dist_worker.py"
 COMMON = [
     "data.name=digits", "data.image_size=8", "data.subset=64", "data.num_workers=0", "model.proj_hidden=32",
     "model.proj_dim=16", "model.norm=group", "model.head_batch_norm=false", "train.epochs=1", "train.max_steps=4",
-    "train.log_every=1", "eval.enabled=false", "train.dist_timeout_s=120", "objective.options.emc2.burn_in=3",
+    "train.log_every=1", "eval.enabled=false", "train.dist_timeout_s=120",
     # SGD: parameters are linear in the gradients, so float summation-order noise stays at rounding level (Adam
     # divides near-zero gradients by their own magnitude and turns that noise into lr-sized differences)
     "optim.name=sgd", "optim.lr=0.05",

@@ -305,7 +305,7 @@ def test_registry_errors_name_the_option():
     with pytest.raises(ValueError, match="did you mean 'burn_in'"):
         build_objective("emc2", num_keys=4, num_candidates=4, options={"burnin": 3})
     with pytest.raises(ValueError, match="burn_in"):
-        build_objective("emc2", num_keys=4, num_candidates=4, options={"steps": 3, "burn_in": 3})
+        build_objective("emc2", num_keys=4, num_candidates=4, options={"weights": "visits", "steps": 3, "burn_in": 3})
 
 
 def test_symmetric_objective_keeps_separate_states():

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "data.name=digits", "data.image_size=8", "data.subset=96", "data.num_workers=0", "model.proj_hidden=64",
     "model.proj_dim=32", "train.batch_size=16", "train.epochs=2", "train.ckpt_every=2", "train.log_every=2",
-    "eval.enabled=false", "objective.options.emc2.burn_in=7",
+    "eval.enabled=false",
 ]
 
 

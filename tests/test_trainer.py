@@ -18,7 +18,7 @@ TINY = [
     "data.name=digits", "data.image_size=8", "data.subset=96", "data.num_workers=0", "model.proj_hidden=64",
     "model.proj_dim=32", "train.batch_size=16", "train.epochs=2", "train.ckpt_every=4", "train.log_every=2",
     "eval.max_train=300", "eval.max_test=150", "eval.probe_epochs=20", "eval.knn_k=[1,5]", "eval.batch_size=128",
-    "objective.options.emc2.burn_in=7",
+
 ]
 
 
@@ -48,7 +48,7 @@ def test_run_writes_checkpoint_metrics_and_plots(tmp_path, name):
     ckpt = load_checkpoint(find_latest_valid(tmp_path / "checkpoints"))
     assert ckpt["step"] == 12 and ckpt["epoch"] == 2
     names = (tmp_path / "metrics.csv").read_text()
-    assert "loss" in names and ("accept_rate" in names) == (name == "emc2")
+    assert "loss" in names and ("state_weight" in names) == (name == "emc2")
 
 
 class Crash(RuntimeError):
@@ -108,8 +108,7 @@ def test_stl10_config_runs_on_files_in_the_stl10_format(tmp_path):
     r = _train_cli("--config", "configs/stl10_unimodal.yaml", f"data.root={tmp_path / 'stl'}",
                    f"output_dir={tmp_path / 'out'}", "data.image_size=32", "data.num_workers=0",
                    "train.mixed_precision=no", "train.batch_size=8", "train.epochs=1", "model.proj_hidden=64",
-                   "model.proj_dim=32", "model.channels_last=false", "eval.probe_epochs=5", "eval.knn_k=[1]",
-                   "objective.options.emc2.burn_in=7")
+                   "model.proj_dim=32", "model.channels_last=false", "eval.probe_epochs=5", "eval.knn_k=[1]")
     assert r.returncode == 0, r.stderr[-3000:]
     final = json.loads((tmp_path / "out" / "final_metrics.json").read_text())
     assert final["step"] == 8 and "knn1_acc" in final
@@ -122,8 +121,11 @@ def test_config_errors_are_named(tmp_path):
                    f"output_dir={tmp_path}", "data.subset=64")
     assert r.returncode == 2 and "burn_in" in r.stderr and "Traceback" not in r.stderr
     r = _train_cli("--config", "configs/fmnist_unimodal.yaml", "objective.options.emc2.burn_in=62",
-                   f"output_dir={tmp_path}", "data.subset=64")
+                   "objective.options.emc2.weights=visits", f"output_dir={tmp_path}", "data.subset=64")
     assert r.returncode == 2 and "burn_in (P = 62) must be smaller than steps (R = 62" in r.stderr
+    r = _train_cli("--config", "configs/fmnist_unimodal.yaml", "objective.options.emc2.burn_in=31",
+                   f"output_dir={tmp_path}", "data.subset=64")
+    assert r.returncode == 2 and "no burn-in" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.fixture(scope="module")

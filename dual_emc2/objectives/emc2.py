@@ -147,6 +147,10 @@ class EMC2(ContrastiveObjective):
             raise ValueError(f"emc2 burn_in (P) must be >= 0, got {burn_in}")
         if steps is not None and burn_in is not None and burn_in >= steps:
             raise ValueError(f"emc2 burn_in (P = {burn_in}) must be smaller than steps (R = {steps})")
+        if state_update != "chain" and (steps is not None or burn_in is not None):
+            raise ValueError("emc2 steps (R) and burn_in (P) set the M-H chain, which runs only with weights='visits' "
+                             "or state_update='chain'; the default Rao–Blackwell estimator has no burn-in: drop them, "
+                             "or set weights: visits")
         self.weights, self.state_update, self.proposal = weights, state_update, proposal
         self.steps, self.burn_in = steps, burn_in
         self.state_score, self.out_of_batch, self.reencode_fraction = state_score, out_of_batch, reencode_fraction

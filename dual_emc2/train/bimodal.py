@@ -38,10 +38,10 @@ from dual_emc2.data.pairs import (
 )
 from dual_emc2.data.samplers import SeededViews
 from dual_emc2.data.shards import ShardStream, read_manifest, read_shards
-from dual_emc2.metrics.exact import global_contrastive_loss
 from dual_emc2.metrics.faiss_search import build_index
 from dual_emc2.metrics.retrieval import retrieval_metrics
 from dual_emc2.objectives import build_objective, options_for
+from dual_emc2.losses import GlobalContrastiveLoss
 from dual_emc2.objectives.batches import bimodal_contrastive_batches
 from dual_emc2.towers.two_tower import TwoTowerModel, build_two_tower
 from dual_emc2.train.config import Config, PairsConfig
@@ -248,7 +248,7 @@ class BimodalTrainer(Trainer):
         self.objective = build_objective(
             cfg.objective.name, num_keys=self.num_keys, num_candidates=self.num_keys,
             options=options_for(cfg.objective.name, cfg.objective.options), symmetric=True,
-            defaults={"dim": model.x_tower.out_dim, "seed": cfg.seed, "steps": negatives},
+            defaults={"dim": model.x_tower.out_dim, "seed": cfg.seed},
         ).to(self.device)
         if self.objective.needs_labels:
             raise ValueError(f"objective {cfg.objective.name} is supervised (needs class labels); pairs have none, use "
@@ -258,6 +258,8 @@ class BimodalTrainer(Trainer):
                              "streaming shards cannot serve; use pairs.streaming=false or options that do not "
                              "(e.g. emc2 out_of_batch=drop, state_score=stale)")
         self.objective.x_to_y.check_batch_shape(negatives)
+        self.objective.y_to_x.check_batch_shape(negatives)
+        self.loss_fn = GlobalContrastiveLoss.wrap(self.objective, "bimodal", self.num_keys)
         self._prepare_optimisation(model)
 
     @property
@@ -311,21 +313,14 @@ class BimodalTrainer(Trainer):
         with self.acc.accumulate(self.model):
             with self.acc.autocast():
                 zx, zy = self.model(x_inputs, y_inputs)
-            xy, yx = bimodal_contrastive_batches(
-                zx.float(), zy.float(), ids, encode_x=self.encode_x_by_id if needs else None,
-                encode_y=self.encode_y_by_id if needs else None, **groups)
             beta = self.core.temperature()
-            out = self.objective(xy, beta, reverse=yx)
-            if not self._apply(out.loss):
+            loss = self.loss_fn(zx.float(), zy.float(), ids, beta, encode_x=self.encode_x_by_id if needs else None,
+                                encode_y=self.encode_y_by_id if needs else None, **groups)
+            if not self._apply(loss):
                 return None
-        stats = dict(out.stats)
-        stats["loss"] = out.loss.detach()
-        with torch.no_grad():  # eq. (1) with D_neg = the batch, mean of both directions: comparable across estimators
-            stats["batch_objective"] = 0.5 * sum(
-                global_contrastive_loss(bt.anchors.detach(), bt.candidates.detach(), bt.positive, bt.anchor_ids,
-                                        bt.candidate_ids, float(beta)) for bt in (xy, yx))
+        stats = dict(self.loss_fn.last_stats)  # estimator diagnostics, the loss, eq. (1) on the batch (both ways)
         stats["beta"] = beta.detach()
-        return out.loss.detach(), stats
+        return loss.detach(), stats
 
     def evaluate(self) -> dict[str, float]:
         """Recall@1/5/10, MRR and nDCG@10 on the held-out pairs in both directions (empty without a held-out set)."""

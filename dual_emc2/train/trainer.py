@@ -28,7 +28,7 @@ from dual_emc2.data.samplers import GlobalBatchSampler, SeededViews
 from dual_emc2.data.spectral import SpectralBatchSampler
 from dual_emc2.data.views import MultiViewDataset, UnaugmentedLookup
 from dual_emc2.distributed import all_gather_rows
-from dual_emc2.metrics.exact import global_contrastive_loss
+from dual_emc2.losses import GlobalContrastiveLoss
 from dual_emc2.objectives import build_objective, options_for
 from dual_emc2.towers.temperature import ContrastiveModel
 from dual_emc2.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -37,7 +37,6 @@ from dual_emc2.train.evaluate import eval_loaders, evaluate_features
 from dual_emc2.train.models import build_unimodal_model
 from dual_emc2.train.optim import build_optimizer, build_scheduler
 from dual_emc2.train.run_log import RunLogger, plot_curves
-from dual_emc2.train.unimodal import unimodal_contrastive_batch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -142,6 +141,9 @@ class Trainer:
         ).to(self.device)
         global_views = cfg.train.batch_size * self.acc.num_processes * cfg.data.n_views
         self.objective.check_batch_shape(global_views - cfg.data.n_views)
+        # the public loss around the estimator: the trainer and a user's own loop run the same code
+        self.loss_fn = GlobalContrastiveLoss.wrap(self.objective, "unimodal", len(self.train_set),
+                                                  views_per_sample=cfg.data.n_views)
         self._prepare_optimisation(model)
 
     def _prepare_optimisation(self, model: torch.nn.Module) -> None:
@@ -223,7 +225,7 @@ class Trainer:
         """One micro-batch: forward, estimator, backward and (at accumulation boundaries) the optimiser step.
         ``labels`` [b]: class labels for supervised estimators (``needs_labels``).  Returns None when the loss was
         not finite and the step was skipped."""
-        V = views.shape[1]
+        b, V = views.shape[:2]
         x = views.flatten(0, 1).to(self.device, non_blocking=True)
         if self.cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -232,21 +234,15 @@ class Trainer:
         with self.acc.accumulate(self.model):
             with self.acc.autocast():
                 z = self.model(x)
-            batch = unimodal_contrastive_batch(
-                z.float(), ids, V, encode_candidates=enc,
-                labels=labels.to(self.device) if labels is not None and self.objective.needs_labels else None)
             beta = self.core.temperature()
-            out = self.objective(batch, beta)
-            if not self._apply(out.loss):
+            loss = self.loss_fn.forward_views(
+                z.float().view(b, V, -1), ids, beta, enc,
+                labels=labels.to(self.device) if labels is not None and self.objective.needs_labels else None)
+            if not self._apply(loss):
                 return None
-        stats = dict(out.stats)
-        stats["loss"] = out.loss.detach()
-        with torch.no_grad():  # eq. (1) with D_neg = the batch: comparable across estimators, unlike the surrogates
-            stats["batch_objective"] = global_contrastive_loss(
-                batch.anchors.detach(), batch.candidates.detach(), batch.positive, batch.anchor_ids,
-                batch.candidate_ids, float(beta))
+        stats = dict(self.loss_fn.last_stats)  # estimator diagnostics, the loss, eq. (1) on the batch
         stats["beta"] = beta.detach()
-        return out.loss.detach(), stats
+        return loss.detach(), stats
 
     def _apply(self, loss: Tensor) -> bool:
         """Backward of one micro-batch's surrogate and the optimiser step (Accelerate turns it into accumulation inside
@@ -432,7 +428,7 @@ class Trainer:
                     if logger is not None:
                         logger.log(self.pos.step, values, group="train")
                     bar.set_postfix(objective=f"{values['batch_objective']:.3f}", **(
-                        {"acc": f"{values['accept_rate']:.2f}"} if "accept_rate" in values else {}))
+                        {"state_w": f"{values['state_weight']:.2f}"} if "state_weight" in values else {}))
                 if self.pos.step % cfg.train.ckpt_every == 0 and self.pos.step < self.total_steps:
                     self.save()
                 if self.pos.step >= self.total_steps:
