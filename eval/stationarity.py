@@ -470,10 +470,15 @@ def finalise(result: dict[str, Any]) -> None:
     g = result["final_grad_norm_sq"]
     for k in [k for k in result if k.startswith("grad_norm_ratio_")]:
         del result[k]
+    seeds = result.get("curve_seeds") or {k: result["config"]["seeds"] for k in g}
+    result["curve_seeds"] = seeds
     if "emc2" in g:
+        emc2 = dict(zip(seeds["emc2"], g["emc2"]["per_seed"]))
         for other in g:
             if other != "emc2":
-                per = [a / e for a, e in zip(g[other]["per_seed"], g["emc2"]["per_seed"])]
+                per = [a / emc2[s] for s, a in zip(seeds[other], g[other]["per_seed"]) if s in emc2]
+                if not per:
+                    continue
                 result[f"grad_norm_ratio_{other}_over_emc2"] = g[other]["mean"] / g["emc2"]["mean"]
                 result[f"grad_norm_ratio_{other}_over_emc2_per_seed"] = per
                 result[f"grad_norm_ratio_{other}_over_emc2_min_over_seeds"] = min(per)
@@ -481,31 +486,37 @@ def finalise(result: dict[str, Any]) -> None:
 
 
 def merge(paths: list[str]) -> dict[str, Any]:
-    """One result from several runs of the same configuration on disjoint seeds (e.g. one process per seed): curves
-    concatenated in seed order; the chain check and the bias check taken from the run that has them."""
+    """One result from several runs of one configuration on (estimator, seed) pairs that do not overlap, e.g. one
+    process per seed or per group of estimators: curves concatenated per estimator in seed order; the chain check
+    and the bias check taken from the first run that has them."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     base = parts[0]
-    order = sorted(range(len(parts)), key=lambda i: parts[i]["config"]["seeds"])
-    result = {k: v for k, v in base.items() if k not in ("curves",)}
-    result["config"] = dict(base["config"])
-    result["config"]["seeds"] = [s for i in order for s in parts[i]["config"]["seeds"]]
-    result["command"] = [parts[i]["command"] for i in order]
-    result["merged_from"] = [str(paths[i]) for i in order]
-    result["wall_seconds"] = {str(parts[i]["config"]["seeds"]): parts[i].get("wall_seconds") for i in order}
-    labels = list(base["curves"])
     for p in parts:
-        if list(p["curves"]) != labels:
-            raise ValueError(f"merge: estimators differ ({labels} vs {list(p['curves'])})")
-        for k in ("lr", "lr_schedule", "budget", "images", "batch", "beta", "arch"):
+        for k in ("lr", "lr_schedule", "decay_start", "budget", "epochs", "images", "views", "batch", "beta", "arch",
+                  "dim", "view_seed", "cache_refresh", "burn_in"):
             if p["config"].get(k) != base["config"].get(k):
                 raise ValueError(f"merge: config {k} differs ({base['config'].get(k)} vs {p['config'].get(k)})")
-    result["curves"] = {k: [r for i in order for r in parts[i]["curves"][k]] for k in labels}
+    runs: dict[str, dict[int, Any]] = {}
+    for p in parts:
+        for label, curves in p["curves"].items():
+            for seed, curve in zip(p["config"]["seeds"], curves):
+                if seed in runs.setdefault(label, {}):
+                    raise ValueError(f"merge: {label} seed {seed} appears twice")
+                runs[label][seed] = curve
+    result = {k: v for k, v in base.items() if k not in ("curves", "estimators", "chain_check", "gradient_bias")}
+    result["config"] = dict(base["config"])
+    result["config"]["seeds"] = sorted({s for r in runs.values() for s in r})
+    result["config"]["estimators"] = list(runs)
+    result["command"] = [p["command"] for p in parts]
+    result["merged_from"] = [str(p) for p in paths]
+    result["wall_seconds"] = [p.get("wall_seconds") for p in parts]
+    result["estimators"] = {k: v for p in parts for k, v in p["estimators"].items()}
+    result["curve_seeds"] = {label: sorted(r) for label, r in runs.items()}
+    result["curves"] = {label: [r[s] for s in sorted(r)] for label, r in runs.items()}
     for key in ("chain_check", "gradient_bias"):
         found = [p[key] for p in parts if key in p]
         if found:
             result[key] = found[0]
-        else:
-            result.pop(key, None)
     finalise(result)
     return result
 
