@@ -31,7 +31,7 @@ def all_gather_rows(t: Tensor) -> Tensor:
 
 def all_gather_with_grad(t: Tensor) -> Tensor:
     """Concatenate ``t`` from every process keeping the autograd graph (backward sums each rank's gradient
-    contributions into the owner's slice: the local-loss pattern of DESIGN.md)."""
+    contributions into the owner's slice: the local-loss pattern, docs/DESIGN.md section 3)."""
     if world_size() == 1:
         return t
     import torch.distributed.nn.functional as dnn

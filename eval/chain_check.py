@@ -29,11 +29,15 @@ estimate, TV(histogram of chains 1..n/2, histogram of chains n/2+1..n) / 2, whic
 autocorrelation (independent chains, so the two halves are independent).  An exact variant's TV should be ≈ its
 split-half noise and fall like 1/√visits; a biased one levels off at a floor above it.
 
-Per visit it also reports each procedure's mean TV from the in-batch softmax (softmax over C only, zero mass on an
-out-of-batch state) and from the pool softmax (softmax over A): the ``batch`` proposal's weights sit near the in-batch
-softmax, Rao–Blackwell's *are* the pool softmax.
+Distance from the in-batch softmax: the same batches also accumulate the in-batch softmax (softmax(β s) over C only,
+what InfoNCE-style in-batch weighting samples), reported as its own row (its TV from π is the bias of in-batch
+weighting), and each variant's histogram is compared with it (``TV to in-batch-softmax hist.``): a procedure pulled
+toward the batch sits between the two.  ``TV visits a–b`` is the TV of the visits since the previous checkpoint only
+(the second half when the checkpoints double), free of the start-up transient of the chains.  Per visit, the mean TV
+of each procedure's weights from the pool softmax (softmax over A; zero for Rao–Blackwell by construction, the
+within-visit sampling noise of R − P counted M-H steps otherwise) and from the in-batch softmax are in the JSON.
 
-    python eval/chain_check.py --threads 1          # default grid c ∈ {6, 62}, β ∈ {5, 14.28}: ~3 min on 1 CPU thread
+    python eval/chain_check.py --threads 1          # grid c ∈ {6, 62}, β ∈ {5, 14.28}: ~3.5 CPU-min on 1 thread
     python eval/chain_check.py --smoke              # seconds (CI)
 """
 from __future__ import annotations
@@ -55,7 +59,7 @@ from dual_emc2.sampling import mh_visit_counts
 
 VARIANTS = ("batch", "pool", "permuted_scan", "rao_blackwell")
 MH_VARIANTS = ("batch", "pool", "permuted_scan")
-REFERENCES = ("iid (same n)", "iid (1/visit)")
+REFERENCES = ("in-batch softmax", "iid (same n)", "iid (1/visit)")
 
 
 def fixed_scores(n: int, spread: float, seed: int) -> Tensor:
@@ -91,10 +95,14 @@ def run_setting(s: Tensor, c: int, beta: float, *, chains: int, checkpoints: lis
     half = (torch.arange(chains) >= chains // 2).to(torch.int64)  # chain → half 0 / 1 for the split-half noise
     state = {v: torch.full((chains,), -1, dtype=torch.int64) for v in variants}
     hist = {v: torch.zeros(2 * N, dtype=torch.float64) for v in variants}  # [half 0 | half 1]
+    hist_inb = torch.zeros(N, dtype=torch.float64)  # Σ over chains and visits of the in-batch softmax
+    snap = {v: torch.zeros(N, dtype=torch.float64) for v in [*variants, "in-batch softmax"]}  # at the last checkpoint
     tv_batch_sum = {v: 0.0 for v in variants}  # Σ over chains and visits of per-visit TV from the in-batch softmax
     tv_pool_sum = {v: 0.0 for v in variants}
     accept_sum = {v: 0.0 for v in variants}
-    out: dict[str, Any] = {v: {"visits": [], "tv": [], "noise": [], "hardest_1pct_mass": []} for v in variants}
+    out: dict[str, Any] = {v: {"visits": [], "tv": [], "tv_window": [], "noise": [], "tv_from_in_batch_softmax": [],
+                               "hardest_1pct_mass": []} for v in variants}
+    out["in-batch softmax"] = {"visits": [], "tv": [], "tv_window": [], "hardest_1pct_mass": []}
     all_true = torch.ones(chains, c, dtype=torch.bool)
     rows = torch.arange(chains)
     t0 = time.perf_counter()
@@ -104,6 +112,7 @@ def run_setting(s: Tensor, c: int, beta: float, *, chains: int, checkpoints: lis
         sc = s[cand]  # [chains, c]
         in_batch_softmax = torch.cat([torch.softmax(beta * sc.double(), 1), torch.zeros(chains, 1, dtype=torch.float64)],
                                      1)
+        hist_inb.index_add_(0, cand.flatten(), in_batch_softmax[:, :c].flatten())
         for v in variants:
             z = state[v]
             hit = cand == z[:, None]
@@ -130,14 +139,17 @@ def run_setting(s: Tensor, c: int, beta: float, *, chains: int, checkpoints: lis
             tv_pool_sum[v] += float(0.5 * (w - pool_softmax).abs().sum())
             state[v] = new
         if t in checkpoints:
-            for v in variants:
-                h0, h1 = hist[v][:N], hist[v][N:]
-                full = h0 + h1
+            for v in [*variants, "in-batch softmax"]:
+                full = hist_inb if v == "in-batch softmax" else hist[v][:N] + hist[v][N:]
                 o = out[v]
                 o["visits"].append(t)
                 o["tv"].append(tv(full, target))
-                o["noise"].append(0.5 * tv(h0, h1))
+                o["tv_window"].append(tv(full - snap[v], target))  # visits since the previous checkpoint only
                 o["hardest_1pct_mass"].append(float(full[hard].sum() / full.sum()))
+                snap[v] = full.clone()
+                if v != "in-batch softmax":
+                    o["noise"].append(0.5 * tv(hist[v][:N], hist[v][N:]))
+                    o["tv_from_in_batch_softmax"].append(tv(full, hist_inb))
     for v in variants:
         out[v]["per_visit_tv_from_batch_softmax"] = tv_batch_sum[v] / (chains * last)
         out[v]["per_visit_tv_from_pool_softmax"] = tv_pool_sum[v] / (chains * last)
@@ -163,7 +175,9 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     for st in settings:
         ax = axes[betas.index(st["beta"])][cols.index(st["c"])]
         for name, cur in st["curves"].items():
-            if name in REFERENCES:
+            if name == "in-batch softmax":
+                ax.plot(cur["visits"], cur["tv"], "s-", color="black", label=name, ms=3, lw=0.8)
+            elif name in REFERENCES:
                 ax.plot(cur["visits"], cur["tv"], "--" if name == "iid (same n)" else ":", color="grey", label=name)
             else:
                 ax.plot(cur["visits"], cur["tv"], "o-", color=colors.get(name), label=name, ms=3)
@@ -239,13 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     for st in result["settings"]:
         for name in [*args.variant_list, *REFERENCES]:
             cur = st["curves"][name]
-            noise = cur.get("noise", [None])[-1]
-            rows.append([st["c"], f"{st['beta']:g}", name, *cur["tv"], noise,
-                         cur.get("per_visit_tv_from_batch_softmax"), cur.get("per_visit_tv_from_pool_softmax")])
+            rows.append([st["c"], f"{st['beta']:g}", name, *cur["tv"], cur.get("tv_window", [None])[-1],
+                         cur.get("noise", [None])[-1], cur.get("tv_from_in_batch_softmax", [None])[-1],
+                         cur.get("per_visit_tv_from_pool_softmax")])
+    window = f"{cps[-2] + 1}–{cps[-1]}" if len(cps) > 1 else f"1–{cps[-1]}"
     print(f"\nTV from softmax(β s) over D_neg (N = {args.negatives}, {args.chains} chains, R = c, P = c // 2), "
           f"{describe_machine(result['machine'])}, {result['seconds']:.0f} s")
-    print(format_table(["c", "β", "variant", *[f"TV @{v}" for v in cps], f"split-half noise @{cps[-1]}",
-                        "per-visit TV vs in-batch softmax", "per-visit TV vs pool softmax"], rows, floatfmt=".3g"))
+    print(format_table(["c", "β", "variant", *[f"TV @{v}" for v in cps], f"TV visits {window}",
+                        f"split-half noise @{cps[-1]}", f"TV to in-batch-softmax hist. @{cps[-1]}",
+                        "per-visit TV to pool softmax"], rows, floatfmt=".3g"))
     print(f"wrote {out} and {png}")
     return 0
 

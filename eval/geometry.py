@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Representation geometry of SCL, HSCL, HUCL, EMC² and SimCLR on Fashion-MNIST (seed 004), and the loss of
-spectral-clustering batches (seed 003).
+"""Representation geometry of SCL, HSCL, HUCL, EMC² and SimCLR on Fashion-MNIST (Jiang et al.), and the loss of
+spectral-clustering batches (Cho et al.).
 
 Protocol (small enough for a 2-core CPU): the first ``--images`` Fashion-MNIST training images, each with
 ``--pool`` SimCLR augmentations drawn once (two distinct ones per image and step); a small CNN (three strided
@@ -16,7 +16,7 @@ is logged; at the end, on ``--test-images`` test images:
 * alignment (pairs of train views) and uniformity (test images), both on L2-normalised z (Wang & Isola);
 * 1-NN / 20-NN accuracy of h (train images → test images).
 
-Seed 003: with the trained SimCLR model, the mean in-batch loss (eq. 1 restricted to a batch) of the batches of
+Spectral batches: with the trained SimCLR model, the mean in-batch loss (eq. 1 restricted to a batch) of the batches of
 :class:`~dual_emc2.data.spectral.SpectralBatchSampler` (clusters of un-augmented embeddings) against uniform batches.
 
     python eval/geometry.py                      # the RESULTS.md run (about 20 min on the shared 2-core CPU)
@@ -204,7 +204,7 @@ def in_batch_loss(plan: Tensor, u: Tensor, v: Tensor, beta: float) -> float:
 
 def spectral_check(model: SmallEncoder, train_x: Tensor, train_y: Tensor, views: Tensor, args: argparse.Namespace
                    ) -> dict:
-    """Seed 003: in-batch loss of spectral batches (clusters of the un-augmented embeddings) vs uniform batches, on
+    """Spectral batches: in-batch loss of spectral batches (clusters of the un-augmented embeddings) vs uniform batches, on
     two augmented views per image."""
     n, b = train_x.shape[0], args.batch
     _, z = encode(model, train_x)
@@ -364,7 +364,7 @@ def main() -> int:
               f"{final['h']['effective_rank']:.1f}; 1-NN {final['knn1_acc']:.3f}", flush=True)
         if label == "simclr":
             result["spectral_batches"] = spectral_check(model, train_x, train_y, views, args)
-            print(f"[seed 003] {result['spectral_batches']}", flush=True)
+            print(f"[spectral batches] {result['spectral_batches']}", flush=True)
         out.write_text(json.dumps(result, indent=2))
     stem = out.with_suffix("")
     title = f"Fashion-MNIST test set, {len(train_x)} train images, {args.epochs} epochs"

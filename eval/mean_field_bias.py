@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "points": pts}
         print(f"{label:<18} " + "  ".join(f"{p['epochs']} ep: {p['rel_error']:.3f} (noise {p['rel_noise']:.3f})"
                                           for p in pts) + f"  ({secs:.0f} s)", flush=True)
+        write_json(out, {**result, "complete": False})  # rows so far, should a long run be stopped
+    result["complete"] = True
     write_json(out, result)
     png = plot(result, out.with_suffix(".png"))
     cols = sorted({p["epochs"] for r in result["rows"].values() for p in r["points"]})

@@ -22,6 +22,19 @@ final accuracy of SimCLR at the smallest batch (linear interpolation between eva
     python eval/small_batch.py --subset 60000 --epochs 20 --eval-max 10000     # a GPU
     python eval/small_batch.py --data-root /data --epochs 100                 # STL-10, the paper's protocol
     python eval/small_batch.py --smoke            # seconds (CI)
+
+Multi-seed runs (v2): ``configs/fmnist_small_cnn.yaml`` (``model.arch: small_cnn``, 128-d features, ~0.25 ms forward +
+backward per view on one CPU thread; data augmentation, ~0.65 ms per view, dominates the step) with the default EMC²,
+SimCLR and SogCLR, 3 seeds; the summary gives the mean, std (ddof 1) and standard error over seeds of the final
+accuracies, the main PNG the mean ± std band per estimator against epochs (one column per b; ``*_cpu.png`` against
+training CPU seconds, ``*_runs.png`` every run).  One process per batch size, merged after:
+
+    python eval/small_batch.py --threads 1 --config configs/fmnist_small_cnn.yaml --estimators emc2,infonce,sogclr \
+        --batches 32 --seeds 0,1,2 --subset 10000 --epochs 20 --eval-every 5 --eval-max 10000 --eval-test 10000 \
+        --override eval.geometry=false --work runs/sb_v2 --out runs/sb_v2/b32.json      # and --batches 256 ... b256
+    python eval/small_batch.py --merge runs/sb_v2/b32.json runs/sb_v2/b256.json --out eval/results/small_batch_v2.json
+
+Every run appends to ``<out>.partial.json`` as it finishes, so an interrupted grid can still be merged.
 """
 from __future__ import annotations
 

@@ -54,6 +54,10 @@ def test_chain_check_smoke(tmp_path: Path) -> None:
     # the effect: Algorithm 1 (batch proposals) is further from softmax(β s) over D_neg than the exact RB update
     rb, batch = st["curves"]["rao_blackwell"]["tv"][-1], st["curves"]["batch"]["tv"][-1]
     assert rb < 0.7 * batch, (rb, batch)
+    # ... because it is pulled toward the in-batch softmax, which is itself far from the global one
+    inb = st["curves"]["in-batch softmax"]["tv"][-1]
+    assert inb > batch
+    assert st["curves"]["batch"]["tv_from_in_batch_softmax"][-1] < st["curves"]["rao_blackwell"]["tv_from_in_batch_softmax"][-1]
     # more i.i.d. samples, smaller Monte Carlo floor
     assert st["curves"]["iid (same n)"]["tv"][-1] < st["curves"]["iid (1/visit)"]["tv"][-1]
     assert "rao_blackwell" in stdout and out.with_suffix(".png").stat().st_size > 10_000

@@ -1,5 +1,5 @@
 """Two processes (gloo, CPU) compute what one process computes over the same global batch: same chain states and
-estimator state, same loss, same parameters (DESIGN.md, multi-GPU)."""
+estimator state, same loss, same parameters (docs/DESIGN.md, section 3)."""
 import os
 import shutil
 import subprocess

@@ -29,7 +29,7 @@ def test_uniform_visits_match_softmax_with_masks():
 
 
 def test_scan_visits_close_to_softmax_within_its_known_bias():
-    # the released code's systematic scan is not exactly invariant (DESIGN.md measured TV 0.019-0.024 at C=23, beta=3);
+    # the released code's systematic scan is not exactly invariant (measured TV 0.019-0.024 at C=23, beta=3);
     # ours stays within 0.06 here while the uniform proposal is 3x closer on the same problem.
     torch.manual_seed(0)
     B, C, beta = 4, 23, 3.0

@@ -1,4 +1,4 @@
-"""The spectral-clustering batch sampler (seed 003): high-loss batches, against brute force and random batches;
+"""The spectral-clustering batch sampler (Cho et al.): high-loss batches, against brute force and random batches;
 drop-in behaviour of GlobalBatchSampler (rank invariance, exact resume, each sample once per epoch)."""
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 A :class:`PairSet` holds the raw sides in memory: text as ``str``, images as their encoded file bytes (PNG/JPEG), so
 the same set can be written to webdataset shards byte for byte.  The index of a sample is fixed where the pairs are
 created (row order of a file, order of an offline set, or the ``index`` field of a shard) and travels with it through
-splits, shards and processes: EMC² chain states and SogCLR's u are keyed by it (DESIGN.md, multi-GPU).
+splits, shards and processes: EMC² chain states and SogCLR's u are keyed by it (docs/DESIGN.md, section 3).
 
 :class:`PairDataset` serves ``(index, x, y)`` to a DataLoader, decoding images with a tower's transform; a
 :class:`PairCollator` turns a list of such items into ``(ids, x_inputs, y_inputs)`` with each tower's ``prepare``

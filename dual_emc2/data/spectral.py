@@ -1,4 +1,4 @@
-"""High-loss mini-batches by spectral clustering (seed 003: Cho et al. 2023, "Mini-Batch Optimization of Contrastive
+"""High-loss mini-batches by spectral clustering (Cho et al. 2023, "Mini-Batch Optimization of Contrastive
 Loss", spectral clustering method).
 
 The in-batch contrastive loss of a batch B, Σ_{i∈B} [−β u_iᵀv_i + log Σ_{j∈B} e^{β u_iᵀv_j}], grows with the

@@ -3,7 +3,7 @@
 The id of an item is its position in the base :class:`~dual_emc2.data.image_sets.ImageSet` (after an optional
 ``first_n`` truncation, which keeps ids ``0..n-1``).  It depends only on the files on disk, never on the epoch,
 shuffling, the number of processes or workers, so it can key per-sample estimator state (EMC² chain states Z_i,
-SogCLR's u_i; DESIGN.md "Multi-GPU").
+SogCLR's u_i; docs/DESIGN.md, section 3).
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ class EvalDataset(Dataset):
 class UnaugmentedLookup:
     """``lookup(ids) -> Tensor [n, 3, H, W]``: the un-augmented (``transform`` = evaluation transform) images of the
     given global ids, on ``ids.device``.  EMC² uses it to re-encode chain states that lie outside the current batch
-    (DESIGN.md, "Chain state between iterations").  Repeated ids are decoded once."""
+    (docs/DESIGN.md, "State policies").  Repeated ids are decoded once."""
 
     def __init__(self, base: ImageSet, transform: Transform, first_n: int | None = None) -> None:
         self.base = take_first(base, first_n)

@@ -5,7 +5,7 @@ processes) and returns a scalar *surrogate* whose gradient is the estimator's st
 
     ∇L(θ) = β E_(x,y) [ −∇s(x, y) + E_{z ~ softmax(β s(x,·)) over D_neg(x)} ∇s(x, z) ]        (eq. 4–6)
 
-Estimators differ only in how they weight the negatives (DESIGN.md, estimator table).  The trainer never branches on
+Estimators differ only in how they weight the negatives (docs/DESIGN.md, section 1).  The trainer never branches on
 the estimator: it builds a :class:`ContrastiveBatch` and calls ``objective(batch, beta)``.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class ContrastiveBatch:
                    cache).  ``None`` where no such access exists.
     extra_negative_mask: optional [B, C] bool, False removes further candidates (e.g. known false negatives).
     labels, candidate_labels: optional [B] and [C] int64 class labels of the anchors and candidates, for supervised
-                   estimators (``needs_labels``; SCL/HSCL of seed 004).  Both or neither.
+                   estimators (``needs_labels``; SCL/HSCL of Jiang et al.).  Both or neither.
     """
 
     anchors: Tensor
@@ -151,6 +151,11 @@ class ContrastiveObjective(nn.Module):
     def beta_value(beta: Tensor | float) -> float:
         """β as a Python float for samplers and state updates (β may be a learnable tensor)."""
         return float(beta.detach()) if isinstance(beta, Tensor) else float(beta)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed of an estimator's generator for one step's draws: identical on every process (rank-invariant draws)."""
+    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
 
 
 def weighted_negative_surrogate(pos_scores: Tensor, scores: Tensor, weights: Tensor, beta: Tensor | float) -> Tensor:

@@ -34,6 +34,7 @@ from dual_emc2.objectives.base import (
     ContrastiveBatch,
     ContrastiveObjective,
     ObjectiveOutput,
+    step_seed,
     weighted_negative_surrogate,
 )
 from dual_emc2.sampling import PROPOSALS, check_proposal, mh_visit_counts
@@ -53,11 +54,6 @@ def lookup_columns(keys: Tensor, candidate_keys: Tensor) -> Tensor:
     col = order[pos]
     found = (sorted_keys[pos] == keys) & (keys >= 0)
     return torch.where(found, col, torch.full_like(col, -1))
-
-
-def chain_seed(seed: int, step: int) -> int:
-    """Seed of the generator for one step's draws: identical on every process (rank-invariant chains)."""
-    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2**63 - 1)
 
 
 def pool_logits(scores: Tensor, valid: Tensor, state_score: Tensor, state_in_pool: Tensor, beta: float) -> Tensor:
@@ -230,7 +226,7 @@ class EMC2(ContrastiveObjective):
         state_key, stored_score = self.chains.read(keys)
         step = self._advance()
         gen = torch.Generator(device=dev)
-        gen.manual_seed(chain_seed(self.seed, step))
+        gen.manual_seed(step_seed(self.seed, step))
         draw = dict(row_offset=batch.row_offset, total_rows=batch.total_rows, rows=B, device=dev)
 
         with torch.no_grad():

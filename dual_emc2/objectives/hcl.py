@@ -1,4 +1,4 @@
-"""Hard-negative contrastive loss, HCL (Robinson et al., ICLR 2021; seed 004 discusses its supervised forms).
+"""Hard-negative contrastive loss, HCL (Robinson et al., ICLR 2021; Jiang et al. discuss its supervised forms).
 
 With β = 1/t and hardness h, for anchor i with positive score s⁺ and negatives N_i (N = |N_i|):
 

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 
 from dual_emc2.distributed import all_gather_rows
-from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput
-from dual_emc2.objectives.emc2 import chain_seed
+from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput, step_seed
 
 
 class NegativeCache(ContrastiveObjective):
@@ -95,7 +94,7 @@ class NegativeCache(ContrastiveObjective):
             excluded = torch.arange(m, device=anchors.device)[None, :] == batch.anchor_ids[:, None]
             excluded |= (self.written_at < 0).to(anchors.device)[None, :]
             gen = torch.Generator(device=anchors.device)
-            gen.manual_seed(chain_seed(self.seed, step))
+            gen.manual_seed(step_seed(self.seed, step))
             u = torch.rand(batch.total_rows, m, generator=gen, device=anchors.device)
             u = u[batch.row_offset: batch.row_offset + anchors.shape[0]]
             gumbel = -torch.log(-torch.log(u.clamp(min=1e-20)))

@@ -1,6 +1,6 @@
-"""Supervised and hard-negative contrastive losses of seed 004 (Jiang, Nguyen, Aeron, Ishwar 2023): SCL, HSCL, HUCL.
+"""Supervised and hard-negative contrastive losses of Jiang, Nguyen, Aeron, Ishwar (2023, "Hard Negative Sampling via Regularized Optimal Transport for Contrastive Representation Learning"): SCL, HSCL, HUCL.
 
-Seed 004 writes every loss as ψ(Σ_{k} φ(f(x)ᵀf(x⁻_k) − f(x)ᵀf(x⁺))) with InfoNCE's ψ(t) = log(1 + t) and
+Jiang et al. write every loss as ψ(Σ_{k} φ(f(x)ᵀf(x⁻_k) − f(x)ᵀf(x⁺))) with InfoNCE's ψ(t) = log(1 + t) and
 φ(t) = e^{t/τ}, negatives x⁻ drawn from a *hardened* law p⁻_h(x⁻ | x) ∝ e^{h f(x)ᵀf(x⁻)/τ} p⁻(x⁻) (hardness h ≥ 0;
 h = 0 is the plain law).  On a batch, with β = 1/τ, s_ij = φ(x_i)ᵀψ(z_j), negatives N(i) (n_i = |N(i)|) and
 positives P(i), the hardened expectation is estimated by importance weights (as in HCL, Robinson et al. 2021):
@@ -19,8 +19,8 @@ With h = 0, n_i Σ_j w_ij e^{β s_ij} = Σ_j e^{β s_ij} and ℓ_ip is the InfoN
 * HUCL (unsupervised, h > 0; h = 0 is UCL = InfoNCE): P(i) = {the batch positive}, N(i) = ``batch.negative_mask``
   (every other sample, whatever its class).
 
-Feature normalisation (seed 004 compares the three): ``sphere`` f/‖f‖, ``ball`` f/max(1, ‖f‖) (projection onto the
-unit ball), ``none`` (raw features; seed 004 reports dimensional collapse without normalisation or hard negatives).
+Feature normalisation (Jiang et al. compare the three): ``sphere`` f/‖f‖, ``ball`` f/max(1, ‖f‖) (projection onto the
+unit ball), ``none`` (raw features; Jiang et al. report dimensional collapse without normalisation or hard negatives).
 """
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ class _HardContrastive(ContrastiveObjective):
 
 
 class SCL(_HardContrastive):
-    """Supervised contrastive loss (seed 004's SCL; ``hardness`` 0).  Options: ``hardness`` (h ≥ 0),
+    """Supervised contrastive loss (Jiang et al.'s SCL; ``hardness`` 0).  Options: ``hardness`` (h ≥ 0),
     ``normalize`` (sphere | ball | none)."""
 
     name = "scl"
@@ -137,7 +137,7 @@ class SCL(_HardContrastive):
 
 
 class HSCL(SCL):
-    """Hard-negative supervised contrastive loss (seed 004's HSCL): SCL with hardness h > 0 (default 1)."""
+    """Hard-negative supervised contrastive loss (Jiang et al.'s HSCL): SCL with hardness h > 0 (default 1)."""
 
     name = "hscl"
 
@@ -147,7 +147,7 @@ class HSCL(SCL):
 
 
 class HUCL(_HardContrastive):
-    """Hard-negative unsupervised contrastive loss (seed 004's HUCL; h = 0 gives UCL = InfoNCE).  No labels."""
+    """Hard-negative unsupervised contrastive loss (Jiang et al.'s HUCL; h = 0 gives UCL = InfoNCE).  No labels."""
 
     name = "hucl"
 

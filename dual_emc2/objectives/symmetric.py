@@ -18,6 +18,11 @@ class SymmetricObjective(ContrastiveObjective):
         self.x_to_y = make()
         self.y_to_x = make()
         self.needs_candidate_encoder = self.x_to_y.needs_candidate_encoder
+        self.needs_labels = self.x_to_y.needs_labels
+
+    def check_batch_shape(self, negatives_per_anchor: int) -> None:
+        self.x_to_y.check_batch_shape(negatives_per_anchor)
+        self.y_to_x.check_batch_shape(negatives_per_anchor)
 
     def forward(self, batch: ContrastiveBatch, beta: Tensor | float, reverse: ContrastiveBatch | None = None
                 ) -> ObjectiveOutput:

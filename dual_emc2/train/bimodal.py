@@ -1,6 +1,6 @@
 """Bimodal (CLIP-style) two-tower training and retrieval evaluation.
 
-Batches (DESIGN.md, bimodal): on each process the anchors of direction x→y are its own φ(x_i); the candidates are
+Batches (docs/DESIGN.md, section 1): on each process the anchors of direction x→y are its own φ(x_i); the candidates are
 ψ(y_j) of the whole global batch, gathered over processes with gradient; anchor i's positive is its own column and
 D_neg(x_i) = every other candidate (global sample ids differ).  The reverse batch y→x swaps the roles.  Each
 direction has its own estimator state (:class:`~dual_emc2.objectives.SymmetricObjective`), keyed by the sample index,

@@ -53,7 +53,7 @@ TOWER_KIND_CHOICES = ("pretrained", "open_clip")  # dual_emc2.towers.two_tower.T
 PRETRAINED_TOWER_CHOICES = ("minilm", "efficientnet_lite0")  # dual_emc2.towers.two_tower.PRETRAINED_TOWERS
 PAIR_SOURCE_CHOICES = ("wordnet", "emoji", "shards", "file")
 ARCH_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "small_cnn")  # towers.heads.IMAGE_ARCHS
-BATCH_SAMPLER_CHOICES = ("shuffle", "spectral")  # uniform reshuffle each epoch, or seed 003's spectral batches
+BATCH_SAMPLER_CHOICES = ("shuffle", "spectral")  # uniform reshuffle each epoch, or the spectral high-loss batches of Cho et al.
 
 
 class ConfigError(ValueError):
@@ -79,7 +79,7 @@ class AugmentConfig:
 
 @dataclass
 class SpectralConfig:
-    """High-loss batches by spectral clustering of the similarity graph (seed 003; dual_emc2.data.spectral), used
+    """High-loss batches by spectral clustering of the similarity graph (Cho et al., "Mini-Batch Optimization of Contrastive Loss"; dual_emc2.data.spectral), used
     when ``data.batch_sampler: spectral``.  ``refresh_every``: optimiser steps between re-clusterings of the
     embeddings of every training sample; ``num_clusters`` null: one global batch per cluster; ``beta`` null: the
     model's current β."""

@@ -39,7 +39,7 @@ def evaluate_features(features: Callable[[Tensor], Tensor], train_loader: DataLo
                       ) -> dict[str, float]:
     """Linear-probe and k-NN accuracy of ``features`` (e.g. ``encoder.features``) on frozen train/test features.
 
-    ``geometry``: also the collapse measures of the test features (dual_emc2.metrics.geometry, seed 004):
+    ``geometry``: also the collapse measures of the test features (dual_emc2.metrics.geometry):
     ``geo_effective_rank``, ``geo_nc1``, ``geo_etf_distance``, ``geo_uniformity``; ``spectrum_png``: a plot of their
     singular-value spectrum."""
     module = getattr(features, "__self__", None)

@@ -118,7 +118,7 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
 
     def _build_batch_sampler(self, num_samples: int) -> GlobalBatchSampler:
-        """``data.batch_sampler``: the uniform reshuffle, or seed 003's spectral high-loss batches."""
+        """``data.batch_sampler``: the uniform reshuffle, or the spectral high-loss batches of Cho et al.."""
         cfg = self.cfg
         common = dict(world_size=self.acc.num_processes, rank=self.acc.process_index, seed=cfg.seed)
         if cfg.data.batch_sampler == "spectral":
@@ -299,7 +299,7 @@ class Trainer:
 
     @torch.no_grad()
     def refresh_batches(self) -> float:
-        """Seed 003: embed every training sample with the current towers (each process a contiguous slice), cluster
+        """Spectral batches (Cho et al.): embed every training sample with the current towers (each process a contiguous slice), cluster
         the similarity graph on the main process, broadcast the clusters; they shape the batches from the current
         position on.  Returns the seconds it took."""
         from accelerate.utils import broadcast

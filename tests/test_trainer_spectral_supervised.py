@@ -1,4 +1,4 @@
-"""Seed 003/004 methods inside the trainer: spectral batches (refresh, plan, exact resume), supervised estimators fed
+"""Spectral batches and supervised losses inside the trainer: spectral batches (refresh, plan, exact resume), supervised estimators fed
 the right labels, geometry metrics and the spectrum plot at evaluation."""
 import pytest
 import torch
