@@ -29,7 +29,8 @@ rows and ids.  The estimator state (chains, SogCLR's u, the negative cache) is i
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +71,8 @@ class GlobalContrastiveLoss(nn.Module):
             (= ``clip``, ``simclr``), ``sogclr``, ``negative_cache``, ``hcl``, ``scl``, ``hscl``, ``hucl``.
         num_samples: size of the training set; ``index`` values lie in [0, num_samples).
         mode: ``"bimodal"`` (x, y from two towers; both directions) or ``"unimodal"`` (x, y two views).
+        symmetric: bimodal only; ``False`` keeps the x→y direction alone (target L_xy; ``infonce`` is then
+            sentence-transformers' MultipleNegativesRankingLoss, ``True`` its symmetric variant and open_clip's loss).
         check_inputs: validate shapes, unit norms and ids every call (one host sync); off for speed once it runs.
         **options: the estimator's options, as ``objective.options.<estimator>`` in configs (e.g. ``burn_in=31``,
             ``reencode_fraction=0.5``, ``gamma=0.9``, ``seed=0``).
@@ -85,7 +88,7 @@ class GlobalContrastiveLoss(nn.Module):
     """
 
     def __init__(self, estimator: str = "emc2", num_samples: int = 0, mode: Mode = "bimodal", *,
-                 check_inputs: bool = True, **options: Any) -> None:
+                 symmetric: bool = True, check_inputs: bool = True, **options: Any) -> None:
         super().__init__()
         if mode not in MODES:
             hint = difflib.get_close_matches(str(mode), MODES, n=1)
@@ -95,7 +98,7 @@ class GlobalContrastiveLoss(nn.Module):
             raise ValueError(f"num_samples must be the training set size (an int >= 1), got {num_samples!r}")
         keys = num_samples * (2 if mode == "unimodal" else 1)
         objective = build_objective(estimator, num_keys=keys, num_candidates=num_samples, options=options,
-                                    symmetric=mode == "bimodal")
+                                    symmetric=mode == "bimodal" and symmetric)
         self._setup(objective, mode, num_samples, check_inputs, views_per_sample=2)
         self.estimator = estimator
 
@@ -111,7 +114,7 @@ class GlobalContrastiveLoss(nn.Module):
 
     @classmethod
     def wrap(cls, objective: ContrastiveObjective, mode: Mode, num_samples: int, *, views_per_sample: int = 2,
-             check_inputs: bool = False) -> "GlobalContrastiveLoss":
+             check_inputs: bool = False) -> GlobalContrastiveLoss:
         """A loss around an estimator built elsewhere (the trainer builds it from a config, with
         ``num_samples × views_per_sample`` anchor keys in the unimodal mode)."""
         self = cls.__new__(cls)
@@ -157,7 +160,8 @@ class GlobalContrastiveLoss(nn.Module):
     def _check_encoders(self, encode_x: EncodeFn | None, encode_y: EncodeFn | None) -> None:
         if not self.objective.needs_candidate_encoder:
             return
-        missing = [n for n, f in (("encode_x", encode_x), ("encode_y", encode_y)) if f is None]
+        needed = ("encode_x", "encode_y") if isinstance(self.objective, SymmetricObjective) else ("encode_y",)
+        missing = [n for n, f in (("encode_x", encode_x), ("encode_y", encode_y)) if f is None and n in needed]
         if self.mode == "unimodal":
             missing = [] if (encode_x or encode_y) else ["encode_x"]
         if missing:
@@ -180,10 +184,12 @@ class GlobalContrastiveLoss(nn.Module):
         self._check_shape(b_global - 1)
         xy, yx = bimodal_contrastive_batches(x_features, y_features, index, x_groups=x_groups, y_groups=y_groups,
                                              encode_x=encode_x, encode_y=encode_y)
-        out = self.objective(xy, logit_scale, reverse=yx)
+        both = isinstance(self.objective, SymmetricObjective)
+        out = self.objective(xy, logit_scale, reverse=yx) if both else self.objective(xy, logit_scale)
         with torch.no_grad():
             beta = float(logit_scale.detach()) if isinstance(logit_scale, Tensor) else float(logit_scale)
-            batch_objective = 0.5 * sum(_batch_objective(bt, beta) for bt in (xy, yx))
+            directions = (xy, yx) if both else (xy,)
+            batch_objective = sum(_batch_objective(bt, beta) for bt in directions) / len(directions)
         self.last_stats = dict(out.stats) | {"loss": out.loss.detach(), "batch_objective": batch_objective}
         return out.loss
 

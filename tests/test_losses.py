@@ -123,3 +123,12 @@ def test_emc2_without_encoders_when_built_not_to_reencode():
     for k in range(3):
         loss = loss_fn(x, y, torch.arange(6) + k % 2 * 4, 5.0)
         assert torch.isfinite(loss)
+
+
+def test_one_direction_is_the_x_to_y_cross_entropy():
+    x, y = _features()
+    ours = GlobalContrastiveLoss("infonce", num_samples=10, symmetric=False)(x, y, torch.arange(6), 7.0)
+    assert torch.allclose(ours, F.cross_entropy(7.0 * x @ y.t(), torch.arange(6)), atol=1e-6)
+    loss_fn = GlobalContrastiveLoss("emc2", num_samples=10, symmetric=False)
+    assert torch.isfinite(loss_fn(x, y, torch.arange(6), 7.0, encode_y=lambda i: y[i % 6]))
+    assert not any(k.startswith("objective.y_to_x") for k in loss_fn.state_dict())
