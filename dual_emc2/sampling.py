@@ -78,7 +78,8 @@ def _check_inputs(scores: Tensor, valid: Tensor | None, steps: int, burn_in: int
     if valid is None:
         valid = torch.ones_like(scores, dtype=torch.bool)
     if valid.shape != scores.shape or valid.dtype != torch.bool:
-        raise ValueError(f"valid must be a bool mask of shape {tuple(scores.shape)}, got {valid.dtype} {tuple(valid.shape)}")
+        raise ValueError(f"valid must be a bool mask of shape {tuple(scores.shape)}, "
+                         f"got {valid.dtype} {tuple(valid.shape)}")
     if not valid.is_cuda and not bool(valid.any(dim=1).all()):  # on CUDA the check would sync every step
         raise ValueError("every chain needs at least one valid candidate (a row of `valid` is all False)")
     return valid
@@ -212,7 +213,8 @@ def run_mh_chains(
     if backend == "auto":
         use_triton = scores.is_cuda and triton_available(scores.device)
         if scores.is_cuda and not use_triton and not _warned_fallback:
-            warnings.warn("Triton is not importable: EMC² sampler falls back to a per-step torch loop on CUDA (slow)")
+            warnings.warn("Triton is not importable: EMC² sampler falls back to a per-step torch loop on CUDA (slow)",
+                          stacklevel=2)
             _warned_fallback = True
     elif backend == "triton":
         if not triton_available(scores.device):

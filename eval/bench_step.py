@@ -30,15 +30,25 @@ import argparse
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from _common import (
+    ROOT,
+    StepTimer,
+    default_out,
+    describe_machine,
+    format_table,
+    machine_info,
+    median,
+    resolve_device,
+    write_json,
+)
 from torch import Tensor, nn
 
-from _common import (ROOT, StepTimer, default_out, describe_machine, format_table, machine_info, median,
-                     resolve_device, write_json)
 from dual_emc2.objectives import build_objective
 from dual_emc2.towers.heads import build_image_encoder
 from dual_emc2.train.unimodal import unimodal_contrastive_batch
@@ -143,7 +153,8 @@ class Bench:
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.amp == "bf16")
         g = torch.Generator().manual_seed(seed)
         # distinct ids within a step, fresh every step, made up front so no host work is timed
-        self.ids = torch.stack([torch.randperm(case.dataset, generator=g)[:case.batch] for _ in range(steps)]).to(device)
+        self.ids = torch.stack([torch.randperm(case.dataset, generator=g)[:case.batch]
+                                for _ in range(steps)]).to(device)
         self.objectives = {}
         for n in names:
             reg, opts = estimator_options(n, case)

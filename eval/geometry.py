@@ -48,8 +48,14 @@ from dual_emc2.data.augment import eval_transform, simclr_transform  # noqa: E40
 from dual_emc2.data.image_sets import build_image_dataset, dataset_stats  # noqa: E402
 from dual_emc2.data.samplers import GlobalBatchSampler  # noqa: E402
 from dual_emc2.data.spectral import SpectralBatchSampler  # noqa: E402
-from dual_emc2.metrics.geometry import (alignment, class_means, geometry_metrics, plot_spectra,  # noqa: E402
-                                        singular_values, uniformity)
+from dual_emc2.metrics.geometry import (  # noqa: E402
+    alignment,
+    class_means,
+    geometry_metrics,
+    plot_spectra,
+    singular_values,
+    uniformity,
+)
 from dual_emc2.metrics.knn import knn_accuracy  # noqa: E402
 from dual_emc2.objectives import build_objective  # noqa: E402
 from dual_emc2.objectives.base import ContrastiveBatch  # noqa: E402
@@ -204,8 +210,8 @@ def in_batch_loss(plan: Tensor, u: Tensor, v: Tensor, beta: float) -> float:
 
 def spectral_check(model: SmallEncoder, train_x: Tensor, train_y: Tensor, views: Tensor, args: argparse.Namespace
                    ) -> dict:
-    """Spectral batches: in-batch loss of spectral batches (clusters of the un-augmented embeddings) vs uniform batches, on
-    two augmented views per image."""
+    """Spectral batches: in-batch loss of spectral batches (clusters of the un-augmented embeddings) vs uniform batches,
+    on two augmented views per image."""
     n, b = train_x.shape[0], args.batch
     _, z = encode(model, train_x)
     _, u = encode(model, views[:, 0])
@@ -358,7 +364,8 @@ def main() -> int:
         result["runs"][label] = {"estimator": RUNS[label][0], "options": RUNS[label][1], "normalize": norm,
                                  "train_seconds": seconds, "curve": curve, "final": final,
                                  "spectrum_z": sv["z"].tolist(), "spectrum_h": sv["h"].tolist()}
-        print(f"[{label}] {seconds:.0f}s: z eff. rank {final['z']['effective_rank']:.2f} (rank {final['z']['rank']:.0f}), "
+        print(f"[{label}] {seconds:.0f}s: z eff. rank {final['z']['effective_rank']:.2f} "
+              f"(rank {final['z']['rank']:.0f}), "
               f"NC1 {final['z']['nc1']:.3f}, ETF {final['z']['etf_distance']:.3f} (train: NC1 "
               f"{final['train_z']['nc1']:.3f}, ETF {final['train_z']['etf_distance']:.3f}); h eff. rank "
               f"{final['h']['effective_rank']:.1f}; 1-NN {final['knn1_acc']:.3f}", flush=True)

@@ -23,7 +23,8 @@ def _resolve(path: str) -> Path:
 
     p = Path(path)
     if p.is_dir():
-        found = find_latest_valid(p if p.name == "checkpoints" or not (p / "checkpoints").is_dir() else p / "checkpoints")
+        found = find_latest_valid(p if p.name == "checkpoints" or not (p / "checkpoints").is_dir()
+                                  else p / "checkpoints")
         if found is None:
             raise FileNotFoundError(f"no valid checkpoint under {p}")
         return found

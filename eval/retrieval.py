@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dual_emc2.data.pairs import PairSet, split_pairs
+    from dual_emc2.towers.two_tower import build_two_tower
     from dual_emc2.train.bimodal import checkpoint_model, load_pair_sets, read_pair_source, retrieval_report
     from dual_emc2.train.checkpoint import load_checkpoint
     from dual_emc2.train.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config
-    from dual_emc2.towers.two_tower import build_two_tower
 
     extra = list(args.overrides) + (_data_overrides(args.data) if args.data else [])
     try:

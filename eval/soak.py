@@ -3,8 +3,8 @@
 
     python eval/soak.py [--minutes 30] [--kill-every 20,90] [--out eval/results/soak.json] [key.sub=value ...]
 
-The run is sized (by ``--epochs``/overrides) so that the killed run outlasts the budget; the uninterrupted reference runs
-beside it (one thread each); the killed
+The run is sized (by ``--epochs``/overrides) so that the killed run outlasts the budget; the uninterrupted reference
+runs beside it (one thread each); the killed
 run is SIGKILLed after a random delay (uniform in --kill-every seconds, so kills land mid-epoch, mid-step and during
 checkpoint writes alike) and restarted with ``--resume latest`` until it reports its last step.  The final checkpoint
 hashes (scripts/checkpoint_info.py) of both runs must agree.  Not part of CI.

@@ -9,8 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from dual_emc2.objectives.batches import same_group_mask
 from PIL import Image
 
 from dual_emc2.data.offline_sets import emoji_pairs, read_emoji, read_wordnet, wordnet_license, wordnet_pairs
@@ -22,6 +20,7 @@ from dual_emc2.data.pairs import (
     relevant_sets,
     split_pairs,
 )
+from dual_emc2.objectives.batches import same_group_mask
 
 LICENSE = ["  1 This software and database is being provided to you, the LICENSEE, by  ",
            "  2 Princeton University under the following license.  ",

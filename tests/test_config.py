@@ -222,7 +222,8 @@ def test_every_schema_field_round_trips_through_overrides(tmp_path):
     overrides = [
         "seed=11", "output_dir=runs/y", "data.name=digits", "data.root=/data", "data.download=true",
         "data.train_split=unlabeled", "data.eval_train_split=unlabeled", "data.eval_test_split=val",
-        "data.image_size=96", "data.n_views=3", "data.on_bad_sample=skip", "data.num_workers=0", "data.subset=10", "data.eval_subset=20",
+        "data.image_size=96", "data.n_views=3", "data.on_bad_sample=skip", "data.num_workers=0", "data.subset=10",
+        "data.eval_subset=20",
         "data.augment.crop_scale_min=0.3", "data.augment.jitter_strength=1",
         "data.augment.grayscale_p=0", "data.augment.blur=false", "data.augment.flip=false",
         "data.batch_sampler=spectral", "data.spectral.refresh_every=5", "data.spectral.num_clusters=3",
@@ -236,8 +237,9 @@ def test_every_schema_field_round_trips_through_overrides(tmp_path):
         "optim.warmup_epochs=0.5", "optim.schedule=constant", "optim.min_lr_ratio=0.1", "train.batch_size=4",
         "train.epochs=9", "train.max_steps=7", "train.grad_accum=2", "train.mixed_precision=fp16",
         "train.log_every=1", "train.ckpt_every=3", "train.keep_last=1", "train.resume=/tmp/ckpt.pt",
-        "train.max_nonfinite=0", "train.compile=true", "train.dist_timeout_s=30", "eval.every_epochs=2", "eval.batch_size=8",
-        "eval.probe_epochs=0", "eval.knn_k=[3]", "eval.enabled=false", "eval.max_train=5", "eval.max_test=6", "eval.geometry=false",
+        "train.max_nonfinite=0", "train.compile=true", "train.dist_timeout_s=30", "eval.every_epochs=2",
+        "eval.batch_size=8", "eval.probe_epochs=0", "eval.knn_k=[3]", "eval.enabled=false", "eval.max_train=5",
+        "eval.max_test=6", "eval.geometry=false",
         "mode=bimodal", "pairs.source=file", "pairs.path=/p.csv", "pairs.eval_path=/e.csv", "pairs.x_key=q",
         "pairs.y_key=d", "pairs.id_key=id", "pairs.wordnet_pos=[verb]", "pairs.wordnet_x=examples",
         "pairs.eval_size=10", "pairs.train_size=100", "pairs.split_seed=3", "pairs.mask_duplicates=false",
@@ -298,7 +300,8 @@ def test_errors_name_their_origin_and_overrides_can_fix_a_file(tmp_path):
         load_config(good, ["train.epochs=0"])
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_builds_its_estimator(path):
     from dual_emc2.objectives import build_objective, options_for
 

@@ -21,12 +21,12 @@ from dual_emc2.data import (
     build_image_dataset,
     dataset_stats,
     eval_transform,
+    image_sets,
     load_class_list,
     native_image_size,
     read_idx,
     simclr_transform,
 )
-from dual_emc2.data import image_sets
 from dual_emc2.data.image_sets import ArrayImageSet, digits_split_indices
 
 torch.set_num_threads(1)

@@ -104,45 +104,6 @@ def test_stationarity_smoke_matches_brute_force(tmp_path: Path) -> None:
     assert m["final_grad_norm_sq"]["emc2"]["per_seed"] == [g["emc2"]["mean"]] * 2
     assert res["machine"]["torch"] == torch.__version__ and "final ‖∇L‖²" in stdout
     assert out.with_suffix(".png").stat().st_size > 10_000
-    assert ref["seeds"] == 1 and ref["linear_probe_acc_std"] is None and ref["knn1_acc_sem"] is None
-    partial = json.loads(out.with_name("sb.partial.json").read_text())  # written after every run
-    assert [(r["estimator"], r["seed"]) for r in partial["runs"]] == [("emc2", 0), ("infonce", 0)]
-    assert "burn_in" not in " ".join(runs[("emc2", 4)]["overrides"])  # default EMC² (Rao–Blackwell): no burn-in
-
-
-def _fake_run(name: str, b: int, seed: int, finals: tuple[float, float]) -> dict:
-    start = {"step": 0.0, "epoch": 0.0, "samples": 0.0, "train_seconds": 0.0, "train_cpu_seconds": 0.0,
-             "linear_probe_acc": 0.5, "knn1_acc": 0.4}
-    end = {"step": 10.0, "epoch": 2.0, "samples": 10.0 * b, "train_seconds": 20.0 + seed,
-           "train_cpu_seconds": 10.0 + seed, "linear_probe_acc": finals[0], "knn1_acc": finals[1]}
-    return {"estimator": name, "batch": b, "seed": seed, "overrides": [], "output_dir": "", "history": [start, end]}
-
-
-def test_small_batch_merge_mean_std_over_seeds(tmp_path: Path) -> None:
-    meta = {"command": "x", "machine": {"gpu": None, "cpu": "test", "cpu_cores": 1, "torch_threads": 1, "torch": "t"},
-            "data": "test", "clock": "train_cpu_seconds", "config": {"subset": 10}}
-    a = [_fake_run("emc2", 4, s, (0.70 + 0.02 * s, 0.60)) for s in (0, 1, 2)]
-    b = [_fake_run("infonce", 4, s, (0.60 + 0.04 * s, 0.50 + 0.01 * s)) for s in (0, 1, 2)]
-    for name, runs in (("a", a), ("b", b)):
-        (tmp_path / f"{name}.partial.json").write_text(json.dumps({**meta, "runs": runs}))
-    out = tmp_path / "merged.json"
-    small_batch.main(["--merge", str(tmp_path / "a.partial.json"), str(tmp_path / "b.partial.json"),
-                      "--out", str(out)])
-    rows = {r["estimator"]: r for r in json.loads(out.read_text())["summary"]["rows"]}
-    assert rows["emc2"]["seeds"] == 3 and rows["emc2"]["linear_probe_acc"] == pytest.approx(0.72)
-    assert rows["emc2"]["linear_probe_acc_std"] == pytest.approx(0.02)  # sample std (ddof 1) of .70, .72, .74
-    assert rows["emc2"]["linear_probe_acc_sem"] == pytest.approx(0.02 / math.sqrt(3))
-    assert rows["emc2"]["knn1_acc_std"] == pytest.approx(0.0)
-    assert rows["infonce"]["knn1_acc_per_seed"] == pytest.approx([0.50, 0.51, 0.52])
-    assert rows["infonce"]["train_cpu_seconds"] == pytest.approx(11.0)
-    for png in ("merged.png", "merged_cpu.png", "merged_runs.png"):
-        assert (tmp_path / png).stat().st_size > 10_000
-    curves = small_batch.mean_curves(a + b, "linear_probe_acc")
-    assert curves[("infonce", 4)]["epoch"].tolist() == [0.0, 2.0]
-    assert curves[("infonce", 4)]["mean"].tolist() == pytest.approx([0.5, 0.64])
-    with pytest.raises(SystemExit, match="appears twice"):
-        small_batch.main(["--merge", str(tmp_path / "a.partial.json"), str(tmp_path / "a.partial.json"),
-                          "--out", str(out)])
 
 
 def test_stationarity_rejects_bad_arguments() -> None:

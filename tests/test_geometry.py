@@ -8,9 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dual_emc2.metrics.geometry import (alignment, class_means, effective_rank, encode_all, etf_distance, etf_shape,
-                                        geometry_metrics, nc1, numerical_rank, plot_spectra, singular_values,
-                                        uniformity)
+from dual_emc2.metrics.geometry import (
+    alignment,
+    class_means,
+    effective_rank,
+    encode_all,
+    etf_distance,
+    etf_shape,
+    geometry_metrics,
+    nc1,
+    numerical_rank,
+    plot_spectra,
+    singular_values,
+    uniformity,
+)
 
 
 def simplex_etf(k: int, d: int, scale: float = 1.0, seed: int = 0) -> torch.Tensor:

@@ -288,7 +288,8 @@ def _cuda_ready() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("B,R,proposal", [(512, 510, "batch"), (512, 510, "permuted_scan"), (512, 510, "pool"), (2000, 77, "pool")])
+@pytest.mark.parametrize("B,R,proposal", [(512, 510, "batch"), (512, 510, "permuted_scan"), (512, 510, "pool"),
+                                          (2000, 77, "pool")])
 def test_cuda_triton_backend_matches_torch_backend(B, R, proposal):
     _cuda_ready()
     dev = torch.device("cuda")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import faiss
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -37,7 +37,8 @@ def test_scan_visits_close_to_softmax_within_its_known_bias():
     valid = torch.ones(B, C, dtype=torch.bool)
     valid[1, :5] = False
     gen = torch.Generator().manual_seed(2)
-    scan = mh_visit_counts(scores, beta=beta, steps=100_000, burn_in=100, valid=valid, proposal="permuted_scan", generator=gen)
+    scan = mh_visit_counts(scores, beta=beta, steps=100_000, burn_in=100, valid=valid, proposal="permuted_scan",
+                           generator=gen)
     uni = mh_visit_counts(scores, beta=beta, steps=100_000, burn_in=100, valid=valid, proposal="batch", generator=gen)
     target = _target(scores, valid, beta)
     tv_scan, tv_uni = _tv(scan.counts, target), _tv(uni.counts, target)

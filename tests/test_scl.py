@@ -1,4 +1,5 @@
-"""SCL / HSCL / HUCL (Jiang et al.) against their formulas, computed here by explicit loops over anchors and candidates."""
+"""SCL / HSCL / HUCL (Jiang et al.) against their formulas, computed here by explicit loops over anchors and
+candidates."""
 from __future__ import annotations
 
 import dataclasses

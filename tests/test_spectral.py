@@ -10,8 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from dual_emc2.data.samplers import GlobalBatchSampler
-from dual_emc2.data.spectral import (SpectralBatchSampler, cluster_batches, knn_affinity, pair_affinity,
-                                     spectral_clusters, spectral_embedding_maps)
+from dual_emc2.data.spectral import (
+    SpectralBatchSampler,
+    cluster_batches,
+    knn_affinity,
+    pair_affinity,
+    spectral_clusters,
+    spectral_embedding_maps,
+)
 
 BETA = 5.0
 

@@ -1,5 +1,5 @@
-"""Spectral batches and supervised losses inside the trainer: spectral batches (refresh, plan, exact resume), supervised estimators fed
-the right labels, geometry metrics and the spectrum plot at evaluation."""
+"""Spectral batches and supervised losses inside the trainer: spectral batches (refresh, plan, exact resume), supervised
+estimators fed the right labels, geometry metrics and the spectrum plot at evaluation."""
 import pytest
 import torch
 

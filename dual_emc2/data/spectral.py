@@ -23,7 +23,8 @@ used in the epoch are regrouped with the new clusters, so each sample is still u
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch

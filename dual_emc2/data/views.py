@@ -97,7 +97,8 @@ class MultiViewDataset(Dataset):
                 if self.on_error == "raise":
                     raise
                 self._bad += 1
-                warnings.warn(f"{e}; skipped (data.on_bad_sample=skip), using sample {(i + 1) % len(self.base)}")
+                warnings.warn(f"{e}; skipped (data.on_bad_sample=skip), using sample {(i + 1) % len(self.base)}",
+                              stacklevel=2)
                 i = (i + 1) % len(self.base)
         else:
             raise UnreadableSample(f"no readable sample in {self.base.name}/{self.base.split}")

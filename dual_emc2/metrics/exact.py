@@ -8,7 +8,7 @@ memory stays at one chunk of activations whatever the dataset size.  Used by the
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn

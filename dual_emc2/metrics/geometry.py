@@ -1,5 +1,6 @@
 """Geometry of a representation: alignment and uniformity (Wang & Isola, ICML 2020), neural collapse (Papyan, Han &
-Donoho, PNAS 2020; the collapse analysis of Jiang et al.) and the singular-value spectrum / effective rank (dimensional collapse).
+Donoho, PNAS 2020; the collapse analysis of Jiang et al.) and the singular-value spectrum / effective rank
+(dimensional collapse).
 
 * alignment  L_align = E_(x,x⁺) ‖f(x) − f(x⁺)‖₂^α                      (Wang & Isola eq. 4, α = 2)
 * uniformity L_unif  = log E_{x≠y} exp(−t ‖f(x) − f(y)‖₂²)              (Wang & Isola eq. 5, t = 2)
@@ -10,14 +11,14 @@ Donoho, PNAS 2020; the collapse analysis of Jiang et al.) and the singular-value
   Without centring (``center=False``) the raw means are compared with the ETF Gram, as for features on a sphere.
 * spectrum: singular values σ_1 ≥ … of the centred feature matrix / √N (square roots of the covariance
   eigenvalues); effective rank exp(−Σ p_i log p_i), p = σ/Σσ (Roy & Vetterli 2007); ``rank`` counts σ_i > 10⁻³ σ_1.
-  Dimensional collapse (Jing et al. 2022; discussed by Jiang et al. for SCL/HSCL) is a spectrum that falls to ~0 well before the feature dimension
-  (for K classes, below the K − 1 dimensions of a simplex ETF).
+  Dimensional collapse (Jing et al. 2022; discussed by Jiang et al. for SCL/HSCL) is a spectrum that falls to ~0 well
+  before the feature dimension (for K classes, below the K − 1 dimensions of a simplex ETF).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F

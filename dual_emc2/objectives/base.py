@@ -10,8 +10,8 @@ the estimator: it builds a :class:`ContrastiveBatch` and calls ``objective(batch
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -120,7 +120,8 @@ class ContrastiveObjective(nn.Module):
     name: str = "base"
     #: True when the estimator calls ``batch.encode_candidates`` (the trainer then supplies it).
     needs_candidate_encoder: bool = False
-    #: True when the estimator reads ``batch.labels`` / ``batch.candidate_labels`` (supervised; the trainer supplies them).
+    #: True when the estimator reads ``batch.labels`` / ``batch.candidate_labels`` (supervised; the trainer supplies
+    #: them).
     needs_labels: bool = False
 
     def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:  # pragma: no cover

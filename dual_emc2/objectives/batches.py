@@ -17,8 +17,9 @@ def unimodal_contrastive_batch(z: Tensor, ids: Tensor, n_views: int, encode_cand
     ``z`` is [b·V, d] in image-major order (image k's views at rows kV … kV+V−1), ``ids`` the [b] global sample ids.
     Candidates are the views gathered over processes (with grad), in rank order, so the candidate columns are those
     of a single process holding the whole global batch.  View v of image k has positive view (v+1) mod V, and anchor
-    key and candidate key ``id·V + v``; the other views of the same image are neither positives nor negatives.  ``labels`` [b]: class
-    labels of the images (supervised estimators), repeated per view and gathered like the candidates.
+    key and candidate key ``id·V + v``; the other views of the same image are neither positives nor negatives.
+    ``labels`` [b]: class labels of the images (supervised estimators), repeated per view and gathered like the
+    candidates.
     """
     if n_views < 2:
         raise ValueError(f"unimodal contrastive training needs data.n_views >= 2, got {n_views}")

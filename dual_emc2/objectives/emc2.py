@@ -37,7 +37,7 @@ from dual_emc2.objectives.base import (
     step_seed,
     weighted_negative_surrogate,
 )
-from dual_emc2.sampling import PROPOSALS, check_proposal, mh_visit_counts
+from dual_emc2.sampling import check_proposal, mh_visit_counts
 from dual_emc2.state import ChainState
 
 WEIGHTS = ("rao_blackwell", "visits")

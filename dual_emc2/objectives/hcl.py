@@ -19,7 +19,8 @@ from torch import Tensor
 from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput
 
 
-def hcl_loss(pos: Tensor, scores: Tensor, neg_mask: Tensor, beta: Tensor | float, hardness: float, tau_plus: float) -> Tensor:
+def hcl_loss(pos: Tensor, scores: Tensor, neg_mask: Tensor, beta: Tensor | float, hardness: float,
+             tau_plus: float) -> Tensor:
     """Mean HCL loss over anchors (formula in the module docstring); differentiable in ``pos`` and ``scores``."""
     n = neg_mask.sum(dim=1).float()
     bs = (beta * scores).masked_fill(~neg_mask, float("-inf"))
@@ -43,7 +44,8 @@ class HCL(ContrastiveObjective):
 
     name = "hcl"
 
-    def __init__(self, num_keys: int = 1, num_candidates: int = 1, hardness: float = 1.0, tau_plus: float = 0.1) -> None:
+    def __init__(self, num_keys: int = 1, num_candidates: int = 1, hardness: float = 1.0,
+                 tau_plus: float = 0.1) -> None:
         super().__init__()
         if hardness < 0:
             raise ValueError(f"hcl hardness must be >= 0, got {hardness}")

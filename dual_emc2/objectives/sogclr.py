@@ -1,4 +1,5 @@
-"""SogCLR (Yuan et al., "Provable Stochastic Optimization for Global Contrastive Learning", ICML 2022): moving-average estimate u_i of the per-anchor normaliser.
+"""SogCLR (Yuan et al., "Provable Stochastic Optimization for Global Contrastive Learning", ICML 2022): moving-average
+estimate u_i of the per-anchor normaliser.
 
     g_i = 1/|N_i| Σ_{j ∈ N_i} exp(β s_ij)            (N_i: in-batch negatives of anchor i)
     u_i ← (1 − γ) u_i + γ g_i                        (Algorithm 1 of SogCLR, u_i = 0 initially)

@@ -1,7 +1,7 @@
 """Two-direction use for bimodal (CLIP-style) training: x→y and y→x, each with its own estimator state."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 
@@ -27,7 +27,8 @@ class SymmetricObjective(ContrastiveObjective):
     def forward(self, batch: ContrastiveBatch, beta: Tensor | float, reverse: ContrastiveBatch | None = None
                 ) -> ObjectiveOutput:
         if reverse is None:
-            raise ValueError("SymmetricObjective needs both direction batches: objective(batch_xy, beta, reverse=batch_yx)")
+            raise ValueError("SymmetricObjective needs both direction batches: "
+                             "objective(batch_xy, beta, reverse=batch_yx)")
         a = self.x_to_y(batch, beta)
         c = self.y_to_x(reverse, beta)
         stats = {f"x2y/{k}": v for k, v in a.stats.items()} | {f"y2x/{k}": v for k, v in c.stats.items()}

@@ -1,7 +1,7 @@
 """Image backbones: torchvision ResNets without their classifier, with the SimCLR small-image ("CIFAR") stem."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torchvision

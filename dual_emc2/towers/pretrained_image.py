@@ -7,7 +7,7 @@ An image backbone has ``modality = "image"``, ``out_dim``, ``mean`` / ``std`` (i
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from PIL import Image

@@ -38,10 +38,10 @@ from dual_emc2.data.pairs import (
 )
 from dual_emc2.data.samplers import SeededViews
 from dual_emc2.data.shards import ShardStream, read_manifest, read_shards
+from dual_emc2.losses import GlobalContrastiveLoss
 from dual_emc2.metrics.faiss_search import build_index
 from dual_emc2.metrics.retrieval import retrieval_metrics
 from dual_emc2.objectives import build_objective, options_for
-from dual_emc2.losses import GlobalContrastiveLoss
 from dual_emc2.objectives.batches import bimodal_contrastive_batches
 from dual_emc2.towers.two_tower import TwoTowerModel, build_two_tower
 from dual_emc2.train.config import Config, PairsConfig

@@ -2,8 +2,8 @@
 as in EMC² section 4 (LP and 1-NN accuracy)."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor

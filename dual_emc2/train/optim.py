@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "lars")
 SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
-ParamsLike = Union[nn.Module, Iterable[Tensor], Iterable[tuple[str, Tensor]]]
+ParamsLike = nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
 
 
 def _named_trainable(params: ParamsLike) -> list[tuple[str, Tensor]]:

@@ -103,8 +103,9 @@ class Trainer:
                             jitter_strength=d.augment.jitter_strength, grayscale_p=d.augment.grayscale_p,
                             blur=d.augment.blur, flip=d.augment.flip, eval_resize=_eval_resize(d.name, d.image_size))
         n = None if d.subset is None else min(d.subset, len(base))
-        self.train_set = SeededViews(MultiViewDataset(base, aug.simclr(mean, std, grey_input=dataset_info(d.name).grayscale), d.n_views, first_n=n,
-                             on_error=d.on_bad_sample), cfg.seed)
+        simclr = aug.simclr(mean, std, grey_input=dataset_info(d.name).grayscale)
+        self.train_set = SeededViews(MultiViewDataset(base, simclr, d.n_views, first_n=n, on_error=d.on_bad_sample),
+                                     cfg.seed)
         self.lookup = UnaugmentedLookup(base, aug.eval(mean, std), first_n=n)
         self.sampler = self._build_batch_sampler(len(self.train_set))
         self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=d.num_workers,
@@ -299,9 +300,9 @@ class Trainer:
 
     @torch.no_grad()
     def refresh_batches(self) -> float:
-        """Spectral batches (Cho et al.): embed every training sample with the current towers (each process a contiguous slice), cluster
-        the similarity graph on the main process, broadcast the clusters; they shape the batches from the current
-        position on.  Returns the seconds it took."""
+        """Spectral batches (Cho et al.): embed every training sample with the current towers (each process a contiguous
+        slice), cluster the similarity graph on the main process, broadcast the clusters; they shape the batches from
+        the current position on.  Returns the seconds it took."""
         from accelerate.utils import broadcast
 
         t0 = time.perf_counter()
