@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/fmnist_unimodal.yaml
 ARGS ?=
 
-.PHONY: setup train test test-fast bench clean
+.PHONY: setup train test test-fast lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,12 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup  # everything but the tests marked slow (CLI training runs, several processes)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 bench: setup
 	$(PY) eval/bench_sampler.py

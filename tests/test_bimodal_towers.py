@@ -11,6 +11,8 @@ from PIL import Image
 
 from dual_emc2.train.config import load_config
 
+pytestmark = pytest.mark.slow  # trains through the CLI or starts processes: `make test-fast` skips it
+
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 

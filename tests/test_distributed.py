@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # trains through the CLI or starts processes: `make test-fast` skips it
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_dist_worker.py"
 COMMON = [

@@ -59,6 +59,8 @@ sys.path.insert(0, {str(ROOT)!r})
 from dual_emc2.train.config import load_config
 from dual_emc2.train.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # trains through the CLI or starts processes: `make test-fast` skips it
+
 class Dying(Trainer):
     def train_step(self, ids, views):
         if self.pos.step == 2 and self.acc.process_index == 1:

@@ -12,6 +12,8 @@ from dual_emc2.train.checkpoint import find_latest_valid, load_checkpoint
 from dual_emc2.train.config import load_config
 from dual_emc2.train.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # trains through the CLI or starts processes: `make test-fast` skips it
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [

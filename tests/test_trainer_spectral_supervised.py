@@ -8,6 +8,8 @@ from dual_emc2.train.checkpoint import find_latest_valid, load_checkpoint
 from dual_emc2.train.trainer import Trainer
 from tests.test_trainer import _flat_state, tiny_config
 
+pytestmark = pytest.mark.slow  # trains through the CLI or starts processes: `make test-fast` skips it
+
 SPECTRAL = ["data.batch_sampler=spectral", "data.spectral.refresh_every=3", "data.spectral.num_clusters=6"]
 
 

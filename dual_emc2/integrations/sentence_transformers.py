@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -145,7 +144,8 @@ class GlobalContrastiveSTLoss(nn.Module):
     def _tokenize(self, texts: list[str]) -> dict[str, Any]:
         preprocess = getattr(self.model, "preprocess", None)  # sentence-transformers >= 6; `tokenize` before
         features = preprocess(texts) if preprocess is not None else self.model.tokenize(texts)
-        device = self.model.device
+        # under SentenceTransformerTrainer's DDP the loss holds the wrapper, which has no .device
+        device = getattr(self.model, "device", None) or next(self.model.parameters()).device
         return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in features.items()}
 
     def _encode_texts(self, column: int, ids: Tensor) -> Tensor:

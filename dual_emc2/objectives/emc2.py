@@ -1,4 +1,4 @@
-"""EMC² (Yau, Liu, Chen, Kwok, Jordan and Liu, "EMC²: Efficient MCMC Negative Sampling for Contrastive Learning with
+"""EMC² (Yau, Wai, Raman, Sarkar and Hong, "EMC²: Efficient MCMC Negative Sampling for Contrastive Learning with
 Global Convergence", ICML 2024): persistent per-anchor Markov chains over the negatives.
 
 Each anchor key i keeps a chain state z_i (a candidate key) and its last score.  At every step the estimator needs

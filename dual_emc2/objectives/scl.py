@@ -1,5 +1,5 @@
-"""Supervised and hard-negative contrastive losses of Jiang, Nguyen, Aeron, Ishwar (2023, "Hard Negative Sampling via
-Regularized Optimal Transport for Contrastive Representation Learning"): SCL, HSCL, HUCL.
+"""Supervised and hard-negative contrastive losses of Jiang, Nguyen, Aeron, Ishwar ("Hard-Negative Sampling for
+Contrastive Learning: Optimal Representation Geometry and Neural- vs Dimensional-Collapse"): SCL, HSCL, HUCL.
 
 Jiang et al. write every loss as ψ(Σ_{k} φ(f(x)ᵀf(x⁻_k) − f(x)ᵀf(x⁺))) with InfoNCE's ψ(t) = log(1 + t) and
 φ(t) = e^{t/τ}, negatives x⁻ drawn from a *hardened* law p⁻_h(x⁻ | x) ∝ e^{h f(x)ᵀf(x⁻)/τ} p⁻(x⁻) (hardness h ≥ 0;
