@@ -37,13 +37,12 @@ toward the batch sits between the two.  ``TV visits a–b`` is the TV of the vis
 of each procedure's weights from the pool softmax (softmax over A; zero for Rao–Blackwell by construction, the
 within-visit sampling noise of R − P counted M-H steps otherwise) and from the in-batch softmax are in the JSON.
 
-    python eval/chain_check.py --threads 1          # grid c ∈ {6, 62}, β ∈ {5, 14.28}: ~3.5 CPU-min on 1 thread
+    python eval/chain_check.py --threads 1   # c ∈ {6, 62}, β ∈ {5, 14.28}: ~16 min wall on a shared 2-core CPU
     python eval/chain_check.py --smoke              # seconds (CI)
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -51,9 +50,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import default_out, describe_machine, format_table, machine_info, pyplot, save_figure, write_json
 from torch import Tensor
 
-from _common import default_out, describe_machine, format_table, machine_info, pyplot, save_figure, write_json
 from dual_emc2.objectives.emc2 import gumbel_argmax, pool_logits
 from dual_emc2.sampling import mh_visit_counts
 
@@ -110,8 +109,8 @@ def run_setting(s: Tensor, c: int, beta: float, *, chains: int, checkpoints: lis
     for t in range(1, last + 1):
         cand = torch.rand(chains, N, generator=g_batch).topk(c, dim=1).indices  # c distinct negatives per chain
         sc = s[cand]  # [chains, c]
-        in_batch_softmax = torch.cat([torch.softmax(beta * sc.double(), 1), torch.zeros(chains, 1, dtype=torch.float64)],
-                                     1)
+        zero = torch.zeros(chains, 1, dtype=torch.float64)  # no in-batch mass on an out-of-batch state
+        in_batch_softmax = torch.cat([torch.softmax(beta * sc.double(), 1), zero], 1)
         hist_inb.index_add_(0, cand.flatten(), in_batch_softmax[:, :c].flatten())
         for v in variants:
             z = state[v]
@@ -156,8 +155,8 @@ def run_setting(s: Tensor, c: int, beta: float, *, chains: int, checkpoints: lis
         if v in MH_VARIANTS:
             out[v]["accept_rate"] = accept_sum[v] / (chains * last)
     rng = np.random.default_rng(seed + 17)
-    out["iid (same n)"] = {"visits": checkpoints, "tv": [iid_tv(target, chains * t * (R - P), rng) for t in checkpoints],
-                           "samples": [chains * t * (R - P) for t in checkpoints]}
+    n_same = [chains * t * (R - P) for t in checkpoints]
+    out["iid (same n)"] = {"visits": checkpoints, "tv": [iid_tv(target, n, rng) for n in n_same], "samples": n_same}
     out["iid (1/visit)"] = {"visits": checkpoints, "tv": [iid_tv(target, chains * t, rng) for t in checkpoints],
                             "samples": [chains * t for t in checkpoints]}
     return {"c": c, "beta": beta, "steps": R, "burn_in": P, "target_ess": float(1.0 / target.square().sum()),
@@ -188,7 +187,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.set_ylabel("TV(counted, softmax(βs) over D_neg)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"Chain check at fixed scores: N = {result['config']['negatives']}, {result['config']['chains']} chains")
+    cfg = result["config"]
+    fig.suptitle(f"Chain check at fixed scores: N = {cfg['negatives']}, {cfg['chains']} chains")
     fig.tight_layout()
     return save_figure(fig, path)
 

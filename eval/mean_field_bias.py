@@ -34,7 +34,7 @@ Rows (estimator, options):
                         (the previous default)
   infonce, sogclr, negative_cache (dim = 16), hcl: library defaults
 
-    python eval/mean_field_bias.py --threads 1     # ~20 min on one CPU thread (3,200 epochs for emc2 only)
+    python eval/mean_field_bias.py --threads 1     # ~22 min wall on a shared 2-core CPU (3,200 epochs: emc2 only)
     python eval/mean_field_bias.py --smoke         # seconds (CI)
 """
 from __future__ import annotations
@@ -48,9 +48,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import default_out, describe_machine, format_table, machine_info, pyplot, save_figure, write_json
 from torch import Tensor
 
-from _common import default_out, describe_machine, format_table, machine_info, pyplot, save_figure, write_json
 from dual_emc2.losses import GlobalContrastiveLoss
 
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -153,7 +153,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     cfg = result["config"]
     ax.set_xlabel("epochs averaged (N / b steps each)")
     ax.set_ylabel("‖Ê ĝ − ∇L‖ / ‖∇L‖   (dotted: MC noise)")
-    ax.set_title(f"Mean-field bias at fixed θ: N = {cfg['n']}, d = {cfg['dim']}, b = {cfg['batch']}, β = {cfg['beta']:g}")
+    ax.set_title(f"Mean-field bias at fixed θ: N = {cfg['n']}, d = {cfg['dim']}, b = {cfg['batch']}, "
+                 f"β = {cfg['beta']:g}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -207,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
               "warmup_epochs": args.warmup_epochs, "blocks": args.blocks, "seed": args.seed, "smoke": args.smoke,
               "steps_per_epoch": args.n // args.batch}
     result: dict[str, Any] = {
-        "protocol": "mean-field bias at fixed θ through GlobalContrastiveLoss: ‖Ê ĝ − ∇L‖ / ‖∇L‖ with batch-means noise",
+        "protocol": "mean-field bias at fixed θ through GlobalContrastiveLoss: ‖Ê ĝ − ∇L‖ / ‖∇L‖ with batch-means "
+                    "noise",
         "command": " ".join(["python", "eval/mean_field_bias.py", *(sys.argv[1:] if argv is None else argv)]),
         "config": config, "machine": machine_info(), "exact_loss": loss_value, "exact_grad_norm": float(grad.norm()),
         "check_full_batch_emc2_rel_error": check_err, "rows": {},
@@ -223,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         per_epoch, secs = run_row(estimator, options, x, y, batch=args.batch, beta=args.beta, epochs=max(report),
                                   warmup=args.warmup_epochs, seed=args.seed)
         pts = [error_and_noise(per_epoch, e, grad, args.blocks) for e in report]
+        n_steps = (max(report) + args.warmup_epochs) * (args.n // args.batch)
         result["rows"][label] = {"estimator": estimator, "options": options, "seconds": secs,
-                                 "ms_per_step": 1e3 * secs / ((max(report) + args.warmup_epochs) * (args.n // args.batch)),
-                                 "points": pts}
+                                 "ms_per_step": 1e3 * secs / n_steps, "points": pts}
         print(f"{label:<18} " + "  ".join(f"{p['epochs']} ep: {p['rel_error']:.3f} (noise {p['rel_noise']:.3f})"
                                           for p in pts) + f"  ({secs:.0f} s)", flush=True)
         write_json(out, {**result, "complete": False})  # rows so far, should a long run be stopped
@@ -244,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([label, " ".join(f"{k}={v}" for k, v in r["options"].items()) or "-", *cells, last["rel_bias"],
                      last["cosine"], r["ms_per_step"]])
     print(f"\n‖Ê ĝ − ∇L‖ / ‖∇L‖ ± MC noise (batch means, K = {args.blocks}) at fixed θ: N = {args.n}, d = {args.dim}, "
-          f"b = {args.batch}, β = {args.beta:g}, {args.warmup_epochs} warm-up epochs; {describe_machine(result['machine'])}")
+          f"b = {args.batch}, β = {args.beta:g}, {args.warmup_epochs} warm-up epochs; "
+          f"{describe_machine(result['machine'])}")
     print(format_table(["row", "options", *[f"{e} epochs" for e in cols], "bias (noise-corrected, last)",
-                        "cos(Ê ĝ, ∇L)", "ms/step"], rows, floatfmt=".3g"))
+                        "cos(Ê ĝ, ∇L)", "wall ms/step"], rows, floatfmt=".3g"))
     print(f"wrote {out} and {png}")
     return 0
 
