@@ -31,39 +31,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+from dual_emc2.mh_types import MHProposals, MHResult
 
 Proposal = Literal["pool", "batch", "permuted_scan"]
 PROPOSALS: tuple[str, ...] = ("pool", "batch", "permuted_scan")
 _RENAMED = {"uniform": "batch", "scan": "permuted_scan"}
 Backend = Literal["auto", "torch", "triton"]
-
-
-class MHResult(NamedTuple):
-    """Output of :func:`mh_visit_counts`.
-
-    counts:   [B, C] float32, number of post-burn-in steps chain ``i`` sat on in-batch candidate ``j``.
-    index:    [B] int64, final in-batch column of each chain, ``-1`` if it ends on its (out-of-batch) init state.
-    score:    [B] float32, score of each chain's final state (the stored init score if it never moved).
-    stay:     [B] float32, post-burn-in steps spent on the out-of-batch init state.
-    accepted: [B] float32, number of accepted proposals over all ``R`` steps.
-    """
-
-    counts: Tensor
-    index: Tensor
-    score: Tensor
-    stay: Tensor
-    accepted: Tensor
-
-
-class MHProposals(NamedTuple):
-    """Pre-drawn randomness of ``R`` M-H steps for ``B`` chains, step-major for coalesced loads."""
-
-    index: Tensor  # [R, B] int64, proposed candidate column; -1 proposes the stored out-of-batch state (pool)
-    log_u: Tensor  # [R, B] float32, log of the acceptance uniform
 
 
 def _check_inputs(scores: Tensor, valid: Tensor | None, steps: int, burn_in: int, beta: float) -> Tensor:

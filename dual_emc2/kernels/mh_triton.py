@@ -32,7 +32,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from dual_emc2.sampling import MHResult
+from dual_emc2.mh_types import MHResult
 
 try:  # a missing or broken Triton must not break importing the package
     import triton
