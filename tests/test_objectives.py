@@ -316,3 +316,14 @@ def test_symmetric_objective_keeps_separate_states():
     assert not torch.equal(obj.x_to_y.u.value, obj.y_to_x.u.value)
     ref = 0.5 * (SogCLR(20)(batch, 2.0).loss + SogCLR(20)(rev, 2.0).loss)
     assert torch.allclose(out.loss, ref)
+
+
+def test_options_of_estimators_not_selected_are_checked_too():
+    from dual_emc2.objectives import options_for
+
+    with pytest.raises(ValueError, match=r"objective.options.sogclr: sogclr gamma must be in \(0, 1\].*emc2"):
+        options_for("emc2", {"emc2": {}, "sogclr": {"gamma": 2.0}})
+    with pytest.raises(ValueError, match="did you mean 'refresh'"):
+        options_for("emc2", {"negative_cache": {"refesh": 0.1}})
+    assert options_for("emc2", {"emc2": {"reencode_fraction": 0.5}, "sogclr": {"gamma": 0.5}}) == {
+        "reencode_fraction": 0.5}

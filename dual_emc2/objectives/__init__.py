@@ -45,7 +45,7 @@ def _check_options(name: str, cls: type[ContrastiveObjective], options: dict[str
 
 def options_for(name: str, options_by_estimator: dict[str, Any] | None) -> dict[str, Any]:
     """The options of estimator ``name`` from the config's ``objective.options`` mapping, which holds one mapping per
-    estimator name (``{emc2: {burn_in: 31}, sogclr: {gamma: 0.9}}``) so that ``objective.name=…`` switches estimator
+    estimator name (``{emc2: {reencode_fraction: 0.5}, sogclr: {gamma: 0.9}}``) so that ``objective.name=…`` switches estimator
     without editing options.  Unknown estimator names are an error (with a did-you-mean)."""
     options_by_estimator = dict(options_by_estimator or {})
     for key, value in options_by_estimator.items():
@@ -53,9 +53,15 @@ def options_for(name: str, options_by_estimator: dict[str, Any] | None) -> dict[
             hint = difflib.get_close_matches(key, REGISTRY, n=1)
             did = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ValueError(f"objective.options.{key}: not an estimator name{did}; options are grouped by estimator, "
-                             f"e.g. objective.options.emc2.burn_in=31 (estimators: {', '.join(sorted(REGISTRY))})")
+                             f"e.g. objective.options.sogclr.gamma=0.9 (estimators: {', '.join(sorted(REGISTRY))})")
         if not isinstance(value, dict):
             raise ValueError(f"objective.options.{key}: expected a mapping of options, got {value!r}")
+        _check_options(key, REGISTRY[key], value)
+        try:  # values too, for every estimator listed: a switch of objective.name must not meet a bad option later
+            REGISTRY[key](num_keys=2, num_candidates=2, **value)
+        except (ValueError, TypeError) as err:
+            selected = "" if key == name else f" (checked although objective.name is {name!r})"
+            raise ValueError(f"objective.options.{key}: {err}{selected}") from None
     return dict(options_by_estimator.get(name, {}))
 
 
