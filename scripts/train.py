@@ -1,42 +1,6 @@
 #!/usr/bin/env python
-"""Train a contrastive encoder: `accelerate launch scripts/train.py --config configs/X.yaml [key.sub=value ...]`."""
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint path (same as train.resume=...)")
-    p.add_argument("overrides", nargs="*", help="config overrides as key.sub=value")
-    args = p.parse_args(argv)
-
-    from dual_emc2.train.config import ConfigError, load_config
-
-    overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
-    try:
-        cfg = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if cfg.mode == "bimodal":  # two towers on pairs (configs/clip_*.yaml, text_wordnet.yaml)
-        from dual_emc2.train.bimodal import BimodalTrainer as Trainer
-    else:
-        from dual_emc2.train.trainer import Trainer
-
-    try:
-        trainer = Trainer(cfg)
-    except (FileNotFoundError, ValueError, ImportError) as e:  # missing data/package, bad options: no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    trainer.fit()
-    return 0
-
+"""`accelerate launch scripts/train.py --config ...`: the console script `dual-emc2-train` (dual_emc2.cli.train)."""
+from dual_emc2.cli.train import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -45,8 +45,9 @@ def _check_options(name: str, cls: type[ContrastiveObjective], options: dict[str
 
 def options_for(name: str, options_by_estimator: dict[str, Any] | None) -> dict[str, Any]:
     """The options of estimator ``name`` from the config's ``objective.options`` mapping, which holds one mapping per
-    estimator name (``{emc2: {reencode_fraction: 0.5}, sogclr: {gamma: 0.9}}``) so that ``objective.name=…`` switches estimator
-    without editing options.  Unknown estimator names are an error (with a did-you-mean)."""
+    estimator name (``{emc2: {reencode_fraction: 0.5}, sogclr: {gamma: 0.9}}``) so that ``objective.name=…``
+    switches estimator without editing options.  Unknown estimator names and bad options of any listed estimator
+    are errors (with a did-you-mean)."""
     options_by_estimator = dict(options_by_estimator or {})
     for key, value in options_by_estimator.items():
         if key not in REGISTRY:

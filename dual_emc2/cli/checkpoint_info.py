@@ -1,0 +1,60 @@
+"""Summarise a checkpoint: step, config, tensor sizes and a hash of the parameters and of each estimator state.
+
+    dual-emc2-checkpoint-info runs/x/checkpoints/ckpt-00000200.pt [--json]
+    python scripts/checkpoint_info.py runs/x/checkpoints/ckpt-00000200.pt [--json]     # the same
+
+Two runs whose hashes agree have bit-identical parameters / optimiser / estimator states.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from dual_emc2.cli._io import fail
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    from dual_emc2.train.checkpoint import CheckpointCorrupt, checkpoint_summary, load_checkpoint, tensor_dict_sha256
+
+    try:
+        payload = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, CheckpointCorrupt) as e:
+        return fail(e)
+    summary = checkpoint_summary(payload)
+    objective = payload.get("objective", {})
+    groups: dict[str, dict] = {}
+    for k, v in objective.items():
+        groups.setdefault(k.rsplit(".", 1)[0] if "." in k else k, {})[k] = v
+    info = {
+        "checkpoint": args.checkpoint, "step": payload.get("step"), "epoch": payload.get("epoch"),
+        "batch_in_epoch": payload.get("batch_in_epoch"), "world_size": payload.get("world_size"),
+        "estimator": payload.get("config", {}).get("objective", {}).get("name"),
+        "hash": {"model": tensor_dict_sha256(payload.get("model", {})),
+                 "optimizer": tensor_dict_sha256(payload.get("optimizer", {})),
+                 "objective": tensor_dict_sha256(objective),
+                 **{f"objective/{g}": tensor_dict_sha256(t) for g, t in sorted(groups.items())}},
+        "sizes": {k: {"tensors": v["num_tensors"], "elements": v["numel"], "bytes": v["nbytes"]}
+                  for k, v in summary["tensors"].items()},
+        "config": payload.get("config"),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"checkpoint  {args.checkpoint}")
+    print(f"step {info['step']}  epoch {info['epoch']}  batch {info['batch_in_epoch']}  "
+          f"processes {info['world_size']}  estimator {info['estimator']}")
+    print(f"{'part':<34}{'sha256':<20}")
+    for k, h in info["hash"].items():
+        print(f"{k:<34}{h[:16]}")
+    print(f"{'part':<20}{'tensors':>10}{'elements':>14}{'bytes':>14}")
+    for k, v in info["sizes"].items():
+        print(f"{k:<20}{v['tensors'] or 0:>10}{v['elements'] or 0:>14}{v['bytes'] or 0:>14}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
