@@ -143,24 +143,28 @@ def _needs(path):
         pytest.skip(f"{path} missing (scripts/install.sh)")
 
 
+@pytest.mark.slow
 def test_example_sentence_transformers_wordnet_smoke(minilm):
     _needs("/usr/share/wordnet/data.noun")
     out = _run([sys.executable, "examples/sentence_transformers_wordnet.py", "--smoke"], "held-out recall@1 after")
     assert "step 3/3 loss" in out
 
 
+@pytest.mark.slow
 def test_example_open_clip_emoji_smoke():
     _needs(ROOT / "data_cache" / "emoji")
     out = _run([sys.executable, "examples/open_clip_emoji.py", "--smoke"], "done: image→caption recall@1")
     assert "1 process(es)" in out and "step 3/3 loss" in out
 
 
+@pytest.mark.slow
 def test_example_unimodal_simclr_smoke():
     out = _run([sys.executable, "examples/unimodal_simclr.py", "--smoke"], "done: 3 steps")
     assert "step 3/3 loss" in out
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_example_open_clip_emoji_under_accelerate_two_processes():
     _needs(ROOT / "data_cache" / "emoji")
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
