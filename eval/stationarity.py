@@ -8,21 +8,24 @@ The exact values come from :func:`dual_emc2.metrics.exact.exact_objective` (φ =
 two-pass chunked backprop), evaluated every ``--eval-every`` epochs.  The network has no batch norm (a small CNN, or
 ResNet-18 with GroupNorm), so training and evaluation compute the same function.
 
-Every estimator gets the same initial network, the same batches in the same order (per seed) and the same number of
-SGD steps, so curves are compared at equal samples accessed.  Defaults follow Table 3's "STL-10 subset" row: SGD,
-b = 4 images (8 views, 2b − 2 = 6 in-batch negatives per anchor), β = 5, lr 1e-3, EMC² with R = 2b − 2 and P = 3,
-negative-cache refresh ρ = 0.1; weight decay is 0 here (with weight decay the iterates approach a stationary point
-of L + λ‖θ‖²/2, not of L).
+Every estimator gets the same initial network and the same batch order (per seed).  By default (``--equal forwards``)
+each one trains until a common budget of forward passes is spent (``--budget-forwards``, default SimCLR's forwards for
+``--epochs`` epochs; re-encodes count), so an estimator that re-encodes takes fewer SGD steps; the step-size schedule
+(``--lr-schedule``, ``--decay-start``) is a function of the fraction of the budget spent and evaluations fall every
+``--eval-every`` epochs' worth of SimCLR forwards.  ``--equal samples`` gives every estimator ``--epochs`` epochs.
+Defaults follow Table 3's "STL-10 subset" row: SGD, b = 4 images (8 views, 2b − 2 = 6 in-batch negatives per
+anchor), β = 5, negative-cache refresh ρ = 0.1; weight decay is 0 here (with weight decay the iterates approach a
+stationary point of L + λ‖θ‖²/2, not of L).
 
 Estimators (``--estimators``), all through :func:`dual_emc2.objectives.build_objective`:
-  emc2             Algorithm 1 on the finite set: a chain per view (key = view), state = a view of another image,
-                   exact acceptance ratio for an out-of-batch state (``state_score=refresh``) and its re-encoding
-                   with grad when the chain still sits on it after burn-in (``out_of_batch=reencode``).
-  emc2_r1          the same with R = 1, P = 0: one M-H step per visit, whose proposal (a uniform in-batch
-                   candidate, hence a uniform draw from D_neg) is independent of the state, so the chain is exactly
-                   invariant for softmax(β s) over D_neg.  With R > 1 steps over the *same* batch it is not (the
-                   chain drifts into the batch; see RESULTS.md).
-  emc2_stale_drop  the trainer's default (stale stored score, out-of-batch state dropped): no extra forwards.
+  emc2             the default EMC² (no options): Rao–Blackwell weights = softmax over batch ∪ {chain state}, the
+                   out-of-batch state's score exact (re-encoded without grad) and its gradient term re-encoded with
+                   grad, the state moved by one exact draw from that softmax (~15 forwards a step at b = 4).
+  emc2_q025        the same with reencode_fraction q = 0.25.
+  emc2_batch       the previous estimator: M-H visit counts of R = (b − 1)·views steps proposing from the batch
+                   (Algorithm 1), burn-in P, exact state score, out-of-batch state re-encoded.
+  emc2_r1          emc2_batch with R = 1, P = 0.
+  emc2_stale_drop  visit counts, batch proposals, stale stored score, out-of-batch state dropped: no extra forwards.
   simclr           InfoNCE over the in-batch candidates.
   sogclr           SogCLR, γ = 0.9.
   negative_cache   Lindgren et al.: cache of ψ over the negatives, refresh ρ, Gumbel-max draw, re-encode with grad.
@@ -30,7 +33,11 @@ Estimators (``--estimators``), all through :func:`dual_emc2.objectives.build_obj
                    image (the estimator keys candidates by image and excludes only the anchor's own image).
   hcl              hard-negative loss (Robinson et al.), not in Fig. 7.
 
-    python eval/stationarity.py                 # default: 3 seeds, minutes on a 2-core CPU
+``--bias-iters`` adds the mean-field bias of each estimator at one fixed network (``--bias-at``), with its Monte-Carlo
+noise from batch means over ``--bias-blocks`` blocks (see :func:`gradient_bias`).  ``--merge a.json,b.json`` combines
+runs of one configuration on disjoint (estimator, seed) pairs (e.g. one process per seed) into ``--out``.
+
+    python eval/stationarity.py                 # default: 3 seeds, equal forwards, minutes on a 2-core CPU
     python eval/stationarity.py --smoke         # seconds (CI)
     python eval/stationarity.py --device cuda --arch resnet18 --epochs 400 --eval-every 20   # paper scale
 """
@@ -48,10 +55,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import (
+    default_out,
+    describe_machine,
+    format_table,
+    geomean,
+    machine_info,
+    pyplot,
+    resolve_device,
+    save_figure,
+    write_json,
+)
 from torch import Tensor, nn
 
-from _common import (default_out, describe_machine, format_table, geomean, machine_info, pyplot, resolve_device,
-                     save_figure, write_json)
 from dual_emc2.data.augment import simclr_transform
 from dual_emc2.data.image_sets import build_image_dataset, dataset_stats
 from dual_emc2.metrics.exact import exact_objective
@@ -163,6 +179,20 @@ def nominal_budget(args: argparse.Namespace, n: int) -> int:
     return args.epochs * (n // args.batch) * args.batch * args.views
 
 
+def view_batch(anchors: Tensor, candidates: Tensor, rows: Tensor, image: Tensor, local: Tensor, view: Tensor, V: int,
+               by_view: bool, encode: Any) -> ContrastiveBatch:
+    """The batch of b images × V fixed views.  By view (the finite D_neg of eq. 1): sample ids are images, candidate
+    keys are view rows (so an EMC² chain state is a view, and its pool holds every view of the state's image), and
+    ``encode`` maps view rows to features; otherwise (negative cache) ids are images and ``encode`` maps image ids."""
+    positive = local - view + (view + 1) % V
+    if by_view:
+        return ContrastiveBatch(anchors=anchors, candidates=candidates, positive=positive, anchor_ids=image,
+                                candidate_ids=image, anchor_keys=rows, candidate_keys=rows, views_per_id=V,
+                                encode_candidate_keys=encode)
+    return ContrastiveBatch(anchors=anchors, candidates=candidates, positive=positive, anchor_ids=image,
+                            candidate_ids=image, anchor_keys=rows, encode_candidates=encode)
+
+
 def run_one(label: str, spec: Estimator, views: Tensor, args: argparse.Namespace, seed: int,
             device: torch.device) -> dict[str, Any]:
     """Train one estimator from the seed's initial network; return its curve of exact (L, ‖∇L‖²).
@@ -229,12 +259,7 @@ def run_one(label: str, spec: Estimator, views: Tensor, args: argparse.Namespace
         z = model(flat[rows])
         forwards[0] += rows.numel()
         image = image_of[rows]
-        ids = rows if spec.by_view else image
-        batch = ContrastiveBatch(
-            anchors=z, candidates=z, positive=local - view + (view + 1) % V, anchor_ids=ids, candidate_ids=ids,
-            anchor_keys=rows, encode_candidates=encode_candidates,
-            # by view, the other views of the anchor's image are neither positives nor negatives
-            extra_negative_mask=(image[:, None] != image[None, :]) if spec.by_view else None)
+        batch = view_batch(z, z, rows, image, local, view, V, spec.by_view, encode_candidates)
         out = objective(batch, args.beta)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -294,9 +319,9 @@ def gradient_bias(model: nn.Module, views: Tensor, specs: dict[str, Estimator], 
         objective.check_batch_shape((b - 1) * V)
         leaf = feats.clone().requires_grad_(True)
 
-        def encode(ids: Tensor) -> Tensor:
+        def encode(ids: Tensor, leaf: Tensor = leaf, by_view: bool = spec.by_view) -> Tensor:
             ids = ids.to(device)
-            return leaf[ids] if spec.by_view else leaf[ids * V]
+            return leaf[ids] if by_view else leaf[ids * V]
 
         gen = torch.Generator().manual_seed(0)
         order, pos = torch.randperm(n, generator=gen), 0
@@ -309,11 +334,7 @@ def gradient_bias(model: nn.Module, views: Tensor, specs: dict[str, Estimator], 
             pos += b
             rows = (img[:, None] * V + torch.arange(V, device=device)).flatten()
             image = image_of[rows]
-            ids = rows if spec.by_view else image
-            batch = ContrastiveBatch(
-                anchors=leaf[rows], candidates=leaf[rows], positive=local - view + (view + 1) % V, anchor_ids=ids,
-                candidate_ids=ids, anchor_keys=rows, encode_candidates=encode,
-                extra_negative_mask=(image[:, None] != image[None, :]) if spec.by_view else None)
+            batch = view_batch(leaf[rows], leaf[rows], rows, image, local, view, V, spec.by_view, encode)
             (grad,) = torch.autograd.grad(objective(batch, args.beta).loss, [leaf])
             if it >= burn:
                 blocks[(it - burn) // per_block] += grad.double()
@@ -352,7 +373,8 @@ def gradient_bias(model: nn.Module, views: Tensor, specs: dict[str, Estimator], 
 
 
 def chain_target_check(settings: list[tuple[int, int]], *, images: int, views: int, batch: int, beta: float,
-                       spread: float = 0.3, iters: int = 300, reps: int = 2000, seed: int = 0) -> list[dict[str, float]]:
+                       spread: float = 0.3, iters: int = 300, reps: int = 2000, seed: int = 0
+                       ) -> list[dict[str, float]]:
     """Does EMC²'s chain sample softmax(β s) over D_neg when its R steps per visit all propose from one mini-batch?
 
     One anchor with fixed scores s over the (images − 1)·views negatives (image scores ~ N(0, ``spread``), views
@@ -534,8 +556,8 @@ def report(result: dict[str, Any]) -> None:
     print(format_table(["estimator", "final L (median)", "final ‖∇L‖² (median)", "min", "max", "tail median",
                         "÷ EMC²", "forwards/step", "steps", "train s"], rows))
     if "chain_check" in result:
-        print("\nEMC² chain at fixed scores, R steps per visit proposing from one batch: distance of its counted samples "
-              "from softmax(β s) over D_neg")
+        print("\nEMC² chain at fixed scores, R steps per visit proposing from one batch: distance of its counted "
+              "samples from softmax(β s) over D_neg")
         print(format_table(["R", "P", "TV", "TV of exact draws", "mass on hardest 1 %", "target mass"],
                            [[c["steps"], c["burn_in"], c["tv"], c["tv_exact_draws"], c["hardest_1pct_mass"],
                              c["hardest_1pct_mass_target"]] for c in result["chain_check"]]))
@@ -557,7 +579,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=500, help="first N Fashion-MNIST training images")
     ap.add_argument("--views", type=int, default=2, help="pre-computed augmentations per image")
     ap.add_argument("--epochs", type=int, default=20,
-                    help="run length: epochs (equal samples) or SimCLR's forwards for that many epochs (equal forwards)")
+                    help="run length: epochs (equal samples), or SimCLR's forwards for so many epochs (equal forwards)")
     ap.add_argument("--equal", choices=("forwards", "samples"), default="forwards",
                     help="compare at equal forward passes (re-encodes count; default) or at equal samples accessed")
     ap.add_argument("--budget-forwards", type=int, default=0,

@@ -153,16 +153,21 @@ def test_emc2_default_weights_are_the_pool_softmax_and_encode_each_id_once():
     out = emc2(batch, 2.0)
     assert len(calls) == 1 and calls[0][0].tolist() == [99] and calls[0][1] is True, calls
     g_feats, g_z = torch.autograd.grad(out.loss, [feats, z99])
-    # brute force: surrogate with softmax weights over batch ∪ {z99}
+    # brute force: surrogate with softmax weights over batch ∪ {both views of sample 99}: the batch holds whole
+    # samples (two views each), so the pool holds the state's whole sample; encode_candidates gives both views the
+    # un-augmented features
     f, z = feats.detach().clone().requires_grad_(True), z99.detach().clone().requires_grad_(True)
     s = f @ f.t()
     s_z = (f @ z.t())[:, 0]
-    logits = torch.cat([(2.0 * s).masked_fill(~batch.negative_mask, float("-inf")), 2.0 * s_z[:, None]], dim=1)
+    batch_logits = (2.0 * s).masked_fill(~batch.negative_mask, float("-inf"))
+    logits = torch.cat([batch_logits, 2.0 * s_z[:, None], 2.0 * s_z[:, None]], dim=1)
     p = torch.softmax(logits, dim=1).detach()
-    ref = 2.0 * (-s.gather(1, batch.positive[:, None])[:, 0] + (p[:, :-1] * s).sum(1) + p[:, -1] * s_z).mean()
+    w_z = p[:, -2] + p[:, -1]
+    ref = 2.0 * (-s.gather(1, batch.positive[:, None])[:, 0] + (p[:, :-2] * s).sum(1) + w_z * s_z).mean()
     gf, gz = torch.autograd.grad(ref, [f, z])
     assert torch.allclose(g_feats, gf, atol=1e-6) and torch.allclose(g_z, gz, atol=1e-6)
-    assert torch.allclose(out.stats["state_weight"], p[:, -1].mean())
+    assert torch.allclose(out.stats["state_weight"], w_z.mean())
+    assert set(emc2.chains.candidate_key.tolist()) <= set(batch.candidate_keys.tolist()) | {198, 199}
 
 
 def test_emc2_reencode_fraction_is_unbiased_over_the_random_choice():

@@ -79,3 +79,39 @@ def test_long_run_states_follow_the_global_softmax_with_pool_kernels_not_in_batc
     # 480k correlated samples over 30 states: the Monte Carlo TV is about 0.005; Algorithm 1 stays near 0.05
     assert tv["pool"] < 0.015 and tv["rao_blackwell_draw"] < 0.015, tv
     assert tv["batch"] > 2 * max(tv["pool"], tv["rao_blackwell_draw"]), tv
+
+
+def _exact_kernel(s: torch.Tensor, V: int, others: int, beta: float, whole_sample: bool) -> torch.Tensor:
+    """Exact next-state law of one Rao–Blackwell draw from every state, averaged over every batch of ``others``
+    samples (all V views each, uniformly drawn): the pool is the batch plus the state's V views (``whole_sample``)
+    or its one view."""
+    import itertools
+
+    from dual_emc2.objectives.emc2 import state_group_keys
+
+    n = s.numel() // V
+    K = torch.zeros(n * V, n * V, dtype=torch.float64)
+    subsets = list(itertools.combinations(range(n), others))
+    for z in range(n * V):
+        for C in subsets:
+            cols = torch.tensor([i * V + v for i in C for v in range(V)])
+            keys = state_group_keys(torch.tensor([z]), V)[0] if whole_sample else torch.tensor([z])
+            outside = torch.tensor([not bool((cols == z).any())])
+            logits = pool_logits(s[cols][None], torch.ones(1, len(cols), dtype=torch.bool), s[keys][None], outside,
+                                 beta)[0]
+            p = torch.softmax(logits.double(), 0) / len(subsets)
+            K[z].index_add_(0, torch.cat([cols, keys]), p)
+    return K
+
+
+def test_whole_sample_pool_is_invariant_with_several_views_per_sample_and_a_lone_view_is_not():
+    # a batch holds whole samples (V views each): a pool with the state's lone view tells the state apart, so
+    # p(z | A) is not proportional to the softmax and the kernel is not invariant; pooling all V views restores it
+    g = torch.Generator().manual_seed(0)
+    for n, V, others in [(5, 2, 2), (6, 2, 1), (4, 3, 1)]:
+        s = torch.rand(n * V, generator=g, dtype=torch.float64) * 2 - 1
+        pi = torch.softmax(5.0 * s, 0)
+        whole = _exact_kernel(s, V, others, 5.0, whole_sample=True)
+        lone = _exact_kernel(s, V, others, 5.0, whole_sample=False)
+        assert _tv(pi @ whole, pi) < 1e-6, (n, V, others)
+        assert _tv(pi @ lone, pi) > 0.01, (n, V, others)

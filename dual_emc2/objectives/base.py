@@ -39,6 +39,8 @@ class ContrastiveBatch:
     encode_candidates: maps global ids to candidate features ψ(z) of the *un-augmented* samples, under the caller's
                    grad mode; used by estimators that need out-of-batch candidates (EMC² refresh/re-encode, negative
                    cache).  ``None`` where no such access exists.
+    encode_candidate_keys: optional map from candidate keys to features of exactly those candidates (e.g. fixed,
+                   pre-computed views), under the caller's grad mode; EMC² prefers it to ``encode_candidates``.
     extra_negative_mask: optional [B, C] bool, False removes further candidates (e.g. known false negatives).
     labels, candidate_labels: optional [B] and [C] int64 class labels of the anchors and candidates, for supervised
                    estimators (``needs_labels``; SCL/HSCL of Jiang et al.).  Both or neither.
@@ -55,6 +57,7 @@ class ContrastiveBatch:
     row_offset: int = 0
     total_rows: int | None = None
     encode_candidates: EncodeFn | None = None
+    encode_candidate_keys: EncodeFn | None = None
     extra_negative_mask: Tensor | None = None
     labels: Tensor | None = None
     candidate_labels: Tensor | None = None

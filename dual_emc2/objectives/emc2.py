@@ -57,11 +57,21 @@ def lookup_columns(keys: Tensor, candidate_keys: Tensor) -> Tensor:
 
 
 def pool_logits(scores: Tensor, valid: Tensor, state_score: Tensor, state_in_pool: Tensor, beta: float) -> Tensor:
-    """[B, C + 1] logits β s over the pool A_i = C_i ∪ {z_i}: columns 0..C−1 the batch (−inf where not a valid
-    negative), column C the stored state (−inf where it is in the batch already or absent)."""
+    """[B, C + G] logits β s over the pool A_i = C_i ∪ G(z_i): columns 0..C−1 the batch (−inf where not a valid
+    negative), columns C.. the G candidate keys of the stored state's sample (``state_score`` [B, G], or [B] for
+    G = 1; −inf where the state is in the batch already or absent)."""
+    state_score = state_score.float()
+    if state_score.dim() == 1:
+        state_score = state_score[:, None]
     batch = (beta * scores.float()).masked_fill(~valid, float("-inf"))
-    state = torch.where(state_in_pool, beta * state_score.float(), torch.full_like(state_score.float(), float("-inf")))
-    return torch.cat([batch, state[:, None]], dim=1)
+    state = torch.where(state_in_pool[:, None], beta * state_score, torch.full_like(state_score, float("-inf")))
+    return torch.cat([batch, state], dim=1)
+
+
+def state_group_keys(state_key: Tensor, views_per_id: int) -> Tensor:
+    """[B, V] candidate keys of every view of the stored state's sample (keys ``id · V + v``)."""
+    base = (state_key.clamp(min=0) // views_per_id) * views_per_id
+    return base[:, None] + torch.arange(views_per_id, device=state_key.device)[None, :]
 
 
 def draw_rows(generator: torch.Generator, shape_per_row: tuple[int, ...], row_offset: int, total_rows: int,
@@ -186,35 +196,40 @@ class EMC2(ContrastiveObjective):
                 + (f", the {negatives_per_anchor} in-batch negatives per anchor" if self.steps is None else "")
                 + "): lower objective.options.emc2.burn_in or raise the batch size")
 
-    def _encode_states(self, batch: ContrastiveBatch, state_key: Tensor, need: Tensor, with_grad: Tensor
+    def _encode_states(self, batch: ContrastiveBatch, keys: Tensor, need: Tensor, with_grad: Tensor
                        ) -> Tensor | None:
-        """ψ of the states of rows ``need`` (all rows' features returned in row order of ``need.nonzero()``), each
-        sample id encoded once; rows ``with_grad`` under grad, the others without."""
+        """ψ of the candidate keys ``keys`` [B, G] of rows ``need``, as [n_need, G, d] in row order; each distinct
+        key (or sample id) encoded once, under grad for the rows ``with_grad`` and without for the others.
+        ``batch.encode_candidate_keys`` encodes keys (e.g. fixed views); otherwise ``encode_candidates`` encodes
+        the sample of each key (every view of a sample gets the same, un-augmented, features)."""
         rows = need.nonzero()[:, 0]
         if rows.numel() == 0:
             return None
-        if batch.encode_candidates is None:
+        by_key = batch.encode_candidate_keys is not None
+        if not by_key and batch.encode_candidates is None:
             raise RuntimeError(
                 f"emc2 with state_score={self.state_score!r}, out_of_batch={self.out_of_batch!r} re-encodes chain "
                 "states by sample id and needs an encoder (GlobalContrastiveLoss: pass encode_x/encode_y; "
                 "ContrastiveBatch: encode_candidates), or use state_score='stale', out_of_batch='drop'")
-        ids = state_key[rows] // batch.views_per_id
-        uniq, inverse = torch.unique(ids, return_inverse=True)
+        encode = batch.encode_candidate_keys if by_key else batch.encode_candidates
+        G = keys.shape[1]
+        wanted = keys[rows] if by_key else keys[rows] // batch.views_per_id  # [n, G]
+        uniq, inverse = torch.unique(wanted.reshape(-1), return_inverse=True)
         grad_uniq = torch.zeros(uniq.numel(), dtype=torch.bool, device=uniq.device)
-        grad_uniq[inverse[with_grad[rows]]] = True
+        grad_uniq[inverse[with_grad[rows].repeat_interleave(G)]] = True
         parts, order = [], []
         if bool(grad_uniq.any()):
             with torch.enable_grad():
-                parts.append(batch.encode_candidates(uniq[grad_uniq]))
+                parts.append(encode(uniq[grad_uniq]))
             order.append(grad_uniq.nonzero()[:, 0])
         if bool((~grad_uniq).any()):
             with torch.no_grad():
-                parts.append(batch.encode_candidates(uniq[~grad_uniq]))
+                parts.append(encode(uniq[~grad_uniq]))
             order.append((~grad_uniq).nonzero()[:, 0])
         feats = torch.cat([p.to(batch.anchors.dtype) for p in parts])
         position = torch.empty_like(uniq)
         position[torch.cat(order)] = torch.arange(uniq.numel(), device=uniq.device)
-        return feats[position[inverse]]
+        return feats[position[inverse]].reshape(rows.numel(), G, -1)
 
     def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:
         b = self.beta_value(beta)
@@ -249,34 +264,39 @@ class EMC2(ContrastiveObjective):
                 frozen = torch.zeros_like(outside)
                 grad_rows = outside & chosen if self.out_of_batch == "reencode" else torch.zeros_like(outside)
                 need = grad_rows
-        feats = self._encode_states(batch, state_key, need, grad_rows)
-        state_score = stored_score.float().clone()
+        # the pool holds every view of the state's sample (G = views per id) under Rao–Blackwell weights: a batch
+        # holds whole samples, so a lone view would tell the state apart and break p(z | A) ∝ π (docs/DESIGN.md)
+        G = batch.views_per_id if not self.runs_chain else 1
+        group = state_group_keys(state_key, G) if G > 1 else state_key[:, None]  # [B, G]
+        feats = self._encode_states(batch, group, need, grad_rows)
+        state_score = stored_score.float()[:, None].repeat(1, G)  # [B, G]; stale: the stored view's score for all
         s_out = None
         if feats is not None:
             need_rows = need.nonzero()[:, 0]
-            s_out = (batch.anchors[need_rows].float() * feats.float()).sum(dim=1)  # grad where encoded with grad
+            s_out = (batch.anchors[need_rows].float()[:, None, :] * feats.float()).sum(dim=-1)  # [n, G], with grad
             if self.state_score == "exact":
                 state_score[need_rows] = s_out.detach()
         in_pool = outside & ~frozen
-        state_score = torch.where(in_pool, state_score, torch.full_like(state_score, float("-inf")))
+        state_score = torch.where(in_pool[:, None], state_score, torch.full_like(state_score, float("-inf")))
 
         with torch.no_grad():
             s_det = scores.detach().float()
             if self.runs_chain:
                 R, P = self._steps(valid)
                 res = mh_visit_counts(
-                    s_det, beta=b, steps=R, burn_in=P, valid=valid, init_index=col, init_score=state_score,
+                    s_det, beta=b, steps=R, burn_in=P, valid=valid, init_index=col, init_score=state_score[:, 0],
                     proposal=self.proposal, generator=gen, row_offset=batch.row_offset, total_rows=batch.total_rows,
                     backend=self.backend)
-                new_col, new_score = res.index, res.score
+                new_col = res.index
             logits = pool_logits(s_det, valid, state_score, in_pool, b)
-            batch_softmax = torch.softmax(logits[:, :-1], dim=1)
+            C = s_det.shape[1]
+            batch_softmax = torch.softmax(logits[:, :C], dim=1)
             if self.weights == "rao_blackwell":
                 p = torch.softmax(logits, dim=1)
-                w_batch, w_state = p[:, :-1], p[:, -1]
+                w_batch, w_state = p[:, :C], p[:, C:]  # [B, C], [B, G]
             else:
                 n_post = float(R - P)
-                w_batch, w_state = res.counts / n_post, res.stay / n_post
+                w_batch, w_state = res.counts / n_post, (res.stay / n_post)[:, None]
             if self.out_of_batch == "drop":  # renormalise over the batch; a chain never in it: the batch softmax
                 mass = w_batch.sum(dim=1, keepdim=True)
                 w_batch = torch.where(mass > 0, w_batch / mass.clamp(min=1e-30), batch_softmax)
@@ -287,13 +307,19 @@ class EMC2(ContrastiveObjective):
                 refresh_rows = (outside & ~frozen)[:, None]
                 w_batch = torch.where(refresh_rows, batch_softmax + (w_batch - batch_softmax) / q,
                                       torch.where(frozen[:, None], batch_softmax, w_batch))
-            w_state = torch.where(grad_rows, w_state / q, torch.zeros_like(w_state))
+            w_state = torch.where(grad_rows[:, None], w_state / q, torch.zeros_like(w_state))
+            stay_key = state_key
             if not self.runs_chain:
                 pick = gumbel_argmax(logits, draw_rows(gen, (logits.shape[1],), **draw))
-                new_col = torch.where(pick < logits.shape[1] - 1, pick, torch.full_like(pick, -1))
+                new_col = torch.where(pick < C, pick, torch.full_like(pick, -1))
+                in_group = (pick - C).clamp(min=0, max=G - 1)[:, None]
+                stay_key = torch.where(pick >= C, group.gather(1, in_group)[:, 0], state_key)
                 new_score = torch.where(new_col >= 0, s_det.gather(1, new_col.clamp(min=0)[:, None])[:, 0],
-                                        state_score)
+                                        state_score.gather(1, in_group)[:, 0])
+            else:
+                new_score = res.score
             new_col = torch.where(frozen, torch.full_like(new_col, -1), new_col)
+            stay_key = torch.where(frozen, state_key, stay_key)
             new_score = torch.where(frozen, stored_score.float(), new_score)
 
         loss = weighted_negative_surrogate(batch.positive_scores(scores), scores, w_batch, beta)
@@ -302,12 +328,12 @@ class EMC2(ContrastiveObjective):
             loss = loss + beta * (w_state[grad_rows].detach() * s_out[rows_in_need]).sum() / B
 
         with torch.no_grad():
-            new_key = torch.where(new_col >= 0, batch.candidate_keys[new_col.clamp(min=0)], state_key)
+            new_key = torch.where(new_col >= 0, batch.candidate_keys[new_col.clamp(min=0)], stay_key)
             self.chains.write(keys, new_key, new_score)
-            w_all = torch.cat([w_batch, w_state[:, None]], dim=1).clamp(min=0)
+            w_all = torch.cat([w_batch, w_state], dim=1).clamp(min=0)
             ess = w_all.sum(dim=1).square() / w_all.square().sum(dim=1).clamp(min=1e-30)
             stats = {
-                "state_weight": w_state.mean(),
+                "state_weight": w_state.sum(dim=1).mean(),
                 "start_outside_frac": outside.float().mean(),
                 "reencoded_frac": need.float().mean(),
                 "frozen_frac": frozen.float().mean(),

@@ -19,9 +19,10 @@ import os
 import re
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Union
 
 import yaml
 
@@ -53,7 +54,8 @@ TOWER_KIND_CHOICES = ("pretrained", "open_clip")  # dual_emc2.towers.two_tower.T
 PRETRAINED_TOWER_CHOICES = ("minilm", "efficientnet_lite0")  # dual_emc2.towers.two_tower.PRETRAINED_TOWERS
 PAIR_SOURCE_CHOICES = ("wordnet", "emoji", "shards", "file")
 ARCH_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "small_cnn")  # towers.heads.IMAGE_ARCHS
-BATCH_SAMPLER_CHOICES = ("shuffle", "spectral")  # uniform reshuffle each epoch, or the spectral high-loss batches of Cho et al.
+# uniform reshuffle each epoch, or the spectral high-loss batches of Cho et al.
+BATCH_SAMPLER_CHOICES = ("shuffle", "spectral")
 
 
 class ConfigError(ValueError):
@@ -79,8 +81,8 @@ class AugmentConfig:
 
 @dataclass
 class SpectralConfig:
-    """High-loss batches by spectral clustering of the similarity graph (Cho et al., "Mini-Batch Optimization of Contrastive Loss"; dual_emc2.data.spectral), used
-    when ``data.batch_sampler: spectral``.  ``refresh_every``: optimiser steps between re-clusterings of the
+    """High-loss batches by spectral clustering of the similarity graph (Cho et al., "Mini-Batch Optimization of
+    Contrastive Loss"; dual_emc2.data.spectral), used when ``data.batch_sampler: spectral``.  ``refresh_every``: optimiser steps between re-clusterings of the
     embeddings of every training sample; ``num_clusters`` null: one global batch per cluster; ``beta`` null: the
     model's current β."""
 
@@ -214,7 +216,8 @@ class TrainConfig:
     resume: str | None = None  # "latest" or a checkpoint path
     max_nonfinite: int = field(default=5, metadata=_check(ge=0))
     compile: bool = False
-    dist_timeout_s: float = field(default=600.0, metadata=_check(gt=0.0))  # collective timeout: a dead rank stops the job
+    # collective timeout: a dead rank stops the job
+    dist_timeout_s: float = field(default=600.0, metadata=_check(gt=0.0))
 
 
 @dataclass
