@@ -253,7 +253,8 @@ def trainer_overhead(case: Case, device: torch.device, repeats: int, warmup: int
         ids = next(it)
         with amp:
             z = core(x_bare)
-        out = objective(unimodal_contrastive_batch(z.float(), ids, VIEWS), core.temperature())
+        batch = unimodal_contrastive_batch(z.float(), ids, VIEWS, encode_candidates=trainer.encode_candidates)
+        out = objective(batch, core.temperature())
         out.loss.backward()
         raw_opt.step()
         raw_opt.zero_grad(set_to_none=True)
