@@ -82,9 +82,9 @@ class AugmentConfig:
 @dataclass
 class SpectralConfig:
     """High-loss batches by spectral clustering of the similarity graph (Cho et al., "Mini-Batch Optimization of
-    Contrastive Loss"; dual_emc2.data.spectral), used when ``data.batch_sampler: spectral``.  ``refresh_every``: optimiser steps between re-clusterings of the
-    embeddings of every training sample; ``num_clusters`` null: one global batch per cluster; ``beta`` null: the
-    model's current β."""
+    Contrastive Loss"; dual_emc2.data.spectral), used when ``data.batch_sampler: spectral``.  ``refresh_every``:
+    optimiser steps between re-clusterings of the embeddings of every training sample; ``num_clusters`` null: one
+    global batch per cluster; ``beta`` null: the model's current β."""
 
     refresh_every: int = field(default=100, metadata=_check(ge=1))
     num_clusters: int | None = field(default=None, metadata=_check(ge=1))
