@@ -46,16 +46,17 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-
 from _common import ROOT, default_out, describe_machine, format_table, machine_info, pyplot, save_figure, write_json
+
+from dual_emc2.train import trainer as trainer_module
 from dual_emc2.train.config import load_config
 from dual_emc2.train.run_log import CSV_NAME, read_metrics
-from dual_emc2.train import trainer as trainer_module
 from dual_emc2.train.trainer import Trainer
 
 FMNIST_CONFIG = "configs/fmnist_unimodal.yaml"
@@ -212,6 +213,15 @@ def summarise(runs: list[dict], reference: tuple[str, int]) -> dict[str, Any]:
                                    ("samples", "samples")):
                     hits = [time_to(r["history"], m, target, key) for r in rs]
                     row[f"{label}_to_{m}"] = None if any(h is None for h in hits) else float(np.mean(hits))
+        # paired by seed against the reference estimator at the same b (same initial network and batches per seed)
+        base = {r["seed"]: r for r in groups.get((reference[0], b), [])}
+        pairs = [(r, base[r["seed"]]) for r in rs if r["seed"] in base]
+        if name != reference[0] and pairs:
+            for m in METRICS:
+                d = [r["history"][-1].get(m, math.nan) - q["history"][-1].get(m, math.nan) for r, q in pairs]
+                row[f"{m}_paired_diff_vs_{reference[0]}"] = float(np.mean(d))
+                row[f"{m}_paired_diff_std"] = float(np.std(d, ddof=1)) if len(d) > 1 else None
+                row[f"{m}_paired_diff_per_seed"] = [float(v) for v in d]
         rows.append(row)
     if ref is not None:
         ref_row = next(x for x in rows if (x["estimator"], x["batch"]) == reference)
@@ -319,7 +329,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--clock", choices=CLOCKS, default=None,
                     help="x axis of the time plots and the speed-up (default: CPU time on a CPU, wall-clock on a GPU)")
-    ap.add_argument("--data-root", default=None, help="folder holding stl10_binary/: run STL-10 with the paper's configs")
+    ap.add_argument("--data-root", default=None,
+                    help="folder holding stl10_binary/: run STL-10 with the paper's configs")
     ap.add_argument("--config", default=None, help="one config for every batch size (overrides the defaults above)")
     ap.add_argument("--override", nargs="*", default=[], help="extra config overrides key.sub=value")
     ap.add_argument("--work", default="runs/small_batch", help="run folders (checkpoints, metrics.csv, plots)")
@@ -423,15 +434,20 @@ def report(runs: list[dict], out: Path, meta: dict[str, Any]) -> None:
 
     ref = summary["reference"]
     c = "seconds" if clock == "train_seconds" else "cpu_seconds"
-    print(f"\n{data}: final accuracy; time ({'wall-clock' if c == 'seconds' else 'process CPU'} s) and samples to "
-          f"reach {ref['estimator']} b={ref['batch']}'s final accuracy, and speed-up over it")
     print(f"\n{data}: final accuracy, mean ± std over seeds (sem = std / sqrt(seeds))")
     print(format_table(
-        ["estimator", "b", "seeds", "epochs", "linear probe", "LP sem", "1-NN", "1-NN sem", "train CPU s"],
+        ["estimator", "b", "seeds", "epochs", "linear probe", "LP sem", "1-NN", "1-NN sem", "train CPU s",
+         f"LP − {ref_name} (paired)", f"1-NN − {ref_name} (paired)"],
         [[r["estimator"], r["batch"], r["seeds"], f(r["epochs"], "g"),
-          f(r["linear_probe_acc"], ".4f") + " ± " + f(r["linear_probe_acc_std"], ".4f"), f(r["linear_probe_acc_sem"], ".4f"),
+          f(r["linear_probe_acc"], ".4f") + " ± " + f(r["linear_probe_acc_std"], ".4f"),
+          f(r["linear_probe_acc_sem"], ".4f"),
           f(r["knn1_acc"], ".4f") + " ± " + f(r["knn1_acc_std"], ".4f"), f(r["knn1_acc_sem"], ".4f"),
-          f(r["train_cpu_seconds"], ".0f")] for r in summary["rows"]]))
+          f(r["train_cpu_seconds"], ".0f")]
+         + [f(r.get(f"{m}_paired_diff_vs_{ref_name}"), "+.4f") + " ± " + f(r.get(f"{m}_paired_diff_std"), ".4f")
+            if f"{m}_paired_diff_vs_{ref_name}" in r else "-" for m in METRICS]
+         for r in summary["rows"]]))
+    print(f"\n{data}: final accuracy; time ({'wall-clock' if c == 'seconds' else 'process CPU'} s) and samples to "
+          f"reach {ref['estimator']} b={ref['batch']}'s final accuracy, and speed-up over it")
     print(format_table(
         ["estimator", "b", "linear probe", "1-NN", "train wall s", "train CPU s", "s to LP target", "× (LP)",
          "samples to LP target", "s to 1-NN target", "× (1-NN)"],
