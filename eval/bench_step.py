@@ -240,7 +240,7 @@ def trainer_overhead(case: Case, device: torch.device, repeats: int, warmup: int
         raise SystemExit(f"the trainer picked {trainer.device}, the benchmark runs on {device}")
     core, raw_opt, objective = trainer.core, trainer.optimizer.optimizer, trainer.objective
     views = torch.randn(b, VIEWS, 3, case.size, case.size, device=device)
-    n_ids = len(trainer.train_set)
+    n_ids = len(trainer.task.train_set)
     g = torch.Generator().manual_seed(0)
     id_list = [torch.randperm(n_ids, generator=g)[:b].to(device) for _ in range(2 * (warmup + repeats) + 4)]
     it = iter(id_list * 2)
@@ -253,14 +253,15 @@ def trainer_overhead(case: Case, device: torch.device, repeats: int, warmup: int
         ids = next(it)
         with amp:
             z = core(x_bare)
-        batch = unimodal_contrastive_batch(z.float(), ids, VIEWS, encode_candidates=trainer.encode_candidates)
+        batch = unimodal_contrastive_batch(z.float(), ids, VIEWS,
+                                           encode_candidates=lambda i: trainer.task.encode_by_id(core, i))
         out = objective(batch, core.temperature())
         out.loss.backward()
         raw_opt.step()
         raw_opt.zero_grad(set_to_none=True)
 
     def wrapped() -> None:
-        trainer.train_step(next(it), views)
+        trainer.train_step((next(it), views, None))
 
     core.train()
     for _ in range(warmup):

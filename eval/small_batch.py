@@ -54,7 +54,6 @@ import numpy as np
 import torch
 from _common import ROOT, default_out, describe_machine, format_table, machine_info, pyplot, save_figure, write_json
 
-from dual_emc2.train import trainer as trainer_module
 from dual_emc2.train.config import load_config
 from dual_emc2.train.run_log import CSV_NAME, read_metrics
 from dual_emc2.train.trainer import Trainer
@@ -63,37 +62,6 @@ FMNIST_CONFIG = "configs/fmnist_unimodal.yaml"
 STL10_CONFIGS = {32: "configs/stl10_unimodal.yaml", 256: "configs/stl10_unimodal_b256.yaml"}
 METRICS = ("linear_probe_acc", "knn1_acc")
 CLOCKS = ("train_seconds", "train_cpu_seconds")
-
-
-class TimedTrainer(Trainer):
-    """The trainer, stamping ``samples`` (images accessed), ``train_seconds`` (training-loop wall-clock without
-    evaluation) and ``train_cpu_seconds`` (this process's CPU time over the same span: robust to other jobs on a
-    shared CPU when data loading runs in-process, ``--workers 0``) on every evaluation, so they land in
-    ``metrics.csv`` beside the accuracies."""
-
-    _start: tuple[float, float] | None = None
-    _eval_spent = (0.0, 0.0)
-
-    @staticmethod
-    def _clocks() -> tuple[float, float]:
-        return time.perf_counter(), time.process_time()
-
-    def fit(self) -> dict[str, float]:
-        self._start, self._eval_spent = self._clocks(), (0.0, 0.0)
-        return super().fit()
-
-    def evaluate(self) -> dict[str, float]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        now = self._clocks()
-        start = self._start or now
-        train = [n - s - e for n, s, e in zip(now, start, self._eval_spent)]
-        metrics = super().evaluate()
-        self._eval_spent = tuple(e + c - n for e, c, n in zip(self._eval_spent, self._clocks(), now))
-        metrics["train_seconds"], metrics["train_cpu_seconds"] = train
-        metrics["samples"] = float(self.pos.step * self.cfg.train.batch_size * self.acc.num_processes
-                                   * self.cfg.train.grad_accum)
-        return metrics
 
 
 def config_for(args: argparse.Namespace, b: int) -> str:
@@ -111,6 +79,8 @@ def run_overrides(args: argparse.Namespace, name: str, b: int, seed: int, out: P
          f"eval.every_epochs={args.eval_every}", f"output_dir={out}",
          f"data.num_workers={args.workers}", "train.ckpt_every=1000000", "train.max_steps=null",
          f"eval.probe_epochs={args.probe_epochs}"]
+    if args.no_run_plots:  # the trainer draws its curves after training; they are not part of this protocol
+        o.append("train.plots=false")
     if args.data_root:
         o.append(f"data.root={args.data_root}")
     if args.subset:
@@ -169,7 +139,7 @@ def run(args: argparse.Namespace, name: str, b: int, seed: int, initial: dict[st
         shutil.rmtree(out)  # a fresh run, never a resume of an older one
     config = config_for(args, b)
     overrides = run_overrides(args, name, b, seed, out)
-    trainer = TimedTrainer(load_config(ROOT / config, overrides))
+    trainer = Trainer(load_config(ROOT / config, overrides))  # stamps samples and train seconds on each eval
     key = f"{config}:{seed}"
     if key not in initial:  # the initial network is the same for every estimator of a seed and config
         with preserved_rng():  # the evaluation's loaders draw from the global RNGs: leave training's streams alone
@@ -369,24 +339,18 @@ def main(argv: list[str] | None = None) -> int:
         return merge(args, out)
     print(f"machine: {describe_machine(info)}", flush=True)
     initial: dict[str, dict[str, float]] = {}
-    plot_curves = trainer_module.plot_curves
-    if args.no_run_plots:  # the trainer draws its curves after training; they are not part of this protocol
-        trainer_module.plot_curves = lambda *a, **k: []
     data = "STL-10" if args.data_root else ("digits" if args.smoke else "Fashion-MNIST")
     command = " ".join(["python", "eval/small_batch.py", *(sys.argv[1:] if argv is None else argv)])
     config = {k: v for k, v in vars(args).items() if k not in ("estimator_list", "batch_list", "seed_list")}
     runs: list[dict] = []
-    try:
-        for seed in args.seed_list:
-            for b in args.batch_list:
-                for name in args.estimator_list:
-                    runs.append(run(args, name, b, seed, initial))
-                    # the runs so far, so that an interrupted grid keeps what it finished (--merge reads these)
-                    write_json(out.with_name(out.stem + ".partial.json"),
-                               {"command": command, "machine": info, "data": data, "clock": clock,
-                                "config": config, "runs": runs})
-    finally:
-        trainer_module.plot_curves = plot_curves
+    for seed in args.seed_list:
+        for b in args.batch_list:
+            for name in args.estimator_list:
+                runs.append(run(args, name, b, seed, initial))
+                # the runs so far, so that an interrupted grid keeps what it finished (--merge reads these)
+                write_json(out.with_name(out.stem + ".partial.json"),
+                           {"command": command, "machine": info, "data": data, "clock": clock,
+                            "config": config, "runs": runs})
     report(runs, out, {"command": command, "machine": info, "data": data, "clock": clock, "config": config})
     return 0
 

@@ -11,7 +11,7 @@ import torch
 
 from dual_emc2.data.pairs import PairSet, read_pairs_file, screen_pairs
 from dual_emc2.data.shards import ShardStream, read_shards, write_shards
-from dual_emc2.train.bimodal import BimodalTrainer
+from dual_emc2.train.trainer import Trainer
 from tests.test_bimodal import TINY_CLIP, _cfg, _shapes
 
 torch.set_num_threads(1)
@@ -114,11 +114,11 @@ def bad_shard_dir(tmp_path_factory):
 
 def test_trainer_stops_on_a_bad_pair_or_skips_and_reports_it(bad_shard_dir, tmp_path):
     with pytest.raises(ValueError, match=r"index 1007\).*image does not decode"):
-        BimodalTrainer(_cfg(bad_shard_dir, tmp_path / "a", "eval.enabled=false"))
+        Trainer(_cfg(bad_shard_dir, tmp_path / "a", "eval.enabled=false"))
     assert not (tmp_path / "a").exists()  # nothing written
-    t = BimodalTrainer(_cfg(bad_shard_dir, tmp_path / "b", "data.on_bad_sample=skip", "eval.enabled=false",
+    t = Trainer(_cfg(bad_shard_dir, tmp_path / "b", "data.on_bad_sample=skip", "eval.enabled=false",
                             "train.max_steps=2"))
-    assert 1007 not in set(t.train_pairs.ids.tolist()) | set(t.eval_pairs.ids.tolist())
+    assert 1007 not in set(t.task.train_pairs.ids.tolist()) | set(t.task.eval_pairs.ids.tolist())
     final = t.fit()
     assert final["bad_samples_skipped"] == 1
     assert json.loads((tmp_path / "b" / "final_metrics.json").read_text())["bad_samples_skipped"] == 1
@@ -129,7 +129,7 @@ def test_stream_trainer_counts_skipped_samples(bad_shard_dir, tmp_path):
     cfg = _cfg(bad_shard_dir, tmp_path, "pairs.streaming=true", "pairs.mask_duplicates=false",
                "data.on_bad_sample=skip", "eval.enabled=false", "train.max_steps=5", "pairs.shuffle_buffer=4",
                "train.batch_size=16")
-    t = BimodalTrainer(cfg)
+    t = Trainer(cfg)
     with pytest.warns(UserWarning, match="index 1007"):
         final = t.fit()
     assert final["step"] == 5 and final["bad_samples_skipped"] >= 1

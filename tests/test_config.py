@@ -1,4 +1,5 @@
-"""Config schema: YAML round trip, base inheritance, overrides, and error messages naming the dotted key."""
+"""Config schema: YAML round trip, base inheritance, overrides, error messages naming the dotted key, the choices the
+implementing modules define, and the keys each mode reads."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dual_emc2.towers.heads import IMAGE_ARCHS, NORMS
+from dual_emc2.towers.two_tower import PRETRAINED_TOWERS, TOWER_KINDS
 from dual_emc2.train.config import (
+    MIXED_PRECISION_CHOICES,
     Config,
     ConfigError,
     apply_overrides,
@@ -16,6 +20,9 @@ from dual_emc2.train.config import (
     load_config,
     save_config,
 )
+from dual_emc2.train.optim import SCHEDULES
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 
 def _write(path: Path, data: dict | str) -> Path:
@@ -183,11 +190,31 @@ def test_choices_and_bounds(override, message):
     assert message in str(e.value)
 
 
-def test_all_choices_accepted():
-    for mp in ("no", "bf16", "fp16"):
-        assert load_config(None, [f"train.mixed_precision={mp}"]).train.mixed_precision == mp
-    for sched in ("cosine", "constant"):
-        assert load_config(None, [f"optim.schedule={sched}"]).optim.schedule == sched
+IMPLEMENTED = [  # (key, what the implementing module builds, mode) : the config must accept exactly these
+    ("model.arch", IMAGE_ARCHS, "unimodal"),
+    ("model.norm", NORMS, "unimodal"),
+    ("optim.schedule", SCHEDULES, "unimodal"),
+    ("train.mixed_precision", MIXED_PRECISION_CHOICES, "unimodal"),
+    ("towers.kind", TOWER_KINDS, "bimodal"),
+    ("towers.x", PRETRAINED_TOWERS, "bimodal"),
+    ("towers.y", PRETRAINED_TOWERS, "bimodal"),
+]
+
+
+@pytest.mark.parametrize("key, implemented, mode", IMPLEMENTED, ids=[k for k, _, _ in IMPLEMENTED])
+def test_every_implemented_choice_is_accepted_and_a_typo_suggests_one(key, implemented, mode):
+    section, name = key.split(".")
+    for value in implemented:
+        cfg = load_config(None, [f"mode={mode}", f"{key}={value}"])
+        assert getattr(getattr(cfg, section), name) == value
+    typo = implemented[-1][:-1] + "x"  # one character off a real choice
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"mode={mode}", f"{key}={typo}"])
+    msg = str(e.value)
+    assert f"{key}: expected one of" in msg and f"got {typo!r}" in msg
+    assert f"(did you mean {implemented[-1]!r}?)" in msg
+    with pytest.raises(ConfigError, match=rf"{key}: expected one of .*got 'zzzz'$"):  # nothing close: no hint
+        load_config(None, [f"mode={mode}", f"{key}=zzzz"])
 
 
 @pytest.mark.parametrize("bad", ["optim.lr", "=3", "optim..lr=3", "optim.lr =", "a b=1"])
@@ -217,54 +244,126 @@ def test_file_top_level_must_be_mapping(tmp_path):
     assert load_config(empty) == Config()
 
 
+# every leaf of the schema at a non-default value, by the modes that read it
+BOTH_MODES = [
+    "seed=11", "output_dir=runs/y",
+    "data.image_size=96", "data.on_bad_sample=skip", "data.num_workers=0",
+    "data.batch_sampler=spectral", "data.spectral.refresh_every=5", "data.spectral.num_clusters=3",
+    "data.spectral.beta=2", "data.spectral.n_components=4", "data.spectral.n_neighbors=7",
+    "data.spectral.dense_max=99", "data.spectral.n_init=2",
+    "objective.name=infonce", "objective.beta=5",
+    "objective.learnable_beta=true", "objective.options={k: v}", "optim.name=sgd", "optim.lr=0.3",
+    "optim.weight_decay=0", "optim.momentum=0.95", "optim.exclude_bias_and_norm=false",
+    "optim.warmup_epochs=0.5", "optim.schedule=constant", "optim.min_lr_ratio=0.1", "train.batch_size=4",
+    "train.epochs=9", "train.max_steps=7", "train.grad_accum=2", "train.mixed_precision=fp16",
+    "train.log_every=1", "train.ckpt_every=3", "train.keep_last=1", "train.resume=/tmp/ckpt.pt",
+    "train.max_nonfinite=0", "train.compile=true", "train.plots=false", "train.dist_timeout_s=30",
+    "eval.every_epochs=2", "eval.batch_size=8", "eval.enabled=false",
+]
+UNIMODAL_ONLY = [
+    "data.name=digits", "data.root=/data", "data.download=true",
+    "data.train_split=unlabeled", "data.eval_train_split=unlabeled", "data.eval_test_split=val",
+    "data.n_views=3", "data.subset=10", "data.eval_subset=20",
+    "data.augment.crop_scale_min=0.3", "data.augment.jitter_strength=1",
+    "data.augment.grayscale_p=0", "data.augment.blur=false", "data.augment.flip=false",
+    "model.arch=resnet50", "model.cifar_stem=false", "model.proj_hidden=2048", "model.proj_dim=256",
+    "model.proj_layers=3", "model.channels_last=true", "model.norm=group", "model.head_batch_norm=false",
+    "model.sync_bn=false",
+    "eval.probe_epochs=0", "eval.knn_k=[3]", "eval.max_train=5", "eval.max_test=6", "eval.geometry=false",
+]
+BIMODAL_ONLY = [
+    "pairs.source=file", "pairs.path=/p.csv", "pairs.eval_path=/e.csv", "pairs.x_key=q",
+    "pairs.y_key=d", "pairs.id_key=id", "pairs.wordnet_pos=[verb]", "pairs.wordnet_x=examples",
+    "pairs.eval_size=10", "pairs.train_size=100", "pairs.split_seed=3", "pairs.mask_duplicates=false",
+    "pairs.streaming=true", "pairs.shuffle_buffer=10", "pairs.augment_images=true", "towers.kind=open_clip",
+    "towers.x=efficientnet_lite0", "towers.y=efficientnet_lite0", "towers.shared=true", "towers.proj_dim=64",
+    "towers.freeze_x=true", "towers.freeze_y=true", "towers.max_length=16", "towers.open_clip_model=ViT-B-32",
+    "towers.open_clip_checkpoint=/c.pt",
+]
+
+
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "options":
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _keys(overrides):
+    return [o.split("=", 1)[0] for o in overrides]
+
+
 def test_every_schema_field_round_trips_through_overrides(tmp_path):
-    """Set every leaf to a non-default value by override; saving and reloading must reproduce all of them."""
-    overrides = [
-        "seed=11", "output_dir=runs/y", "data.name=digits", "data.root=/data", "data.download=true",
-        "data.train_split=unlabeled", "data.eval_train_split=unlabeled", "data.eval_test_split=val",
-        "data.image_size=96", "data.n_views=3", "data.on_bad_sample=skip", "data.num_workers=0", "data.subset=10",
-        "data.eval_subset=20",
-        "data.augment.crop_scale_min=0.3", "data.augment.jitter_strength=1",
-        "data.augment.grayscale_p=0", "data.augment.blur=false", "data.augment.flip=false",
-        "data.batch_sampler=spectral", "data.spectral.refresh_every=5", "data.spectral.num_clusters=3",
-        "data.spectral.beta=2", "data.spectral.n_components=4", "data.spectral.n_neighbors=7",
-        "data.spectral.dense_max=99", "data.spectral.n_init=2",
-        "model.arch=resnet50", "model.cifar_stem=false", "model.proj_hidden=2048", "model.proj_dim=256",
-        "model.proj_layers=3", "model.channels_last=true", "model.norm=group", "model.head_batch_norm=false",
-        "model.sync_bn=false", "objective.name=infonce", "objective.beta=5",
-        "objective.learnable_beta=true", "objective.options={k: v}", "optim.name=sgd", "optim.lr=0.3",
-        "optim.weight_decay=0", "optim.momentum=0.95", "optim.exclude_bias_and_norm=false",
-        "optim.warmup_epochs=0.5", "optim.schedule=constant", "optim.min_lr_ratio=0.1", "train.batch_size=4",
-        "train.epochs=9", "train.max_steps=7", "train.grad_accum=2", "train.mixed_precision=fp16",
-        "train.log_every=1", "train.ckpt_every=3", "train.keep_last=1", "train.resume=/tmp/ckpt.pt",
-        "train.max_nonfinite=0", "train.compile=true", "train.dist_timeout_s=30", "eval.every_epochs=2",
-        "eval.batch_size=8", "eval.probe_epochs=0", "eval.knn_k=[3]", "eval.enabled=false", "eval.max_train=5",
-        "eval.max_test=6", "eval.geometry=false",
-        "mode=bimodal", "pairs.source=file", "pairs.path=/p.csv", "pairs.eval_path=/e.csv", "pairs.x_key=q",
-        "pairs.y_key=d", "pairs.id_key=id", "pairs.wordnet_pos=[verb]", "pairs.wordnet_x=examples",
-        "pairs.eval_size=10", "pairs.train_size=100", "pairs.split_seed=3", "pairs.mask_duplicates=false",
-        "pairs.streaming=true", "pairs.shuffle_buffer=10", "pairs.augment_images=true", "towers.kind=open_clip",
-        "towers.x=efficientnet_lite0", "towers.y=efficientnet_lite0", "towers.shared=true", "towers.proj_dim=64",
-        "towers.freeze_x=true", "towers.freeze_y=true", "towers.max_length=16", "towers.open_clip_model=ViT-B-32",
-        "towers.open_clip_checkpoint=/c.pt",
-    ]
-    cfg = load_config(None, overrides)
-    default = config_to_dict(Config())
-    got = config_to_dict(cfg)
-
-    def leaves(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict) and k != "options":
-                yield from leaves(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    changed = {k for (k, v), (_, v0) in zip(leaves(got), leaves(default)) if v != v0}
-    all_leaves = {k for k, _ in leaves(default)}
-    assert changed == all_leaves  # the test above covers the whole schema
-    assert load_config(save_config(cfg, tmp_path / "all.yaml")) == cfg
+    """Set every leaf to a non-default value by override, in the mode that reads it; saving and reloading must
+    reproduce all of them."""
+    default = dict(_leaves(config_to_dict(Config())))
+    changed = set()
+    for mode, only in (("unimodal", UNIMODAL_ONLY), ("bimodal", BIMODAL_ONLY)):
+        cfg = load_config(None, [f"mode={mode}", *BOTH_MODES, *only])
+        got = dict(_leaves(config_to_dict(cfg)))
+        changed |= {k for k, v in got.items() if v != default[k]}
+        assert load_config(save_config(cfg, tmp_path / f"{mode}.yaml")) == cfg
+    assert changed == set(default)  # the lists above cover the whole schema
+    assert sorted(_keys(BOTH_MODES + UNIMODAL_ONLY + BIMODAL_ONLY) + ["mode"]) == sorted(default)  # each key once
     assert [f.name for f in dataclasses.fields(Config)] == [
         "seed", "output_dir", "mode", "data", "pairs", "model", "towers", "objective", "optim", "train", "eval"]
+
+
+def test_bimodal_run_rejects_model_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["mode=bimodal", "model.arch=small_cnn"])
+    msg = str(e.value)
+    assert msg.startswith("command-line override: model.arch applies to mode: unimodal only; this is a mode: "
+                          "bimodal run (the towers are set with towers.*)")
+    assert msg.endswith("remove it")
+
+
+def test_unimodal_run_rejects_tower_keys():
+    with pytest.raises(ConfigError, match=r"towers\.x applies to mode: bimodal only; this is a mode: unimodal run "
+                                          r"\(the encoder is set with model\.\*\)"):
+        load_config(None, ["towers.x=efficientnet_lite0"])
+
+
+@pytest.mark.parametrize("mode, foreign", [("bimodal", UNIMODAL_ONLY), ("unimodal", BIMODAL_ONLY)])
+def test_one_error_names_every_key_the_mode_does_not_read(mode, foreign):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"mode={mode}", *BOTH_MODES, *foreign])
+    msg = str(e.value)
+    other = "unimodal" if mode == "bimodal" else "bimodal"
+    # exactly the foreign keys, none of those both modes read
+    assert msg.startswith(f"command-line override: {', '.join(_keys(foreign))} apply to mode: {other} only; "
+                          f"this is a mode: {mode} run")
+    if mode == "bimodal":  # the keys of a section it reads in part are listed
+        assert "of data.* it reads image_size, num_workers, on_bad_sample, batch_sampler, spectral" in msg
+        assert "of eval.* it reads every_epochs, batch_size, enabled" in msg
+
+
+@pytest.mark.parametrize("mode", ["unimodal", "bimodal"])
+def test_keys_of_the_other_mode_pass_at_their_defaults(tmp_path, mode):
+    """A saved config holds every key, the other mode's at their defaults: it must load, and round-trip."""
+    assert load_config(None, [f"mode={mode}"]).mode == mode
+    cfg = config_from_dict({**config_to_dict(Config()), "mode": mode})  # every key, explicitly
+    assert cfg == Config(mode=mode)
+    at_default = [f"model.arch={Config().model.arch}", f"towers.x={Config().towers.x}", "data.subset=null",
+                  "pairs.source=wordnet", "eval.knn_k=[1, 20]"]
+    assert load_config(None, [f"mode={mode}", *at_default]) == Config(mode=mode)
+    saved = save_config(load_config(None, [f"mode={mode}", *BOTH_MODES]), tmp_path / "config.yaml")
+    assert load_config(saved) == config_from_dict(yaml.safe_load(saved.read_text()))
+
+
+def test_mode_check_can_be_skipped_for_old_configs():
+    old = {"mode": "bimodal", "model": {"arch": "small_cnn"}}  # written before the check (e.g. in a checkpoint)
+    with pytest.raises(ConfigError, match="model.arch applies to mode: unimodal only"):
+        config_from_dict(old)
+    assert config_from_dict(old, check_mode=False).model.arch == "small_cnn"
+
+
+def test_mode_error_names_the_file(tmp_path):
+    src = _write(tmp_path / "run.yaml", {"mode": "bimodal", "model": {"proj_dim": 64}})
+    with pytest.raises(ConfigError, match=r"run\.yaml: model\.proj_dim applies to mode: unimodal only"):
+        load_config(src)
+    assert load_config(src, ["mode=unimodal"]).model.proj_dim == 64  # the other mode reads it
 
 
 def test_yaml_1_2_booleans_keep_no_a_string(tmp_path):
@@ -275,17 +374,6 @@ def test_yaml_1_2_booleans_keep_no_a_string(tmp_path):
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="data.augment.flip: expected bool \\(true/false\\), got str 'yes'"):
         load_config(None, ["data.augment.flip=yes"])
-
-
-def test_enumerated_choices_match_what_the_trainer_builds():
-    """A config that validates must not fail later in the optimiser builder."""
-    from dual_emc2.train import config, optim
-
-    assert set(config.SCHEDULE_CHOICES) == set(optim.SCHEDULES)
-    from dual_emc2.towers import two_tower
-
-    assert set(config.TOWER_KIND_CHOICES) == set(two_tower.TOWER_KINDS)
-    assert set(config.PRETRAINED_TOWER_CHOICES) == set(two_tower.PRETRAINED_TOWERS)
 
 
 def test_errors_name_their_origin_and_overrides_can_fix_a_file(tmp_path):
@@ -300,12 +388,12 @@ def test_errors_name_their_origin_and_overrides_can_fix_a_file(tmp_path):
         load_config(good, ["train.epochs=0"])
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")),
-                         ids=lambda p: p.name)
-def test_every_shipped_config_loads_and_builds_its_estimator(path):
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_round_trips_and_builds_its_estimator(path, tmp_path):
     from dual_emc2.objectives import build_objective, options_for
 
     cfg = load_config(path)
+    assert load_config(save_config(cfg, tmp_path / "config.yaml")) == cfg  # what a run saves in its output_dir
     obj = build_objective(cfg.objective.name, num_keys=4096, num_candidates=4096,
                           options=options_for(cfg.objective.name, cfg.objective.options),
                           symmetric=cfg.mode == "bimodal", defaults={"dim": 16, "seed": 0})

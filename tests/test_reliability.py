@@ -62,10 +62,10 @@ from dual_emc2.train.trainer import Trainer
 pytestmark = pytest.mark.slow  # trains through the CLI or starts processes: `make test-fast` skips it
 
 class Dying(Trainer):
-    def train_step(self, ids, views):
+    def train_step(self, item):
         if self.pos.step == 2 and self.acc.process_index == 1:
             os._exit(17)  # a rank vanishes without a word
-        return super().train_step(ids, views)
+        return super().train_step(item)
 
 cfg = load_config({str(ROOT / 'configs/fmnist_unimodal.yaml')!r}, {TINY!r} + [
     "output_dir={tmp_path / 'out'}", "train.dist_timeout_s=20", "model.norm=group", "model.head_batch_norm=false"])

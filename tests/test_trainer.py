@@ -63,10 +63,10 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path):
     ref = _flat_state(full.state_payload())
 
     class Crashing(Trainer):
-        def train_step(self, ids, views):
+        def train_step(self, item):
             if self.pos.step == 9:  # mid-epoch 2, after the step-8 checkpoint
                 raise Crash()
-            return super().train_step(ids, views)
+            return super().train_step(item)
 
     with pytest.raises(Crash):
         Crashing(tiny_config(tmp_path / "cut", "eval.enabled=false")).fit()
@@ -197,3 +197,38 @@ def test_gradient_accumulation_counts_optimizer_steps_and_estimator_calls(tmp_pa
     assert t.pos.step == 6 and t.total_steps == 6
     assert int(t.objective.iteration) == 12
     assert t.scheduler.last_epoch == 6
+
+
+class _MLPEncoder(torch.nn.Module):
+    """A user's own encoder: 8×8 images → unit features; ``features`` is what evaluation probes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 48), torch.nn.ReLU())
+        self.head = torch.nn.Linear(48, 16)
+
+    def features(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return torch.nn.functional.normalize(self.head(self.body(x)), dim=-1)
+
+
+def test_a_users_own_model_trains_in_the_one_loop(tmp_path):
+    """Composition: the trainer takes a task built around a model the config does not describe (EMC² re-encodes its
+    chain states with it) and trains and evaluates that very object."""
+    from dual_emc2.towers.temperature import ContrastiveModel, InverseTemperature
+    from dual_emc2.train.factory import build_accelerator
+    from dual_emc2.train.unimodal import ImageViewsTask
+
+    cfg = tiny_config(tmp_path, "objective.name=emc2", "model.proj_dim=16", "train.plots=false")
+    model = ContrastiveModel(_MLPEncoder(), InverseTemperature(cfg.objective.beta))
+    before = [p.detach().clone() for p in model.parameters()]
+    acc = build_accelerator(cfg)
+    trainer = Trainer(cfg, ImageViewsTask(cfg, acc, model=model), acc)
+    final = trainer.fit()
+    assert trainer.core is model and final["step"] == 12
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert 0.0 < final["linear_probe_acc"] <= 1.0 and final["samples"] == 12 * 16
+    assert float(trainer.loss_fn.last_stats["reencoded_frac"]) > 0  # chain states went through the user's encoder
+    assert not (tmp_path / "plots" / "train.png").exists()  # train.plots=false: no curves drawn

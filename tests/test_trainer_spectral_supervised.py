@@ -16,10 +16,10 @@ SPECTRAL = ["data.batch_sampler=spectral", "data.spectral.refresh_every=3", "dat
 class Recording(Trainer):
     """Records the global ids of every micro-batch it trains on, with the step it belongs to."""
 
-    def train_step(self, ids, views, labels=None):
+    def train_step(self, item):
         self.seen = getattr(self, "seen", [])
-        self.seen.append((self.pos.step, ids.tolist()))
-        return super().train_step(ids, views, labels) if labels is not None else super().train_step(ids, views)
+        self.seen.append((self.pos.step, item[0].tolist()))
+        return super().train_step(item)
 
 
 def test_spectral_batches_follow_the_clusters_of_each_refresh(tmp_path):
@@ -64,10 +64,10 @@ def test_spectral_run_resumes_bit_identically(tmp_path):
     full.fit()
 
     class Crashing(Recording):
-        def train_step(self, ids, views, labels=None):
+        def train_step(self, item):
             if self.pos.step == 10:  # after the step-8 checkpoint and the step-9 refresh
                 raise Crash()
-            return super().train_step(ids, views, labels)
+            return super().train_step(item)
 
     with pytest.raises(Crash):
         Crashing(tiny_config(tmp_path / "cut", *SPECTRAL, "eval.enabled=false")).fit()
@@ -90,7 +90,7 @@ def test_resuming_a_shuffle_checkpoint_with_spectral_batches_is_refused(tmp_path
 @pytest.mark.parametrize("name", ["scl", "hscl"])
 def test_supervised_estimators_get_the_labels_of_their_images(tmp_path, name):
     t = Trainer(tiny_config(tmp_path, f"objective.name={name}", "eval.enabled=false", "train.max_steps=3"))
-    base = t.train_set.dataset.base  # SeededViews → MultiViewDataset → the first 96 digits
+    base = t.task.train_set.dataset.base  # SeededViews → MultiViewDataset → the first 96 digits
     labels_of = torch.tensor([int(base[i][1]) for i in range(96)])
     seen = []
     forward = t.objective.forward

@@ -71,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
+    from dual_emc2.data.pair_sources import load_pair_sets, read_pair_source
     from dual_emc2.data.pairs import PairSet, split_pairs
+    from dual_emc2.metrics.retrieval_report import retrieval_report
     from dual_emc2.towers.two_tower import build_two_tower
-    from dual_emc2.train.bimodal import checkpoint_model, load_pair_sets, read_pair_source, retrieval_report
     from dual_emc2.train.checkpoint import load_checkpoint
     from dual_emc2.train.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config
+    from dual_emc2.train.models import checkpoint_model
 
     extra = list(args.overrides) + (_data_overrides(args.data) if args.data else [])
     try:

@@ -24,10 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         return fail(e)
-    if cfg.mode == "bimodal":  # two towers on pairs (configs/clip_*.yaml, text_wordnet.yaml)
-        from dual_emc2.train.bimodal import BimodalTrainer as Trainer
-    else:
-        from dual_emc2.train.trainer import Trainer
+    from dual_emc2.train.trainer import Trainer  # one loop; the task follows cfg.mode
 
     try:
         trainer = Trainer(cfg)

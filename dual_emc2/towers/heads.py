@@ -7,10 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .image import NORMS, RESNET_ARCHS, ResNetBackbone
-
-SMALL_CNN = "small_cnn"
-IMAGE_ARCHS: tuple[str, ...] = RESNET_ARCHS + (SMALL_CNN,)  # the choices of config ``model.arch``
+from .image import ResNetBackbone
+from .names import IMAGE_ARCHS, NORMS, SMALL_CNN  # IMAGE_ARCHS: the choices of config ``model.arch``
 
 
 def _positive_int(name: str, value: object) -> int:

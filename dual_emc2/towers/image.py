@@ -7,16 +7,11 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-_RESNETS: dict[str, Callable[..., torchvision.models.ResNet]] = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet34": torchvision.models.resnet34,
-    "resnet50": torchvision.models.resnet50,
-    "resnet101": torchvision.models.resnet101,
-    "resnet152": torchvision.models.resnet152,
-}
-NORMS = ("batch", "group")
+from .names import NORMS, RESNET_ARCHS
 
-RESNET_ARCHS: tuple[str, ...] = tuple(_RESNETS)
+_RESNETS: dict[str, Callable[..., torchvision.models.ResNet]] = {
+    arch: getattr(torchvision.models, arch) for arch in RESNET_ARCHS
+}
 
 _STEM_ORDER = ("conv1", "bn1", "relu", "maxpool")
 _BODY_ORDER = ("layer1", "layer2", "layer3", "layer4")

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
-from dual_emc2.data.pairs import decode_rgb
+from dual_emc2.data.pairs import PairSet, decode_rgb
+from dual_emc2.towers.names import PRETRAINED_TOWERS, TOWER_KINDS
 from dual_emc2.towers.pretrained_image import (
     EfficientNetLiteBackbone,
     OpenCLIPImageBackbone,
@@ -34,11 +35,8 @@ from dual_emc2.towers.text import HFTextBackbone, OpenCLIPTextBackbone, minilm_p
 if TYPE_CHECKING:
     from dual_emc2.train.config import TowersConfig
 
-PRETRAINED_TOWERS: tuple[str, ...] = ("minilm", "efficientnet_lite0")
-TOWER_KINDS: tuple[str, ...] = ("pretrained", "open_clip")
-
 __all__ = ["PRETRAINED_TOWERS", "TOWER_KINDS", "Tower", "TwoTowerModel", "build_backbone", "build_open_clip_towers",
-           "build_two_tower"]
+           "build_two_tower", "check_modalities"]
 
 
 class Tower(nn.Module):
@@ -159,6 +157,15 @@ class TwoTowerModel(nn.Module):
         if not out:
             return torch.zeros(0, tower.out_dim)
         return torch.cat(out)
+
+
+def check_modalities(model: TwoTowerModel, pairs: PairSet) -> None:
+    """Each tower must take its side's modality (an image tower cannot embed captions, and vice versa)."""
+    for side, have in (("x", pairs.x_modality), ("y", pairs.y_modality)):
+        want = model.tower(side).modality
+        if want != have:
+            raise ValueError(f"{pairs.source}: side {side} holds {have} but the {side} tower takes {want}; pick towers "
+                             f"that match the data (towers.x / towers.y / towers.kind)")
 
 
 def build_backbone(name: str, max_length: int = 128) -> nn.Module:

@@ -1,14 +1,18 @@
-"""Typed configuration schema of a training run, loaded from YAML with ``key.sub=value`` command-line overrides.
+"""Load a run's configuration (:mod:`dual_emc2.train.schema`) from YAML with ``key.sub=value`` command-line overrides.
 
-A YAML file mirrors :class:`Config`; every key is optional (defaults below).  A file may say ``base: other.yaml``
-(a path relative to the file's own folder) to inherit another file and override some of its keys; mappings merge
-recursively, every other value replaces the inherited one.  Values are parsed with a YAML 1.2 float rule, so ``1e-3``
-is the float 0.001 (PyYAML's YAML 1.1 resolver would read it as a string) and only true/false are booleans
-(``mixed_precision: no`` is the string "no").
+A YAML file mirrors :class:`Config`; every key is optional (defaults in the schema).  A file may say
+``base: other.yaml`` (a path relative to the file's own folder) to inherit another file and override some of its keys;
+mappings merge recursively, every other value replaces the inherited one.  Values are parsed with a YAML 1.2 float
+rule, so ``1e-3`` is the float 0.001 (PyYAML's YAML 1.1 resolver would read it as a string) and only true/false are
+booleans (``mixed_precision: no`` is the string "no").
 
 Every error names the full dotted key and what was expected, e.g.
 ``unknown config key 'optim.learning_rate' (did you mean 'optim.lr'?)`` or
-``train.batch_size: expected int, got str 'abc'``.
+``train.batch_size: expected int, got str 'abc'``.  Keys that the run's ``mode`` does not read are errors unless
+they hold their default value (a saved config holds every key), e.g. ``model.arch applies to mode: unimodal only;
+this is a mode: bimodal run (the towers are set with towers.*); remove it``.
+
+The schema's names are re-exported here: ``from dual_emc2.train.config import Config`` keeps working.
 """
 from __future__ import annotations
 
@@ -20,26 +24,60 @@ import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
+from dual_emc2.train.schema import (
+    ARCH_CHOICES,
+    BATCH_SAMPLER_CHOICES,
+    MIXED_PRECISION_CHOICES,
+    MODE_CHOICES,
+    NORM_CHOICES,
+    PAIR_SOURCE_CHOICES,
+    PRETRAINED_TOWER_CHOICES,
+    SCHEDULE_CHOICES,
+    TOWER_KIND_CHOICES,
+    AugmentConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    OptimConfig,
+    PairsConfig,
+    SpectralConfig,
+    TowersConfig,
+    TrainConfig,
+)
+
 __all__ = [
+    # the schema (dual_emc2.train.schema)
+    "ARCH_CHOICES",
+    "BATCH_SAMPLER_CHOICES",
+    "MIXED_PRECISION_CHOICES",
+    "MODE_CHOICES",
+    "NORM_CHOICES",
+    "PAIR_SOURCE_CHOICES",
+    "PRETRAINED_TOWER_CHOICES",
+    "SCHEDULE_CHOICES",
+    "TOWER_KIND_CHOICES",
     "AugmentConfig",
     "Config",
-    "ConfigError",
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
     "ObjectiveConfig",
     "OptimConfig",
     "PairsConfig",
-    "TowersConfig",
     "SpectralConfig",
+    "TowersConfig",
     "TrainConfig",
+    # the loader
+    "ConfigError",
     "apply_overrides",
+    "check_mode_keys",
     "config_from_dict",
     "config_to_dict",
     "load_config",
@@ -47,208 +85,9 @@ __all__ = [
     "save_config",
 ]
 
-MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")
-SCHEDULE_CHOICES = ("cosine", "constant")  # the schedules dual_emc2.train.optim implements
-MODE_CHOICES = ("unimodal", "bimodal")
-TOWER_KIND_CHOICES = ("pretrained", "open_clip")  # dual_emc2.towers.two_tower.TOWER_KINDS
-PRETRAINED_TOWER_CHOICES = ("minilm", "efficientnet_lite0")  # dual_emc2.towers.two_tower.PRETRAINED_TOWERS
-PAIR_SOURCE_CHOICES = ("wordnet", "emoji", "shards", "file")
-ARCH_CHOICES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "small_cnn")  # towers.heads.IMAGE_ARCHS
-# uniform reshuffle each epoch, or the spectral high-loss batches of Cho et al.
-BATCH_SAMPLER_CHOICES = ("shuffle", "spectral")
-
 
 class ConfigError(ValueError):
     """An invalid configuration file, key, value or override; the message names the dotted key (and file)."""
-
-
-def _check(*, choices: Sequence[str] | None = None, gt: float | None = None, ge: float | None = None,
-           le: float | None = None, item_ge: int | None = None) -> dict[str, Any]:
-    """Field metadata: constraints checked after the type (None values skip them)."""
-    return {"choices": choices, "gt": gt, "ge": ge, "le": le, "item_ge": item_ge}
-
-
-@dataclass
-class AugmentConfig:
-    """SimCLR-style view augmentation (random resized crop, flip, colour jitter, grayscale, blur)."""
-
-    crop_scale_min: float = field(default=0.08, metadata=_check(gt=0.0, le=1.0))
-    jitter_strength: float = field(default=0.5, metadata=_check(ge=0.0))
-    grayscale_p: float = field(default=0.2, metadata=_check(ge=0.0, le=1.0))
-    blur: bool | None = None  # None: the dataset's default (on for large images)
-    flip: bool = True
-
-
-@dataclass
-class SpectralConfig:
-    """High-loss batches by spectral clustering of the similarity graph (Cho et al., "Mini-Batch Optimization of
-    Contrastive Loss"; dual_emc2.data.spectral), used when ``data.batch_sampler: spectral``.  ``refresh_every``:
-    optimiser steps between re-clusterings of the embeddings of every training sample; ``num_clusters`` null: one
-    global batch per cluster; ``beta`` null: the model's current β."""
-
-    refresh_every: int = field(default=100, metadata=_check(ge=1))
-    num_clusters: int | None = field(default=None, metadata=_check(ge=1))
-    beta: float | None = field(default=None, metadata=_check(gt=0.0))
-    n_components: int | None = field(default=None, metadata=_check(ge=1))
-    n_neighbors: int = field(default=30, metadata=_check(ge=1))
-    dense_max: int = field(default=4096, metadata=_check(ge=1))
-    n_init: int = field(default=1, metadata=_check(ge=1))
-
-
-@dataclass
-class DataConfig:
-    """Dataset, splits and loader settings."""
-
-    name: str = "fashion_mnist"
-    root: str | None = None
-    download: bool = False
-    train_split: str = "train"
-    eval_train_split: str = "train"
-    eval_test_split: str = "test"
-    image_size: int = field(default=28, metadata=_check(gt=0))
-    n_views: int = field(default=2, metadata=_check(ge=1))
-    num_workers: int = field(default=2, metadata=_check(ge=0))
-    on_bad_sample: str = field(default="raise", metadata=_check(choices=("raise", "skip")))  # unreadable files
-    subset: int | None = field(default=None, metadata=_check(gt=0))
-    eval_subset: int | None = field(default=None, metadata=_check(gt=0))
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    batch_sampler: str = field(default="shuffle", metadata=_check(choices=BATCH_SAMPLER_CHOICES))
-    spectral: SpectralConfig = field(default_factory=SpectralConfig)
-
-
-@dataclass
-class ModelConfig:
-    """Backbone and projection head."""
-
-    arch: str = field(default="resnet18", metadata=_check(choices=ARCH_CHOICES))  # a ResNet or "small_cnn"
-    cifar_stem: bool = True
-    proj_hidden: int = field(default=512, metadata=_check(gt=0))
-    proj_dim: int = field(default=128, metadata=_check(gt=0))
-    proj_layers: int = field(default=2, metadata=_check(ge=0))
-    channels_last: bool = False
-    norm: str = field(default="batch", metadata=_check(choices=("batch", "group")))  # backbone normalisation
-    head_batch_norm: bool = True
-    sync_bn: bool = True  # convert batch norm to SyncBatchNorm when several CUDA processes train
-
-
-@dataclass
-class PairsConfig:
-    """Paired data (x, y) of ``mode: bimodal``; every pair keeps a stable global index (dual_emc2.data.pairs).
-
-    ``source``: ``wordnet`` (lemma list or example ↔ definition, Debian wordnet-base), ``emoji`` (image ↔ caption,
-    scripts/fetch_emoji.sh), ``shards`` (webdataset tar shards of scripts/make_shards.py) or ``file`` (CSV/TSV/JSONL
-    text pairs, columns ``x_key``/``y_key``/``id_key``).  ``path``: the WordNet dict folder, emoji folder, shard
-    folder/pattern or pairs file (null: the offline default).  The held-out split is ``eval_size`` pairs drawn with
-    ``split_seed`` (``eval_path``: a separate held-out set instead); ``train_size`` caps the training pairs.
-    """
-
-    source: str = field(default="wordnet", metadata=_check(choices=PAIR_SOURCE_CHOICES))
-    path: str | None = None
-    eval_path: str | None = None
-    x_key: str = "x"
-    y_key: str = "y"
-    id_key: str | None = None
-    wordnet_pos: list[str] = field(default_factory=lambda: ["noun"])
-    wordnet_x: str = field(default="lemmas", metadata=_check(choices=("lemmas", "examples")))
-    eval_size: int = field(default=0, metadata=_check(ge=0))
-    train_size: int | None = field(default=None, metadata=_check(gt=0))
-    split_seed: int = 0
-    mask_duplicates: bool = True  # identical x or y texts/images of other pairs are not negatives
-    streaming: bool = False  # shards: resampled webdataset streaming instead of loading every pair
-    shuffle_buffer: int = field(default=1000, metadata=_check(ge=0))
-    augment_images: bool = False  # mild random resized crop + flip on image sides
-
-
-@dataclass
-class TowersConfig:
-    """Two towers of ``mode: bimodal`` (dual_emc2.towers.two_tower): pretrained backbones by name with projections
-    to ``proj_dim`` (null: none), or an open_clip model by config name (or model-config JSON path), random or from a
-    checkpoint file."""
-
-    kind: str = field(default="pretrained", metadata=_check(choices=TOWER_KIND_CHOICES))
-    x: str = field(default="minilm", metadata=_check(choices=PRETRAINED_TOWER_CHOICES))
-    y: str = field(default="minilm", metadata=_check(choices=PRETRAINED_TOWER_CHOICES))
-    shared: bool = False  # φ = ψ: one tower for both sides (needs x == y)
-    proj_dim: int | None = field(default=256, metadata=_check(gt=0))
-    freeze_x: bool = False  # freeze the x backbone (its projection still trains)
-    freeze_y: bool = False
-    max_length: int = field(default=32, metadata=_check(ge=2))  # text tokens
-    open_clip_model: str = "RN50"
-    open_clip_checkpoint: str | None = None
-
-
-@dataclass
-class ObjectiveConfig:
-    """Estimator of the global contrastive loss; ``options`` are validated by the estimator registry."""
-
-    name: str = "emc2"
-    beta: float = field(default=14.28, metadata=_check(gt=0.0))
-    learnable_beta: bool = False
-    options: dict = field(default_factory=dict)
-
-
-@dataclass
-class OptimConfig:
-    """Optimiser and learning-rate schedule."""
-
-    name: str = "adam"
-    lr: float = field(default=1e-3, metadata=_check(gt=0.0))
-    weight_decay: float = field(default=1e-4, metadata=_check(ge=0.0))
-    momentum: float = field(default=0.9, metadata=_check(ge=0.0))
-    exclude_bias_and_norm: bool = True
-    warmup_epochs: float = field(default=0.0, metadata=_check(ge=0.0))
-    schedule: str = field(default="cosine", metadata=_check(choices=SCHEDULE_CHOICES))
-    min_lr_ratio: float = field(default=0.0, metadata=_check(ge=0.0, le=1.0))
-
-
-@dataclass
-class TrainConfig:
-    """Loop length, precision, logging and checkpointing; ``batch_size`` is per process."""
-
-    batch_size: int = field(default=32, metadata=_check(gt=0))
-    epochs: int = field(default=1, metadata=_check(gt=0))
-    max_steps: int | None = field(default=None, metadata=_check(gt=0))
-    grad_accum: int = field(default=1, metadata=_check(ge=1))
-    mixed_precision: str = field(default="no", metadata=_check(choices=MIXED_PRECISION_CHOICES))
-    log_every: int = field(default=10, metadata=_check(ge=1))
-    ckpt_every: int = field(default=500, metadata=_check(ge=1))
-    keep_last: int = field(default=3, metadata=_check(ge=1))
-    resume: str | None = None  # "latest" or a checkpoint path
-    max_nonfinite: int = field(default=5, metadata=_check(ge=0))
-    compile: bool = False
-    # collective timeout: a dead rank stops the job
-    dist_timeout_s: float = field(default=600.0, metadata=_check(gt=0.0))
-
-
-@dataclass
-class EvalConfig:
-    """Frozen-feature evaluation (linear probe, k-NN)."""
-
-    every_epochs: int = field(default=1, metadata=_check(ge=1))
-    batch_size: int = field(default=256, metadata=_check(gt=0))
-    probe_epochs: int = field(default=100, metadata=_check(ge=0))
-    knn_k: list[int] = field(default_factory=lambda: [1, 20], metadata=_check(item_ge=1))
-    enabled: bool = True
-    max_train: int | None = field(default=None, metadata=_check(gt=0))
-    max_test: int | None = field(default=None, metadata=_check(gt=0))
-    geometry: bool = True  # effective rank, NC1, ETF distance, uniformity of the test features, spectrum PNG
-
-
-@dataclass
-class Config:
-    """A whole training run."""
-
-    seed: int = 0
-    output_dir: str = "runs/default"
-    mode: str = field(default="unimodal", metadata=_check(choices=MODE_CHOICES))  # unimodal: φ = ψ on images
-    data: DataConfig = field(default_factory=DataConfig)
-    pairs: PairsConfig = field(default_factory=PairsConfig)  # mode: bimodal
-    model: ModelConfig = field(default_factory=ModelConfig)
-    towers: TowersConfig = field(default_factory=TowersConfig)  # mode: bimodal
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------- YAML
@@ -473,7 +312,9 @@ def _constrain(value: Any, meta: Mapping[str, Any], key: str) -> None:
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}{hint}")
     for bound, ok, word in (("gt", lambda v, b: v > b, ">"), ("ge", lambda v, b: v >= b, ">="),
                             ("le", lambda v, b: v <= b, "<=")):
         b = meta.get(bound)
@@ -509,9 +350,78 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def config_from_dict(d: Mapping[str, Any]) -> Config:
-    """Validate a plain dict against the schema and build a :class:`Config` (missing keys take defaults)."""
-    return _build(Config, d, "")
+# --------------------------------------------------------------------------------------------------------- modes
+
+# where a run of the mode sets what another mode's keys would set
+_INSTEAD = {
+    ("bimodal", "model"): "the towers are set with towers.*",
+    ("bimodal", "data"): "the pairs are set with pairs.*",
+    ("bimodal", "eval"): "it evaluates retrieval on the held-out pairs",
+    ("unimodal", "towers"): "the encoder is set with model.*",
+    ("unimodal", "pairs"): "the images are set with data.*",
+}
+
+
+def _changed(value: Any, default: Any, key: str) -> list[str]:
+    """Dotted leaf keys under ``key`` whose value differs from ``default`` (``objective.options`` is one leaf)."""
+    if dataclasses.is_dataclass(value):
+        return [k for f in dataclasses.fields(value)
+                for k in _changed(getattr(value, f.name), getattr(default, f.name), _join(key, f.name))]
+    return [] if value == default else [key]
+
+
+def _foreign(node: Any, default: Any, mode: str, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, the mode that reads it) of every non-default key of ``node`` that ``mode`` does not read."""
+    out = []
+    for f in dataclasses.fields(node):
+        key, value, base = _join(prefix, f.name), getattr(node, f.name), getattr(default, f.name)
+        owner = f.metadata.get("mode")
+        if owner is not None and owner != mode:
+            out += [(k, owner) for k in _changed(value, base, key)]
+        elif dataclasses.is_dataclass(value):
+            out += _foreign(value, base, mode, key)
+    return out
+
+
+def check_mode_keys(cfg: Config) -> None:
+    """Raise one :class:`ConfigError` naming every key that ``cfg.mode`` does not read but that is set to a
+    non-default value (the schema's ``mode`` field metadata says which keys a mode reads)."""
+    foreign = _foreign(cfg, Config(), cfg.mode)
+    if not foreign:
+        return
+    what = []
+    for owner in dict.fromkeys(o for _, o in foreign):
+        keys = [k for k, o in foreign if o == owner]
+        what.append(f"{', '.join(keys)} {'applies' if len(keys) == 1 else 'apply'} to mode: {owner} only")
+    hints = [_section_hint(cfg.mode, s) for s in dict.fromkeys(k.split(".", 1)[0] for k, _ in foreign)]
+    why = "; ".join(h for h in hints if h)
+    raise ConfigError(f"{'; '.join(what)}; this is a mode: {cfg.mode} run{f' ({why})' if why else ''}; remove "
+                      f"{'it' if len(foreign) == 1 else 'them'}")
+
+
+def _section_hint(mode: str, section: str) -> str:
+    """What a ``mode`` run uses instead of ``section``, and which of its keys it reads when it reads some."""
+    parts = [_INSTEAD.get((mode, section), "")]
+    field = {f.name: f for f in dataclasses.fields(Config)}[section]
+    if field.metadata.get("mode") is None:  # a section the mode reads in part
+        cls = typing.get_type_hints(Config)[section]
+        read = [f.name for f in dataclasses.fields(cls) if f.metadata.get("mode") in (None, mode)]
+        parts.append(f"of {section}.* it reads {', '.join(read)}")
+    return ", and ".join(p for p in parts if p)
+
+
+# ------------------------------------------------------------------------------------------------------- loading
+
+
+def config_from_dict(d: Mapping[str, Any], *, check_mode: bool = True) -> Config:
+    """Validate a plain dict against the schema and build a :class:`Config` (missing keys take defaults).
+
+    ``check_mode``: reject keys that the config's mode does not read (:func:`check_mode_keys`); False accepts them,
+    for configs written before that check (e.g. in old checkpoints)."""
+    cfg = _build(Config, d, "")
+    if check_mode:
+        check_mode_keys(cfg)
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

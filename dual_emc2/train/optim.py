@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from dual_emc2.train.schedules import SCHEDULES, WarmupSchedule
+
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd", "lars")
-SCHEDULES: tuple[str, ...] = ("cosine", "constant")
 
 ParamsLike = nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
 
@@ -152,31 +153,6 @@ def build_optimizer(params_or_model: ParamsLike, name: str, lr: float, weight_de
         # and off for the excluded group, whose weight_decay is 0.
         g["always_adapt"] = g["lars_adapt"]
     return Lars(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coeff=trust_coeff)
-
-
-class WarmupSchedule:
-    """Learning-rate multiplier f(step) for :class:`~torch.optim.lr_scheduler.LambdaLR`.
-
-    Warm-up (W steps): f(s) = (s + 1) / (W + 1), rising linearly from 1/(W+1) at s = 0 to 1 at s = W.
-    cosine:   f(s) = m + (1 − m) · ½ (1 + cos(π p)),  p = min(1, (s − W) / (T − W)),  so f(W) = 1 and f(T) = m.
-    constant: f(s) = 1 for s ≥ W.
-    A plain object (not a lambda) so that LambdaLR.state_dict() records it.
-    """
-
-    def __init__(self, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> None:
-        self.total_steps = total_steps
-        self.warmup_steps = warmup_steps
-        self.schedule = schedule
-        self.min_lr_ratio = min_lr_ratio
-
-    def __call__(self, step: int) -> float:
-        W, T, m = self.warmup_steps, self.total_steps, self.min_lr_ratio
-        if step < W:
-            return (step + 1) / (W + 1)
-        if self.schedule == "constant":
-            return 1.0
-        p = min(1.0, (step - W) / max(1, T - W))
-        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,

@@ -1,9 +1,9 @@
-"""The unimodal contrastive trainer on Hugging Face Accelerate (one or many processes).
+"""The one training loop, on Hugging Face Accelerate (one or many processes), for every task.
 
-Data flows one way: seeded multi-view batches → encoder → features gathered over processes → estimator(batch, β) →
-surrogate → optimiser.  The trainer never branches on the estimator; it only supplies ``encode_candidates`` when the
-estimator says it needs out-of-batch candidates.  Checkpoints hold model, optimiser, scheduler, estimator state, RNG
-and data position, so a resumed run continues exactly.
+Data flows one way: the task's seeded batches → its model → features gathered over processes → estimator(batch, β)
+→ surrogate → optimiser.  The loop never branches on the estimator or the layout: the task (:mod:`dual_emc2.train.task`)
+computes a micro-batch's loss and evaluates.  Checkpoints hold model, optimiser, scheduler, estimator state, RNG and
+data position, so a resumed run continues exactly.
 """
 from __future__ import annotations
 
@@ -17,26 +17,23 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dual_emc2.data.augment import AugmentConfig
-from dual_emc2.data.image_sets import build_image_dataset, dataset_info, dataset_stats
-from dual_emc2.data.samplers import GlobalBatchSampler, SeededViews
 from dual_emc2.data.spectral import SpectralBatchSampler
-from dual_emc2.data.views import MultiViewDataset, UnaugmentedLookup
 from dual_emc2.distributed import all_gather_rows
-from dual_emc2.losses import GlobalContrastiveLoss
-from dual_emc2.objectives import build_objective, options_for
-from dual_emc2.towers.temperature import ContrastiveModel
 from dual_emc2.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from dual_emc2.train.config import Config, config_to_dict, save_config
-from dual_emc2.train.evaluate import eval_loaders, evaluate_features
-from dual_emc2.train.models import build_unimodal_model
+from dual_emc2.train.factory import build_accelerator, build_task
 from dual_emc2.train.optim import build_optimizer, build_scheduler
 from dual_emc2.train.run_log import RunLogger, plot_curves
+from dual_emc2.train.task import Task
+
+__all__ = ["NonFiniteLossError", "PROGRESS_KEYS", "Position", "Trainer"]
+
+# bookkeeping stamped on every evaluation beside the task's metrics (not accuracies: not printed or plotted as such)
+PROGRESS_KEYS = ("epoch", "samples", "train_seconds", "train_cpu_seconds")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,78 +71,43 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    """Builds everything from a :class:`Config` and runs :meth:`fit`."""
+    """One training loop for every task: optimiser and schedule, Accelerate, checkpoints with exact resume, logging,
+    the non-finite guard and spectral re-clustering.  ``task`` (model, estimator, data; default: the config's mode,
+    :func:`~dual_emc2.train.factory.build_task`) computes the loss of a micro-batch and evaluates.
 
-    def __init__(self, cfg: Config, accelerator: Accelerator | None = None) -> None:
+    Example::
+
+        cfg = load_config("configs/fmnist_unimodal.yaml", ["objective.name=emc2"])
+        Trainer(cfg).fit()
+        acc = build_accelerator(cfg)                                  # or: hand in your own model
+        Trainer(cfg, ImageViewsTask(cfg, acc, model=my_model), acc).fit()
+    """
+
+    def __init__(self, cfg: Config, task: Task | None = None, accelerator: Accelerator | None = None) -> None:
         self.cfg = cfg
-        self.acc = accelerator or Accelerator(
-            mixed_precision=cfg.train.mixed_precision,
-            gradient_accumulation_steps=cfg.train.grad_accum,
-            cpu=not torch.cuda.is_available(),
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=_timedelta(cfg.train.dist_timeout_s))],
-        )
+        if task is not None and accelerator is None:
+            accelerator = task.acc
+        self.acc = accelerator or build_accelerator(cfg)
         self.device = self.acc.device
         self.out = Path(cfg.output_dir)
         seed_everything(cfg.seed)
-        self._build_data()
-        self._build_model()
+        self.task = task or build_task(cfg, self.acc)
+        self.objective = self.task.objective
+        self.loss_fn = self.task.loss_fn
+        self.sampler = self.task.sampler
+        micro = self.task.batches_per_epoch
+        if micro < cfg.train.grad_accum:
+            raise ValueError(f"an epoch has {micro} batches, fewer than train.grad_accum={cfg.train.grad_accum}")
+        self.steps_per_epoch = micro // cfg.train.grad_accum
+        self.micro_used = self.steps_per_epoch * cfg.train.grad_accum  # whole accumulation groups per epoch
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self._prepare_optimisation(self.task.model)
         self.pos = Position()
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
         self.history: list[dict[str, float]] = []
-
-    # ------------------------------------------------------------------------------------------------ building
-    def _build_data(self) -> None:
-        cfg, d = self.cfg, self.cfg.data
-        base = build_image_dataset(d.name, d.train_split, root=d.root, download=d.download)
-        mean, std = dataset_stats(d.name)
-        aug = AugmentConfig(size=d.image_size, crop_scale=(d.augment.crop_scale_min, 1.0),
-                            jitter_strength=d.augment.jitter_strength, grayscale_p=d.augment.grayscale_p,
-                            blur=d.augment.blur, flip=d.augment.flip, eval_resize=_eval_resize(d.name, d.image_size))
-        n = None if d.subset is None else min(d.subset, len(base))
-        simclr = aug.simclr(mean, std, grey_input=dataset_info(d.name).grayscale)
-        self.train_set = SeededViews(MultiViewDataset(base, simclr, d.n_views, first_n=n, on_error=d.on_bad_sample),
-                                     cfg.seed)
-        self.lookup = UnaugmentedLookup(base, aug.eval(mean, std), first_n=n)
-        self.sampler = self._build_batch_sampler(len(self.train_set))
-        self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=d.num_workers,
-                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
-        self.micro_per_epoch = self.sampler.batches_per_epoch()
-        if self.micro_per_epoch < cfg.train.grad_accum:
-            raise ValueError(f"an epoch has {self.micro_per_epoch} batches, fewer than train.grad_accum="
-                             f"{cfg.train.grad_accum}")
-        self.steps_per_epoch = self.micro_per_epoch // cfg.train.grad_accum
-        self.micro_used = self.steps_per_epoch * cfg.train.grad_accum  # whole accumulation groups per epoch
-        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
-
-    def _build_batch_sampler(self, num_samples: int) -> GlobalBatchSampler:
-        """``data.batch_sampler``: the uniform reshuffle, or the spectral high-loss batches of Cho et al.."""
-        cfg = self.cfg
-        common = dict(world_size=self.acc.num_processes, rank=self.acc.process_index, seed=cfg.seed)
-        if cfg.data.batch_sampler == "spectral":
-            s = cfg.data.spectral
-            return SpectralBatchSampler(num_samples, cfg.train.batch_size, **common, refresh_every=s.refresh_every,
-                                        num_clusters=s.num_clusters, beta=s.beta or 1.0, n_components=s.n_components,
-                                        n_neighbors=s.n_neighbors, dense_max=s.dense_max, n_init=s.n_init)
-        return GlobalBatchSampler(num_samples, cfg.train.batch_size, **common)
-
-    def _build_model(self) -> None:
-        cfg, m = self.cfg, self.cfg.model
-        model = build_unimodal_model(cfg)
-        if m.sync_bn and self.acc.num_processes > 1 and self.device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.objective = build_objective(
-            cfg.objective.name, num_keys=len(self.train_set) * cfg.data.n_views,
-            num_candidates=len(self.train_set),
-            options=options_for(cfg.objective.name, cfg.objective.options),
-            defaults={"dim": m.proj_dim, "seed": cfg.seed},
-        ).to(self.device)
-        global_views = cfg.train.batch_size * self.acc.num_processes * cfg.data.n_views
-        self.objective.check_batch_shape(global_views - cfg.data.n_views)
-        # the public loss around the estimator: the trainer and a user's own loop run the same code
-        self.loss_fn = GlobalContrastiveLoss.wrap(self.objective, "unimodal", len(self.train_set),
-                                                  views_per_sample=cfg.data.n_views)
-        self._prepare_optimisation(model)
+        self._clock_start: tuple[float, float] | None = None
+        self._eval_spent = (0.0, 0.0)
 
     def _prepare_optimisation(self, model: torch.nn.Module) -> None:
         """Optimiser and schedule of ``model`` from ``cfg.optim``, then Accelerate's prepare (and torch.compile)."""
@@ -161,27 +123,9 @@ class Trainer:
             self.model = torch.compile(self.model)
 
     @property
-    def core(self) -> ContrastiveModel:
+    def core(self) -> torch.nn.Module:
+        """The model without Accelerate's (or torch.compile's) wrappers."""
         return self.acc.unwrap_model(self.model)
-
-    def encode_candidates(self, ids: Tensor) -> Tensor:
-        """ψ of un-augmented samples by global id, under the caller's grad mode; batch-norm in eval mode (the ids
-        are few and not a batch)."""
-        x = self.lookup(ids.cpu()).to(self.device)
-        if self.cfg.model.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self._forward_in_eval_mode(self.core.encoder, x)
-
-    def _forward_in_eval_mode(self, module: torch.nn.Module, inputs: Any) -> Tensor:
-        """``module(inputs)`` in float32 under autocast with norm layers and dropout in eval mode (the inputs are
-        samples looked up by id, not a batch), the training mode restored after; the caller's grad mode applies."""
-        was = module.training
-        module.eval()
-        try:
-            with self.acc.autocast():
-                return module(inputs).float()
-        finally:
-            module.train(was)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def state_payload(self) -> dict[str, Any]:
@@ -221,28 +165,16 @@ class Trainer:
             self.pos = Position(self.pos.step, self.pos.epoch + 1, 0)
 
     # ------------------------------------------------------------------------------------------------ training
-    def train_step(self, ids: Tensor, views: Tensor, labels: Tensor | None = None
-                   ) -> tuple[Tensor, dict[str, Tensor]] | None:
-        """One micro-batch: forward, estimator, backward and (at accumulation boundaries) the optimiser step.
-        ``labels`` [b]: class labels for supervised estimators (``needs_labels``).  Returns None when the loss was
-        not finite and the step was skipped."""
-        b, V = views.shape[:2]
-        x = views.flatten(0, 1).to(self.device, non_blocking=True)
-        if self.cfg.model.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        ids = ids.to(self.device)
-        enc = self.encode_candidates if self.objective.needs_candidate_encoder else None
+    def train_step(self, item: Any) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """One micro-batch (a loader item): the task's forward and loss, backward and (at accumulation boundaries)
+        the optimiser step.  Returns (loss, diagnostics), or None when the loss was not finite and the step was
+        skipped."""
         with self.acc.accumulate(self.model):
-            with self.acc.autocast():
-                z = self.model(x)
-            beta = self.core.temperature()
-            loss = self.loss_fn.forward_views(
-                z.float().view(b, V, -1), ids, beta, enc,
-                labels=labels.to(self.device) if labels is not None and self.objective.needs_labels else None)
+            loss, self._last_inputs = self.task.loss(self.model, item)
             if not self._apply(loss):
                 return None
         stats = dict(self.loss_fn.last_stats)  # estimator diagnostics, the loss, eq. (1) on the batch
-        stats["beta"] = beta.detach()
+        stats["beta"] = self.core.temperature().detach()
         return loss.detach(), stats
 
     def _apply(self, loss: Tensor) -> bool:
@@ -267,32 +199,6 @@ class Trainer:
                 f"{self.nonfinite_streak} consecutive non-finite losses at step {self.pos.step}; stopping "
                 f"(the last good checkpoint in {self.out / 'checkpoints'} is kept)")
 
-    # Hooks of the training loop that differ between data layouts (the bimodal trainer overrides them).
-    throughput_key = "views_per_s"
-
-    def _start_epoch(self) -> None:
-        """Position the sampler and the per-sample augmentation seeds at the current epoch and batch."""
-        self.sampler.set_epoch(self.pos.epoch, start_batch=self.pos.batch_in_epoch)
-        self.train_set.set_epoch(self.pos.epoch)
-
-    def _step_inputs(self, item: Any) -> tuple[Any, ...]:
-        """Arguments of :meth:`train_step` from one loader item (``(ids, views, labels)`` here); the labels only for
-        supervised estimators."""
-        ids, views, labels = item
-        if self.objective.needs_labels:
-            return ids, views, torch.as_tensor(labels).long()
-        return ids, views
-
-    def _samples_in(self, inputs: tuple[Any, ...]) -> int:
-        """Number of encoded inputs of one micro-batch on this process (for the throughput log)."""
-        views = inputs[1]
-        return views.shape[0] * views.shape[1]
-
-    def _spectral_embeddings(self, positions: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Anchor and candidate embeddings (u, v; v None when φ = ψ) of the training samples at sampler positions
-        ``positions``, for the spectral batch sampler (no grad, eval mode)."""
-        return self.encode_candidates(positions), None  # the encoder's z is unit-norm already
-
     def _refresh_due(self) -> bool:
         """A spectral re-clustering is due before the next optimiser step (never inside an accumulation group)."""
         return (isinstance(self.sampler, SpectralBatchSampler) and self.pos.batch_in_epoch % self.cfg.train.grad_accum
@@ -311,7 +217,7 @@ class Trainer:
         mine = torch.tensor_split(torch.arange(n), world)[self.acc.process_index]  # n >= global batch >= world
         us, vs = [], []
         for chunk in mine.split(self.cfg.eval.batch_size):
-            u, v = self._spectral_embeddings(chunk)
+            u, v = self.task.spectral_embeddings(self.core, chunk)
             us.append(u.float())
             if v is not None:
                 vs.append(v.float())
@@ -329,17 +235,23 @@ class Trainer:
         sampler.set_assignment(assignment.cpu(), step=self.pos.step)
         return time.perf_counter() - t0
 
+    # ------------------------------------------------------------------------------------------------ evaluation
+    @staticmethod
+    def _clocks() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
     def evaluate(self) -> dict[str, float]:
-        cfg = self.cfg
-        if not hasattr(self, "_eval_loaders"):
-            self._eval_loaders = eval_loaders(
-                cfg.data.name, cfg.data.root, cfg.data.eval_train_split, cfg.data.eval_test_split,
-                cfg.data.image_size, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
-                max_train=cfg.eval.max_train, max_test=cfg.eval.max_test, download=cfg.data.download)
-        tr, te = self._eval_loaders
-        return evaluate_features(self.core.encoder.features, tr, te, self.device, probe_epochs=cfg.eval.probe_epochs,
-                                 knn_k=cfg.eval.knn_k, seed=cfg.seed, geometry=cfg.eval.geometry,
-                                 spectrum_png=self.out / "plots" / "spectrum.png" if cfg.eval.geometry else None)
+        """The task's evaluation of the current model (main process)."""
+        return self.task.evaluate(self.core, self.out)
+
+    def _progress(self) -> dict[str, float]:
+        """Samples accessed (inputs of every process, accumulation included) and the training loop's wall-clock and
+        CPU seconds without evaluation, so runs can be compared against time (time to accuracy)."""
+        now = self._clocks()
+        start = self._clock_start or now
+        train = [n - s - e for n, s, e in zip(now, start, self._eval_spent)]
+        samples = self.pos.step * self.cfg.train.batch_size * self.acc.num_processes * self.cfg.train.grad_accum
+        return {"samples": float(samples), "train_seconds": train[0], "train_cpu_seconds": train[1]}
 
     def _maybe_eval(self, epoch_done: int, logger: RunLogger | None, final: bool) -> dict[str, float] | None:
         e = self.cfg.eval
@@ -347,17 +259,22 @@ class Trainer:
             return None
         metrics = None
         if self.acc.is_main_process:
-            metrics = self.evaluate()
-            metrics = {"epoch": float(epoch_done), **metrics}
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            progress = self._progress()
+            before = self._clocks()
+            metrics = {"epoch": float(epoch_done), **self.evaluate(), **progress}
+            self._eval_spent = tuple(s + c - b for s, c, b in zip(self._eval_spent, self._clocks(), before))
             if not self.history or self.history[-1].get("step") != self.pos.step:
                 self.history.append({"step": float(self.pos.step), **metrics})
             if logger is not None:
                 logger.log(self.pos.step, metrics, group="eval")
             self.acc.print(f"[eval] step {self.pos.step} epoch {epoch_done}: " +
-                           ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k != "epoch"))
+                           ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in PROGRESS_KEYS))
         self.acc.wait_for_everyone()
         return metrics
 
+    # ------------------------------------------------------------------------------------------------ the loop
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
         resume = resolve_resume(cfg.train.resume, self.out / "checkpoints")
@@ -372,6 +289,7 @@ class Trainer:
             logger = RunLogger(self.out, tensorboard=True, start_step=self.pos.step)
         bar = tqdm(total=self.total_steps, initial=self.pos.step, disable=not self.acc.is_main_process,
                    desc=f"{cfg.objective.name} b={cfg.train.batch_size}x{self.acc.num_processes}", dynamic_ncols=True)
+        self._clock_start, self._eval_spent = self._clocks(), (0.0, 0.0)
         last_eval = None
         try:
             last_eval = self._loop(logger, bar)
@@ -381,12 +299,12 @@ class Trainer:
                 logger.close()
         final = last_eval or {}
         if self.acc.is_main_process:
-            plots = plot_curves(self.out / "metrics.csv", self.out / "plots")
+            plots = plot_curves(self.out / "metrics.csv", self.out / "plots") if cfg.train.plots else []
             final = {"step": self.pos.step, **(self.history[-1] if self.history else {}),
-                     "nonfinite_skipped": self.nonfinite_total, "bad_samples_skipped": self.train_set.bad_samples}
+                     "nonfinite_skipped": self.nonfinite_total, "bad_samples_skipped": self.task.bad_samples}
             (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
             self.acc.print(f"[done] {self.out}: checkpoint {self.out / 'checkpoints'}, plots "
-                           f"{', '.join(p.name for p in plots)}; " +
+                           f"{', '.join(p.name for p in plots) or 'off'}; " +
                            ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k.endswith("acc")))
         return final
 
@@ -401,15 +319,14 @@ class Trainer:
                 seconds = self.refresh_batches()
                 if logger is not None:
                     logger.log(self.pos.step, {"spectral_refresh_s": seconds}, group="train")
-            self._start_epoch()
+            self.task.start_epoch(self.pos.epoch, self.pos.batch_in_epoch)
             self.model.train()
             for item in self.loader:
                 if self.pos.batch_in_epoch >= self.micro_used or self._refresh_due():
                     break
-                inputs = self._step_inputs(item)
-                result = self.train_step(*inputs)
+                result = self.train_step(item)
                 self.pos.batch_in_epoch += 1
-                seen += self._samples_in(inputs) * self.acc.num_processes
+                seen += self._last_inputs * self.acc.num_processes
                 if not self.acc.sync_gradients:
                     continue
                 self.scheduler.step()
@@ -423,8 +340,8 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     values = {k: float(v) / n_window for k, v in window.items()}
                     values["lr"] = self.scheduler.get_last_lr()[0]
-                    values[self.throughput_key] = seen / max(dt, 1e-9)
-                    values["bad_samples"] = float(self.train_set.bad_samples)
+                    values[self.task.throughput_key] = seen / max(dt, 1e-9)
+                    values["bad_samples"] = float(self.task.bad_samples)
                     t0, seen, window, n_window = time.perf_counter(), 0, {}, 0
                     if logger is not None:
                         logger.log(self.pos.step, values, group="train")
@@ -447,13 +364,8 @@ class Trainer:
         self.save()
         return last_eval
 
+    @property
+    def loader(self) -> DataLoader:
+        return self.task.loader
 
-def _eval_resize(name: str, size: int) -> int | None:
-    r = dataset_info(name).eval_resize
-    return r if r is not None and r >= size else None
 
-
-def _timedelta(seconds: float):
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)

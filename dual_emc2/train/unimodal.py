@@ -1,4 +1,114 @@
-"""Unimodal batches: see :mod:`dual_emc2.objectives.batches` (kept here for imports of earlier versions)."""
-from dual_emc2.objectives.batches import unimodal_contrastive_batch
+"""Unimodal task (φ = ψ): V augmented views of each image, one encoder, every view an anchor against every view
+(SimCLR's layout; EMC² section 4).
 
-__all__ = ["unimodal_contrastive_batch"]
+The loss of a micro-batch is :meth:`GlobalContrastiveLoss.forward_views` on the encoder's [b, V, d] features; chain
+states outside the batch are re-encoded from the un-augmented image of their id (batch norm in eval mode).
+Evaluation: linear probe and k-NN on the frozen backbone features (``eval.*``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from dual_emc2.data.augment import AugmentConfig
+from dual_emc2.data.image_sets import build_image_dataset, dataset_info, dataset_stats
+from dual_emc2.data.samplers import SeededViews
+from dual_emc2.data.views import MultiViewDataset, UnaugmentedLookup
+from dual_emc2.losses import GlobalContrastiveLoss
+from dual_emc2.objectives import build_objective, options_for
+from dual_emc2.objectives.batches import unimodal_contrastive_batch
+from dual_emc2.train.config import Config
+from dual_emc2.train.evaluate import eval_loaders, evaluate_features
+from dual_emc2.train.models import build_unimodal_model
+from dual_emc2.train.task import Task, forward_in_eval_mode
+
+__all__ = ["ImageViewsTask", "unimodal_contrastive_batch"]
+
+
+class ImageViewsTask(Task):
+    """Images of ``data.*`` with ``data.n_views`` SimCLR views each; the model of ``model.*`` unless ``model`` is
+    given (an ``nn.Module`` mapping images [n, C, H, W] to unit features [n, d], with ``temperature()`` and, for
+    evaluation, ``encoder.features``; see :class:`~dual_emc2.towers.temperature.ContrastiveModel`)."""
+
+    throughput_key = "views_per_s"
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, model: nn.Module | None = None) -> None:
+        super().__init__(cfg, accelerator)
+        d = cfg.data
+        base = build_image_dataset(d.name, d.train_split, root=d.root, download=d.download)
+        mean, std = dataset_stats(d.name)
+        aug = AugmentConfig(size=d.image_size, crop_scale=(d.augment.crop_scale_min, 1.0),
+                            jitter_strength=d.augment.jitter_strength, grayscale_p=d.augment.grayscale_p,
+                            blur=d.augment.blur, flip=d.augment.flip, eval_resize=_eval_resize(d.name, d.image_size))
+        n = None if d.subset is None else min(d.subset, len(base))
+        simclr = aug.simclr(mean, std, grey_input=dataset_info(d.name).grayscale)
+        self.train_set = SeededViews(MultiViewDataset(base, simclr, d.n_views, first_n=n, on_error=d.on_bad_sample),
+                                     cfg.seed)
+        self.lookup = UnaugmentedLookup(base, aug.eval(mean, std), first_n=n)
+        self.sampler = self.batch_sampler(len(self.train_set))
+        self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, num_workers=d.num_workers,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=False)
+        self.batches_per_epoch = self.sampler.batches_per_epoch()
+
+        model = build_unimodal_model(cfg) if model is None else model
+        if cfg.model.sync_bn and accelerator.num_processes > 1 and self.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.objective = build_objective(
+            cfg.objective.name, num_keys=len(self.train_set) * d.n_views, num_candidates=len(self.train_set),
+            options=options_for(cfg.objective.name, cfg.objective.options),
+            defaults={"dim": cfg.model.proj_dim, "seed": cfg.seed},
+        ).to(self.device)
+        global_views = cfg.train.batch_size * accelerator.num_processes * d.n_views
+        self.objective.check_batch_shape(global_views - d.n_views)
+        self.loss_fn = GlobalContrastiveLoss.wrap(self.objective, "unimodal", len(self.train_set),
+                                                  views_per_sample=d.n_views)
+        self._eval_loaders: tuple[DataLoader, DataLoader] | None = None
+
+    def encode_by_id(self, core: nn.Module, ids: Tensor) -> Tensor:
+        """ψ of the un-augmented images of global ``ids`` under the caller's grad mode; batch norm in eval mode (the
+        ids are few and not a batch)."""
+        x = self.lookup(ids.cpu()).to(self.device)
+        if self.cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return forward_in_eval_mode(self.acc, core.encoder, x)
+
+    def loss(self, model: nn.Module, item: Any) -> tuple[Tensor, int]:
+        ids, views, labels = item
+        b, V = views.shape[:2]
+        x = views.flatten(0, 1).to(self.device, non_blocking=True)
+        if self.cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        core = self.unwrap(model)
+        encode = (lambda i: self.encode_by_id(core, i)) if self.objective.needs_candidate_encoder else None
+        with self.acc.autocast():
+            z = model(x)
+        supervised = torch.as_tensor(labels).long().to(self.device) if self.objective.needs_labels else None
+        loss = self.loss_fn.forward_views(z.float().view(b, V, -1), ids.to(self.device), core.temperature(), encode,
+                                          labels=supervised)
+        return loss, b * V
+
+    def spectral_embeddings(self, core: nn.Module, positions: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.encode_by_id(core, positions), None  # the encoder's z is unit-norm already
+
+    def evaluate(self, core: nn.Module, out_dir: Path) -> dict[str, float]:
+        cfg = self.cfg
+        if self._eval_loaders is None:
+            self._eval_loaders = eval_loaders(
+                cfg.data.name, cfg.data.root, cfg.data.eval_train_split, cfg.data.eval_test_split,
+                cfg.data.image_size, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+                max_train=cfg.eval.max_train, max_test=cfg.eval.max_test, download=cfg.data.download)
+        tr, te = self._eval_loaders
+        return evaluate_features(core.encoder.features, tr, te, self.device, probe_epochs=cfg.eval.probe_epochs,
+                                 knn_k=cfg.eval.knn_k, seed=cfg.seed, geometry=cfg.eval.geometry,
+                                 spectrum_png=out_dir / "plots" / "spectrum.png" if cfg.eval.geometry else None)
+
+
+def _eval_resize(name: str, size: int) -> int | None:
+    r = dataset_info(name).eval_resize
+    return r if r is not None and r >= size else None
