@@ -27,7 +27,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) eval/bench_sampler.py
+	$(PY) experiments/bench_sampler.py
 
 clean:
 	rm -rf runs outputs .pytest_cache

@@ -14,7 +14,7 @@ Proposals (``proposal``):
   keeps softmax(β s) over all of D_neg invariant (docs/DESIGN.md, "pool kernel").  No within-visit bias.
 * ``batch`` (Algorithm 1 of Yau et al.): uniform over the valid in-batch candidates only.  Once the chain leaves its
   stored state it cannot return, so ``R > 1`` steps drift toward the softmax restricted to the batch: a bias that
-  more visits do not remove (eval/RESULTS.md, chain check).
+  more visits do not remove (experiments/RESULTS.md, chain check).
 * ``permuted_scan``: the valid columns in a fresh random order per sweep, a randomised systematic scan.  Not exactly
   invariant for its target even on a fixed batch; kept as a measured variant.
 

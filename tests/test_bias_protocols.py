@@ -1,4 +1,4 @@
-"""The bias protocols (eval/chain_check.py, eval/mean_field_bias.py) run end to end at their smoke size, write the
+"""The bias protocols (experiments/chain_check.py, mean_field_bias.py) run end to end at their smoke size, write the
 documented JSON, and still show the effects they exist to measure: Rao–Blackwell draws sample softmax(β s) over D_neg
 more closely than Algorithm 1's in-batch proposals, and the default EMC² gradient is closer to ∇L than InfoNCE's at
 b = 4 (whose target is a different loss).  The mean-field protocol's exact gradient is checked against the default
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL = ROOT / "eval"
+EVAL = ROOT / "experiments"
 if str(EVAL) not in sys.path:
     sys.path.insert(0, str(EVAL))
 

@@ -248,7 +248,7 @@ def test_too_many_steps_for_exact_float32_counts_raises():
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_sampler", ROOT / "eval" / "bench_sampler.py")
+    spec = importlib.util.spec_from_file_location("bench_sampler", ROOT / "experiments" / "bench_sampler.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench

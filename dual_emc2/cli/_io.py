@@ -5,9 +5,9 @@ import sys
 from pathlib import Path
 
 # The repository checkout (the package is installed editable: ``pip install -e .``): default configs live in
-# ROOT/configs and default eval outputs in ROOT/eval/results, as for the scripts these commands replace.
+# ROOT/configs and default eval outputs in ROOT/experiments/results, as for the scripts these commands replace.
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = ROOT / "eval" / "results"
+RESULTS = ROOT / "experiments" / "results"
 
 
 def fail(err: BaseException | str) -> int:

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    ap.add_argument("--out", default=None, help="JSON output path (default: eval/results/retrieval_<name>.json)")
+    ap.add_argument("--out", default=None, help="JSON output path (default: experiments/results/retrieval_<name>.json)")
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value (e.g. towers.max_length=64)")
     args = ap.parse_args(argv)
 

@@ -19,7 +19,7 @@ weights detached; ψ(z_i) is re-encoded with grad for a random fraction q of the
 Bernoulli(q), ``reencode_fraction``), which keeps the estimate unbiased.  A state whose key is among the batch's
 candidates is that column (``map_state_into_batch``): no re-encoding, and the pool is the batch.
 
-Variants reachable by options (their measured bias is in eval/RESULTS.md):
+Variants reachable by options (their measured bias is in experiments/RESULTS.md):
   ``weights="visits"``: post-burn-in visit counts of R M-H steps (the paper's estimator) with ``proposal`` ``pool``,
   ``batch`` (Algorithm 1: in-batch proposals, biased toward the batch softmax at small batch) or ``permuted_scan``;
   ``state_score="stale"``: the stored score instead of re-encoding (the released code; no extra forward);

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Soak test: train with periodic SIGKILLs and resumes, then compare with an uninterrupted run, bit for bit.
 
-    python eval/soak.py [--minutes 30] [--kill-every 20,90] [--out eval/results/soak.json] [key.sub=value ...]
+    python experiments/soak.py [--minutes 30] [--kill-every 20,90] [--out experiments/results/soak.json] [key=value ...]
 
 The run is sized (by ``--epochs``/overrides) so that the killed run outlasts the budget; the uninterrupted reference
 runs beside it (one thread each); the killed
@@ -44,7 +44,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default: sized to the budget)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/soak")
-    ap.add_argument("--out", default="eval/results/soak.json")
+    ap.add_argument("--out", default="experiments/results/soak.json")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     lo, hi = (float(x) for x in args.kill_every.split(","))

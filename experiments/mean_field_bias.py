@@ -34,8 +34,8 @@ Rows (estimator, options):
                         (the previous default)
   infonce, sogclr, negative_cache (dim = 16), hcl: library defaults
 
-    python eval/mean_field_bias.py --threads 1     # ~22 min wall on a shared 2-core CPU (3,200 epochs: emc2 only)
-    python eval/mean_field_bias.py --smoke         # seconds (CI)
+    python experiments/mean_field_bias.py --threads 1   # ~22 min wall on a shared 2-core CPU (3,200 epochs: emc2 only)
+    python experiments/mean_field_bias.py --smoke         # seconds (CI)
 """
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
-    ap.add_argument("--out", default=None, help="JSON path (default eval/results/mean_field_bias[_smoke].json)")
+    ap.add_argument("--out", default=None, help="JSON path (default experiments/results/mean_field_bias[_smoke].json)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.epochs, args.long_epochs, args.warmup_epochs, args.rows, args.blocks = "30", 0, 5, "emc2,infonce", 10
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "protocol": "mean-field bias at fixed θ through GlobalContrastiveLoss: ‖Ê ĝ − ∇L‖ / ‖∇L‖ with batch-means "
                     "noise",
-        "command": " ".join(["python", "eval/mean_field_bias.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", "experiments/mean_field_bias.py", *(sys.argv[1:] if argv is None else argv)]),
         "config": config, "machine": machine_info(), "exact_loss": loss_value, "exact_grad_norm": float(grad.norm()),
         "check_full_batch_emc2_rel_error": check_err, "rows": {},
     }

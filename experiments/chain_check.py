@@ -37,8 +37,8 @@ toward the batch sits between the two.  ``TV visits a–b`` is the TV of the vis
 of each procedure's weights from the pool softmax (softmax over A; zero for Rao–Blackwell by construction, the
 within-visit sampling noise of R − P counted M-H steps otherwise) and from the in-batch softmax are in the JSON.
 
-    python eval/chain_check.py --threads 1   # c ∈ {6, 62}, β ∈ {5, 14.28}: ~16 min wall on a shared 2-core CPU
-    python eval/chain_check.py --smoke              # seconds (CI)
+    python experiments/chain_check.py --threads 1   # c ∈ {6, 62}, β ∈ {5, 14.28}: ~16 min wall on a shared 2-core CPU
+    python experiments/chain_check.py --smoke              # seconds (CI)
 """
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
-    ap.add_argument("--out", default=None, help="JSON path (default eval/results/chain_check[_smoke].json)")
+    ap.add_argument("--out", default=None, help="JSON path (default experiments/results/chain_check[_smoke].json)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.negatives, args.chains, args.candidates, args.betas, args.checkpoints = 200, 400, "6", "5", "40,120"
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "protocol": "chain check at fixed scores: TV of each update's counted distribution from softmax(β s) over "
                     "D_neg, after v visits, beside the Monte Carlo floor",
-        "command": " ".join(["python", "eval/chain_check.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", "experiments/chain_check.py", *(sys.argv[1:] if argv is None else argv)]),
         "config": config, "machine": machine_info(), "settings": [],
     }
     print(f"machine: {describe_machine(result['machine'])}", flush=True)

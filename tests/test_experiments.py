@@ -1,5 +1,5 @@
-"""The eval protocols (eval/stationarity.py, eval/small_batch.py, eval/bench_step.py) run end to end at their smoke
-size, so they cannot rot, and what they report is checked against independent computations: the exact objective of
+"""The experiments (experiments/stationarity.py, small_batch.py, bench_step.py) run end to end at their smoke size,
+so they cannot rot, and what they report is checked against independent computations: the exact objective of
 the stationarity protocol against a brute-force eq. (1) with autograd, the time-to-accuracy interpolation against
 hand-computed values, the state sizes against the buffer layout (EMC² int32 id + float32 score per anchor key,
 negative cache m_neg × d floats)."""
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL = ROOT / "eval"
+EVAL = ROOT / "experiments"
 if str(EVAL) not in sys.path:
     sys.path.insert(0, str(EVAL))
 

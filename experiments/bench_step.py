@@ -19,10 +19,10 @@ Table 2 (trainer overhead).  ``Trainer.train_step`` on a synthetic on-device bat
 same forward / estimator / backward / optimiser step on the same model, optimiser and estimator objects, interleaved;
 the overhead is the median of the paired ratios.
 
-    python eval/bench_step.py                        # CPU: ResNet-18, 28 px, b = 32 (minutes on 2 cores)
-    python eval/bench_step.py --preset gpu           # ResNet-18 96 px b = 32 and 256, ResNet-50 224 px b = 256 bf16
-    python eval/bench_step.py --arch resnet18 --size 96 --batch 256 --amp bf16 --device cuda
-    python eval/bench_step.py --smoke                # seconds (CI)
+    python experiments/bench_step.py                        # CPU: ResNet-18, 28 px, b = 32 (minutes on 2 cores)
+    python experiments/bench_step.py --preset gpu    # ResNet-18 96 px b = 32 and 256, ResNet-50 224 px b = 256 bf16
+    python experiments/bench_step.py --arch resnet18 --size 96 --batch 256 --amp bf16 --device cuda
+    python experiments/bench_step.py --smoke                # seconds (CI)
 """
 from __future__ import annotations
 
@@ -302,7 +302,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
-    ap.add_argument("--out", default=None, help="JSON path (default eval/results/bench_step_<device>[_smoke].json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default experiments/results/bench_step_<device>[_smoke].json)")
     args = ap.parse_args(argv)
     names = [n for n in args.estimators.split(",") if n]
     if not names or any(n not in ESTIMATORS for n in names):
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {case.label}: done", flush=True)
     overhead = None if args.no_trainer else [trainer_overhead(c, device, args.repeats, args.warmup) for c in cases]
     result = {"protocol": "per-step time of each estimator vs SimCLR; state memory; trainer overhead",
-              "command": " ".join(["python", "eval/bench_step.py", *(sys.argv[1:] if argv is None else argv)]),
+              "command": " ".join(["python", "experiments/bench_step.py", *(sys.argv[1:] if argv is None else argv)]),
               "machine": info, "repeats": args.repeats, "warmup": args.warmup,
               "cases": [asdict(c) for c in cases], "rows": rows, "trainer_overhead": overhead}
     write_json(out, result)

@@ -11,7 +11,8 @@ excluded) and ``R = B - 2`` M-H steps, times in one run:
 
 reporting medians over repeats after warm-up (CUDA events on GPU, ``time.perf_counter`` on CPU).
 
-    python eval/bench_sampler.py [--sizes 64,512,...] [--repeats N] [--out eval/results/bench_sampler.json] [--smoke]
+    python experiments/bench_sampler.py [--sizes 64,512,...] [--repeats N] [--smoke]
+        [--out experiments/results/bench_sampler.json]
 """
 from __future__ import annotations
 
@@ -28,13 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-try:
-    import dual_emc2  # noqa: F401
-except ImportError:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dual_emc2.kernels import mh_triton  # noqa: E402
-from dual_emc2.sampling import MHResult, draw_mh_proposals, mh_chains_torch, mh_visit_counts  # noqa: E402
+from dual_emc2.kernels import mh_triton
+from dual_emc2.sampling import MHResult, draw_mh_proposals, mh_chains_torch, mh_visit_counts
 
 DEFAULT_SIZES = {"cuda": [64, 256, 512, 2048, 8192], "cpu": [64, 256, 512]}
 SMOKE_SIZES = [16]

@@ -1,4 +1,4 @@
-"""Helpers shared by the eval protocols (stationarity.py, small_batch.py, bench_step.py): the machine record, result
+"""Helpers shared by the experiments (stationarity.py, small_batch.py, bench_step.py): the machine record, result
 paths, JSON output, aligned text tables, and step timing (CUDA events on a GPU, ``perf_counter`` on a CPU)."""
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,9 +15,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "eval" / "results"
-if str(ROOT) not in sys.path:  # a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "experiments" / "results"
 
 
 def cpu_model() -> str:
@@ -64,7 +61,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def default_out(name: str, smoke: bool) -> Path:
-    """``eval/results/<name>.json`` (``<name>_smoke.json`` for smoke runs, so CI never overwrites real results)."""
+    """``experiments/results/<name>.json`` (``<name>_smoke.json`` for smoke runs: CI never overwrites real results)."""
     return RESULTS / f"{name}{'_smoke' if smoke else ''}.json"
 
 

@@ -19,11 +19,11 @@ is logged; at the end, on ``--test-images`` test images:
 Spectral batches: with the trained SimCLR model, the mean in-batch loss (eq. 1 restricted to a batch) of the batches of
 :class:`~dual_emc2.data.spectral.SpectralBatchSampler` (clusters of un-augmented embeddings) against uniform batches.
 
-    python eval/geometry.py                      # the RESULTS.md run (about 20 min on the shared 2-core CPU)
-    python eval/geometry.py --smoke              # seconds
-    python eval/geometry.py --checkpoint runs/default/checkpoints/<ckpt>   # geometry of a trainer checkpoint only
+    python experiments/geometry.py                      # the RESULTS.md run (about 20 min on the shared 2-core CPU)
+    python experiments/geometry.py --smoke              # seconds
+    python experiments/geometry.py --checkpoint runs/default/checkpoints/<ckpt>  # geometry of a trainer checkpoint
 
-Writes ``eval/results/geometry.json`` (``--out``) and PNGs beside it: ``geometry_spectrum_z.png``,
+Writes ``experiments/results/geometry.json`` (``--out``) and PNGs beside it: ``geometry_spectrum_z.png``,
 ``geometry_spectrum_h.png``, ``geometry_nc.png`` (NC1 / ETF distance / effective rank along training) and
 ``geometry_class_means.png`` (cosines of the centred class means; a simplex ETF is −1/9 off the diagonal).
 """
@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -42,13 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dual_emc2.data.augment import eval_transform, simclr_transform  # noqa: E402
-from dual_emc2.data.image_sets import build_image_dataset, dataset_stats  # noqa: E402
-from dual_emc2.data.samplers import GlobalBatchSampler  # noqa: E402
-from dual_emc2.data.spectral import SpectralBatchSampler  # noqa: E402
-from dual_emc2.metrics.geometry import (  # noqa: E402
+from dual_emc2.data.augment import eval_transform, simclr_transform
+from dual_emc2.data.image_sets import build_image_dataset, dataset_stats
+from dual_emc2.data.samplers import GlobalBatchSampler
+from dual_emc2.data.spectral import SpectralBatchSampler
+from dual_emc2.metrics.geometry import (
     alignment,
     class_means,
     geometry_metrics,
@@ -56,10 +52,10 @@ from dual_emc2.metrics.geometry import (  # noqa: E402
     singular_values,
     uniformity,
 )
-from dual_emc2.metrics.knn import knn_accuracy  # noqa: E402
-from dual_emc2.objectives import build_objective  # noqa: E402
-from dual_emc2.objectives.base import ContrastiveBatch  # noqa: E402
-from dual_emc2.objectives.scl import normalize_features  # noqa: E402
+from dual_emc2.metrics.knn import knn_accuracy
+from dual_emc2.objectives import build_objective
+from dual_emc2.objectives.base import ContrastiveBatch
+from dual_emc2.objectives.scl import normalize_features
 
 # run label -> (registry name, options; "normalize" is the feature normalisation the loss sees)
 RUNS: dict[str, tuple[str, dict]] = {
@@ -333,7 +329,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     if args.smoke:
         args.images, args.test_images, args.curve_images, args.epochs, args.batch = 256, 200, 200, 1, 32
-    out = Path(args.out or f"eval/results/geometry{'_smoke' if args.smoke else ''}.json")
+    out = Path(args.out or f"experiments/results/geometry{'_smoke' if args.smoke else ''}.json")
     args.out = str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.checkpoint:

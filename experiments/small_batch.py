@@ -18,10 +18,10 @@ at b = 32 (β = 14.28, Adam 1e-4) and ``configs/stl10_unimodal_b256.yaml`` at b 
 Time to accuracy: for each run, the time (and samples) at which the linear-probe (and 1-NN) accuracy first reaches the
 final accuracy of SimCLR at the smallest batch (linear interpolation between evaluations), and the speed-up over it.
 
-    python eval/small_batch.py                    # Fashion-MNIST, 2,000 images, 3 epochs, b = 32 and 256 (CPU)
-    python eval/small_batch.py --subset 60000 --epochs 20 --eval-max 10000     # a GPU
-    python eval/small_batch.py --data-root /data --epochs 100                 # STL-10, the paper's protocol
-    python eval/small_batch.py --smoke            # seconds (CI)
+    python experiments/small_batch.py                    # Fashion-MNIST, 2,000 images, 3 epochs, b = 32 and 256 (CPU)
+    python experiments/small_batch.py --subset 60000 --epochs 20 --eval-max 10000     # a GPU
+    python experiments/small_batch.py --data-root /data --epochs 100                 # STL-10, the paper's protocol
+    python experiments/small_batch.py --smoke            # seconds (CI)
 
 Multi-seed runs (v2): ``configs/fmnist_small_cnn.yaml`` (``model.arch: small_cnn``, 128-d features, ~0.25 ms forward +
 backward per view on one CPU thread; data augmentation, ~0.65 ms per view, dominates the step) with the default EMC²,
@@ -29,10 +29,12 @@ SimCLR and SogCLR, 3 seeds; the summary gives the mean, std (ddof 1) and standar
 accuracies, the main PNG the mean ± std band per estimator against epochs (one column per b; ``*_cpu.png`` against
 training CPU seconds, ``*_runs.png`` every run).  One process per batch size, merged after:
 
-    python eval/small_batch.py --threads 1 --config configs/fmnist_small_cnn.yaml --estimators emc2,infonce,sogclr \
+    python experiments/small_batch.py --threads 1 --config configs/fmnist_small_cnn.yaml \
+        --estimators emc2,infonce,sogclr \
         --batches 32 --seeds 0,1,2 --subset 10000 --epochs 20 --eval-every 5 --eval-max 10000 --eval-test 10000 \
         --override eval.geometry=false --work runs/sb_v2 --out runs/sb_v2/b32.json      # and --batches 256 ... b256
-    python eval/small_batch.py --merge runs/sb_v2/b32.json runs/sb_v2/b256.json --out eval/results/small_batch_v2.json
+    python experiments/small_batch.py --merge runs/sb_v2/b32.json runs/sb_v2/b256.json \
+        --out experiments/results/small_batch_v2.json
 
 Every run appends to ``<out>.partial.json`` as it finishes, so an interrupted grid can still be merged.
 """
@@ -307,7 +309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-run-plots", action="store_true",
                     help="skip the trainer's per-run PNGs (plot_curves: ~10 s a run on a 2-core CPU; on in --smoke)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
-    ap.add_argument("--out", default=None, help="JSON path (default eval/results/small_batch[_smoke].json)")
+    ap.add_argument("--out", default=None, help="JSON path (default experiments/results/small_batch[_smoke].json)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="train nothing: combine the runs of these result files (or their .partial.json, written "
                          "after every run) into --out, with the summary, table and plots")
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {describe_machine(info)}", flush=True)
     initial: dict[str, dict[str, float]] = {}
     data = "STL-10" if args.data_root else ("digits" if args.smoke else "Fashion-MNIST")
-    command = " ".join(["python", "eval/small_batch.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python", "experiments/small_batch.py", *(sys.argv[1:] if argv is None else argv)])
     config = {k: v for k, v in vars(args).items() if k not in ("estimator_list", "batch_list", "seed_list")}
     runs: list[dict] = []
     for seed in args.seed_list:

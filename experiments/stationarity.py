@@ -37,9 +37,9 @@ Estimators (``--estimators``), all through :func:`dual_emc2.objectives.build_obj
 noise from batch means over ``--bias-blocks`` blocks (see :func:`gradient_bias`).  ``--merge a.json,b.json`` combines
 runs of one configuration on disjoint (estimator, seed) pairs (e.g. one process per seed) into ``--out``.
 
-    python eval/stationarity.py                 # default: 3 seeds, equal forwards, minutes on a 2-core CPU
-    python eval/stationarity.py --smoke         # seconds (CI)
-    python eval/stationarity.py --device cuda --arch resnet18 --epochs 400 --eval-every 20   # paper scale
+    python experiments/stationarity.py                 # default: 3 seeds, equal forwards, minutes on a 2-core CPU
+    python experiments/stationarity.py --smoke         # seconds (CI)
+    python experiments/stationarity.py --device cuda --arch resnet18 --epochs 400 --eval-every 20   # paper scale
 """
 from __future__ import annotations
 
@@ -622,7 +622,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="comma-separated result JSONs of one configuration on disjoint seeds: combine them into --out")
     ap.add_argument("--progress", action="store_true", help="print every exact evaluation")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
-    ap.add_argument("--out", default=None, help="JSON path (default eval/results/stationarity[_smoke].json)")
+    ap.add_argument("--out", default=None, help="JSON path (default experiments/results/stationarity[_smoke].json)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.images, args.epochs, args.eval_every, args.seeds = 16, 2, 1, "0"
@@ -674,7 +674,7 @@ def main(argv: list[str] | None = None) -> int:
     equal = "equal forward passes (re-encodes included)" if args.budget > 0 else "equal samples accessed"
     result: dict[str, Any] = {
         "protocol": f"stationarity (EMC² Fig. 7): exact L(θ) and ‖∇L(θ)‖² at {equal}",
-        "command": " ".join(["python", "eval/stationarity.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", "experiments/stationarity.py", *(sys.argv[1:] if argv is None else argv)]),
         "config": config, "machine": machine_info(device),
         "estimators": {k: {"registry": specs[k].registry, "options": specs[k].options,
                            "negatives": "views of other images" if specs[k].by_view else "view 0 of other images"}
