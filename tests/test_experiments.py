@@ -120,6 +120,7 @@ def test_stationarity_step_size_schedules() -> None:
     assert f("cosine", 1.0, 0.5) < 1e-12
     assert f("const_cosine", 0.4, 0.5) == 1.0 and f("const_cosine", 0.75, 0.5) == pytest.approx(0.5)
     assert f("const_step", 0.4, 0.5) == 1.0 and f("const_step", 0.6, 0.5) == 0.1 and f("const_step", 0.9, 0.5) == 0.01
+    assert [f("const_decades", x, 0.25) for x in (0.2, 0.3, 0.6, 0.8, 1.0)] == pytest.approx([1, 0.1, 0.01, 1e-3, 1e-3])
     args = stationarity.parse_args(["--images", "100", "--epochs", "3"])
     assert args.budget == 3 * 25 * 4 * 2  # SimCLR's forwards: epochs × (n // b) steps × 2b views
     assert stationarity.parse_args(["--equal", "samples"]).budget == 0
