@@ -31,6 +31,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import STL10, ImageFolder
 
+from dual_emc2.errors import DataError
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -111,7 +113,7 @@ def native_image_size(name: str) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 # Common interface
 # --------------------------------------------------------------------------------------------------------------------
-class UnreadableSample(RuntimeError):
+class UnreadableSample(DataError, RuntimeError):
     """A sample whose file cannot be decoded; the message names the file and the sample id."""
 
 

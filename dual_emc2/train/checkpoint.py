@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from dual_emc2.errors import CheckpointError
+
 __all__ = [
     "CheckpointCorrupt",
     "checkpoint_path",
@@ -49,7 +51,7 @@ _TMP_RE = re.compile(r"^\.(?:ckpt-\d{8,}|latest)\..*\.tmp$")
 _CHUNK = 1 << 22
 
 
-class CheckpointCorrupt(RuntimeError):
+class CheckpointCorrupt(CheckpointError, RuntimeError):
     """A checkpoint file that is truncated, torn, altered or not a checkpoint at all; the message names the file."""
 
 

@@ -29,6 +29,7 @@ from typing import Any, Union
 
 import yaml
 
+from dual_emc2.errors import UsageError
 from dual_emc2.train.schema import (
     ARCH_CHOICES,
     BATCH_SAMPLER_CHOICES,
@@ -86,7 +87,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """An invalid configuration file, key, value or override; the message names the dotted key (and file)."""
 
 

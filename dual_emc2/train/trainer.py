@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from dual_emc2.data.spectral import SpectralBatchSampler
 from dual_emc2.distributed import all_gather_rows
+from dual_emc2.errors import RunStopped
 from dual_emc2.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from dual_emc2.train.config import Config, config_to_dict, save_config
 from dual_emc2.train.factory import build_accelerator, build_task
@@ -36,7 +37,7 @@ __all__ = ["NonFiniteLossError", "PROGRESS_KEYS", "Position", "Trainer"]
 PROGRESS_KEYS = ("epoch", "samples", "train_seconds", "train_cpu_seconds")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunStopped):
     """Raised after ``train.max_nonfinite`` consecutive non-finite losses."""
 
 
