@@ -15,13 +15,30 @@ command-line entry points print it as one ``error: ...`` line (no traceback) and
 """
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "DataError", "DualEMC2Error", "RunStopped", "UsageError", "exit_code_of"]
+import re
+
+__all__ = ["CheckpointError", "DataError", "DualEMC2Error", "Interrupted", "RunStopped", "UsageError", "exit_code_of"]
 
 
 class DualEMC2Error(Exception):
-    """Base of the errors a user can fix; ``exit_code`` is what the command line exits with."""
+    """Base of the errors a user can fix; ``exit_code`` is what the command line exits with.
+
+    Raised in a DataLoader worker process, such an error reaches the main process re-built by torch as
+    ``type(err)("Caught <Type> in DataLoader worker process N.\nOriginal Traceback ...")``; the constructor
+    recognises that text and keeps only the original message (the worker's traceback stays in
+    :attr:`worker_traceback`), so the user still sees one line naming the file and the fix.
+    """
 
     exit_code = 2
+    worker_traceback: str | None = None
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            original = _original_message(args[0], type(self))
+            if original is not None:
+                self.worker_traceback = args[0]
+                args = (original,)
+        super().__init__(*args)
 
 
 class UsageError(DualEMC2Error, ValueError):
@@ -46,6 +63,31 @@ class RunStopped(DualEMC2Error, RuntimeError):
     """Training stopped itself (e.g. non-finite losses); the message says what was kept."""
 
     exit_code = 5
+
+
+class Interrupted(DualEMC2Error, KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a checkpoint was written; exit code 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + int(signum)
+
+
+_RERAISED = re.compile(r"\ACaught (\w+) (.*?)\.\nOriginal Traceback", re.S)
+
+
+def _original_message(text: str, cls: type) -> str | None:
+    """The message of the original error inside torch's re-raise text of an exception from a worker, or None."""
+    m = _RERAISED.match(text)
+    if m is None or m.group(1) != cls.__name__:
+        return None
+    marker = f"\n{cls.__module__}.{cls.__qualname__}: "
+    cut = text.rfind(marker)
+    if cut < 0:
+        marker = f"\n{cls.__qualname__}: "
+        cut = text.rfind(marker)
+    return text[cut + len(marker):].rstrip("\n") if cut >= 0 else None
 
 
 def exit_code_of(err: BaseException) -> int:

@@ -36,7 +36,9 @@ training CPU seconds, ``*_runs.png`` every run).  One process per batch size, me
     python experiments/small_batch.py --merge runs/sb_v2/b32.json runs/sb_v2/b256.json \
         --out experiments/results/small_batch_v2.json
 
-Every run appends to ``<out>.partial.json`` as it finishes, so an interrupted grid can still be merged.
+Every run appends to ``<out>.partial.json`` as it finishes, so an interrupted grid can still be merged.  The run
+folders go to ``--work``, by default beside ``--out`` as ``<out stem>_runs/`` (``runs/<out stem>_runs/`` when
+``--out`` is in experiments/results; ``runs/small_batch/`` without ``--out``), never into the checkout's results.
 """
 from __future__ import annotations
 
@@ -136,7 +138,7 @@ def preserved_rng() -> Iterator[None]:
 
 
 def run(args: argparse.Namespace, name: str, b: int, seed: int, initial: dict[str, dict[str, float]]) -> dict:
-    out = (ROOT / args.work / f"{name}_b{b}_s{seed}").resolve()
+    out = (Path(args.work) / f"{name}_b{b}_s{seed}").resolve()
     if out.exists():
         shutil.rmtree(out)  # a fresh run, never a resume of an older one
     config = config_for(args, b)
@@ -305,7 +307,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="folder holding stl10_binary/: run STL-10 with the paper's configs")
     ap.add_argument("--config", default=None, help="one config for every batch size (overrides the defaults above)")
     ap.add_argument("--override", nargs="*", default=[], help="extra config overrides key.sub=value")
-    ap.add_argument("--work", default="runs/small_batch", help="run folders (checkpoints, metrics.csv, plots)")
+    ap.add_argument("--work", default=None,
+                    help="folder of the run folders (checkpoints, metrics.csv, plots; each run's folder is replaced); "
+                         "default: <out stem>_runs/ beside --out, or runs/small_batch[_smoke]/ in the checkout "
+                         "without --out")
     ap.add_argument("--no-run-plots", action="store_true",
                     help="skip the trainer's per-run PNGs (plot_curves: ~10 s a run on a 2-core CPU; on in --smoke)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
@@ -319,15 +324,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "emc2,infonce", "4", 16, 1, 32, 3)
         args.threads = args.threads or 1
         args.no_run_plots = True
-        args.work = "runs/small_batch_smoke"
         args.override = ["data.name=digits", "data.image_size=8", "model.cifar_stem=true", "model.proj_hidden=32",
                          "model.proj_dim=16", "eval.knn_k=[1]", "eval.batch_size=64", *args.override]
+    args.work = str(work_folder(args.work, args.out, args.smoke))
     args.estimator_list = [s for s in args.estimators.split(",") if s]
     args.batch_list = [int(b) for b in args.batches.split(",") if b]
     args.seed_list = [int(s) for s in args.seeds.split(",") if s]
     if not args.estimator_list or not args.batch_list or not args.seed_list or min(args.batch_list) < 2:
         ap.error("--estimators, --batches (each >= 2) and --seeds must be non-empty")
     return args
+
+
+def work_folder(work: str | None, out: str | None, smoke: bool) -> Path:
+    """The folder of the run folders: ``--work`` (relative to the current folder); else beside ``--out`` as
+    ``<out stem>_runs`` (``runs/<out stem>_runs`` in the checkout when ``--out`` is in experiments/results: the
+    committed results never receive run folders); else ``runs/small_batch[_smoke]`` in the checkout."""
+    if work:
+        return Path(work).expanduser().resolve()
+    if out:
+        o = Path(out).expanduser().resolve()
+        results = (ROOT / "experiments" / "results").resolve()
+        return (ROOT / "runs" if o.parent == results else o.parent) / f"{o.stem}_runs"
+    return ROOT / "runs" / ("small_batch_smoke" if smoke else "small_batch")
 
 
 def main(argv: list[str] | None = None) -> int:

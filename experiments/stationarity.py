@@ -591,7 +591,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--beta", type=float, default=5.0)
     ap.add_argument("--lr", type=float, default=1e-2,
                     help="SGD step size (paper: 1e-3 for its ResNet-18 with batch norm; see RESULTS.md for 1e-3 here)")
-    ap.add_argument("--lr-schedule", choices=("constant", "cosine", "const_cosine", "const_step", "const_decades"), default="constant",
+    ap.add_argument("--lr-schedule", choices=("constant", "cosine", "const_cosine", "const_step", "const_decades"),
+                    default="constant",
                     help="step size against the fraction of the budget spent (see lr_factor)")
     ap.add_argument("--decay-start", type=float, default=0.5,
                     help="const_cosine / const_step: fraction of the budget at the constant step size")

@@ -14,9 +14,9 @@ from dual_emc2.train.trainer import Trainer  # noqa: E402
 class Recording(Trainer):
     losses: list
 
-    def train_step(self, ids, views, *labels):
-        self.batches.append(ids.tolist())
-        out = super().train_step(ids, views, *labels)
+    def train_step(self, item):
+        self.batches.append(item[0].tolist())
+        out = super().train_step(item)
         self.losses.append(float(out[0]))
         return out
 

@@ -257,8 +257,9 @@ BOTH_MODES = [
     "optim.warmup_epochs=0.5", "optim.schedule=constant", "optim.min_lr_ratio=0.1", "train.batch_size=4",
     "train.epochs=9", "train.max_steps=7", "train.grad_accum=2", "train.mixed_precision=fp16",
     "train.log_every=1", "train.ckpt_every=3", "train.keep_last=1", "train.resume=/tmp/ckpt.pt",
-    "train.max_nonfinite=0", "train.compile=true", "train.plots=false", "train.dist_timeout_s=30",
-    "eval.every_epochs=2", "eval.batch_size=8", "eval.enabled=false",
+    "train.max_nonfinite=0", "train.compile=true", "train.plots=false", "train.allow_changes=true",
+    "train.dist_timeout_s=30",
+    "eval.every_epochs=2", "eval.batch_size=8", "eval.enabled=false", "eval.at_start=false",
 ]
 UNIMODAL_ONLY = [
     "data.name=digits", "data.root=/data", "data.download=true",

@@ -217,9 +217,11 @@ def test_idx_corrupt_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     _write_split(tmp_path / "l", "train", images, np.array([0, 1, 2, 12], np.uint8))
     with pytest.raises(ValueError, match="label 12"):
         build_image_dataset("fashion_mnist", "train", root=tmp_path / "l")
+    with pytest.raises(FileNotFoundError, match=r"data.root=.*empty does not exist"):  # no fallback to the system
+        build_image_dataset("fashion_mnist", "test", root=tmp_path / "empty")
     monkeypatch.setattr(image_sets, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match=r"t10k-images-idx3-ubyte\.gz.*dataset-fashion-mnist"):
-        build_image_dataset("fashion_mnist", "test", root=tmp_path / "empty")
+        build_image_dataset("fashion_mnist", "test")
 
 
 def _brute_stats(ds) -> tuple[float, float]:

@@ -147,3 +147,20 @@ def test_resume_purge_survives_the_event_file_counter_gaining_a_digit(tmp_path):
     acc = EventAccumulator(str(tmp_path / "run" / "tb"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_eval_panels_in_natural_order_without_bookkeeping(tmp_path, monkeypatch):
+    from dual_emc2.train import run_log
+
+    drawn = []
+    real = run_log.natural_key
+    monkeypatch.setattr(run_log, "natural_key", lambda n: (drawn.append(n), real(n))[1])
+    run = tmp_path / "run"
+    logger = RunLogger(run, tensorboard=False)
+    logger.log(1, {"x2y_recall@10": 0.5, "x2y_recall@5": 0.4, "x2y_recall@1": 0.1, "epoch": 1.0, "samples": 64.0,
+                   "train_seconds": 2.0}, group="eval")
+    logger.close()
+    plot_curves(run / "metrics.csv", tmp_path / "plots")
+    assert set(drawn) == {"x2y_recall@1", "x2y_recall@5", "x2y_recall@10"}  # no panel for the bookkeeping
+    assert sorted(["knn20_acc", "knn5_acc", "knn1_acc"], key=real) == ["knn1_acc", "knn5_acc", "knn20_acc"]
+    assert sorted(["r@10", "r@5", "r@1"], key=real) == ["r@1", "r@5", "r@10"]  # plain sorted() puts @10 second

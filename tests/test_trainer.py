@@ -100,7 +100,7 @@ def _train_cli(*args, timeout=600):
 def test_stl10_config_fails_clearly_without_data(tmp_path):
     r = _train_cli("--config", "configs/stl10_unimodal.yaml", f"data.root={tmp_path / 'nowhere'}",
                    f"output_dir={tmp_path / 'out'}")
-    assert r.returncode == 2
+    assert r.returncode == 3  # a data error
     assert "stl10_binary" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists(), "a failed start left output behind"
 
@@ -148,7 +148,7 @@ def test_linear_probe_script_reads_a_checkpoint(tiny_run, tmp_path):
     assert "linear_probe_acc" in r.stdout
     r = subprocess.run([sys.executable, str(ROOT / "eval/linear_probe.py"), "--checkpoint", str(tmp_path / "none")],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert r.returncode == 2 and "none" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 4 and "none" in r.stderr and "Traceback" not in r.stderr  # a checkpoint error
 
 
 def test_checkpoint_info_hashes_match_between_identical_runs(tiny_run, tmp_path):

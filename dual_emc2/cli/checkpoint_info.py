@@ -1,7 +1,9 @@
 """Summarise a checkpoint: step, config, tensor sizes and a hash of the parameters and of each estimator state.
 
     dual-emc2-checkpoint-info runs/x/checkpoints/ckpt-00000200.pt [--json]
-    python scripts/checkpoint_info.py runs/x/checkpoints/ckpt-00000200.pt [--json]     # the same
+    dual-emc2-checkpoint-info runs/x                      # a run folder: its newest intact checkpoint
+    dual-emc2-checkpoint-info runs/x/checkpoints/latest   # the same
+    python scripts/checkpoint_info.py runs/x/checkpoints/ckpt-00000200.pt [--json]     # the same tool
 
 Two runs whose hashes agree have bit-identical parameters / optimiser / estimator states.
 """
@@ -10,19 +12,20 @@ from __future__ import annotations
 import argparse
 import json
 
-from dual_emc2.cli._io import fail
+from dual_emc2.cli._io import USER_ERRORS, fail, resolve_checkpoint_arg
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint")
+    ap.add_argument("checkpoint", help="checkpoint file, run folder, checkpoints folder, or checkpoints/latest")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
-    from dual_emc2.train.checkpoint import CheckpointCorrupt, checkpoint_summary, load_checkpoint, tensor_dict_sha256
+    from dual_emc2.train.checkpoint import checkpoint_summary, load_checkpoint, tensor_dict_sha256
 
     try:
-        payload = load_checkpoint(args.checkpoint)
-    except (FileNotFoundError, CheckpointCorrupt) as e:
+        path = resolve_checkpoint_arg(args.checkpoint)
+        payload = load_checkpoint(path)
+    except USER_ERRORS as e:
         return fail(e)
     summary = checkpoint_summary(payload)
     objective = payload.get("objective", {})
@@ -30,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in objective.items():
         groups.setdefault(k.rsplit(".", 1)[0] if "." in k else k, {})[k] = v
     info = {
-        "checkpoint": args.checkpoint, "step": payload.get("step"), "epoch": payload.get("epoch"),
+        "checkpoint": str(path), "step": payload.get("step"), "epoch": payload.get("epoch"),
         "batch_in_epoch": payload.get("batch_in_epoch"), "world_size": payload.get("world_size"),
         "estimator": payload.get("config", {}).get("objective", {}).get("name"),
         "hash": {"model": tensor_dict_sha256(payload.get("model", {})),
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    print(f"checkpoint  {args.checkpoint}")
+    print(f"checkpoint  {path}")
     print(f"step {info['step']}  epoch {info['epoch']}  batch {info['batch_in_epoch']}  "
           f"processes {info['world_size']}  estimator {info['estimator']}")
     print(f"{'part':<34}{'sha256':<20}")

@@ -1,11 +1,13 @@
 """Linear probe and k-NN accuracy of a checkpoint's frozen backbone features (EMC² section 4 protocol).
 
-    python eval/linear_probe.py --checkpoint runs/fmnist_emc2/checkpoints/latest [--data fashion_mnist] [--root DIR]
+    python eval/linear_probe.py --checkpoint runs/fmnist_emc2 [--data fashion_mnist] [--root DIR]
         [--max-train N] [--max-test N] [--probe-epochs 100] [--knn 1,20] [--out results.json]
 
 (``dual-emc2-linear-probe ...`` is the same command as ``python eval/linear_probe.py ...``.)
 
-Data, splits and image size default to the checkpoint's config.  Prints a table and writes JSON.
+The checkpoint may be a file, a run folder or its checkpoints/ folder (the newest intact checkpoint), or
+``checkpoints/latest``.  Data, splits and image size default to the checkpoint's config.  Prints a table and writes
+JSON next to the checkpoint (``ckpt-XXXXXXXX.probe.json``) unless ``--out`` says where.
 """
 from __future__ import annotations
 
@@ -14,31 +16,14 @@ import json
 import time
 from pathlib import Path
 
-from dual_emc2.cli._io import fail
-
-
-def _resolve(path: str) -> Path:
-    from dual_emc2.train.checkpoint import find_latest_valid
-
-    p = Path(path)
-    if p.is_dir():
-        found = find_latest_valid(p if p.name == "checkpoints" or not (p / "checkpoints").is_dir()
-                                  else p / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"no valid checkpoint under {p}")
-        return found
-    if p.name == "latest" and not p.exists():
-        return _resolve(str(p.parent))
-    if p.name == "latest":
-        return p.parent / p.read_text().strip()
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {p} does not exist")
-    return p
+from dual_emc2.cli._io import USER_ERRORS, fail, resolve_checkpoint_arg
+from dual_emc2.errors import UsageError
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="checkpoint file, run folder, or checkpoints/latest")
+    ap.add_argument("--checkpoint", required=True, help="checkpoint file, run folder, checkpoints folder, or "
+                                                        "checkpoints/latest")
     ap.add_argument("--data", default=None, help="dataset name (default: the checkpoint's data.name)")
     ap.add_argument("--root", default=None, help="data root (default: the checkpoint's data.root)")
     ap.add_argument("--train-split", default=None)
@@ -58,11 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     from dual_emc2.train.models import build_unimodal_model
 
     try:
-        path = _resolve(args.checkpoint)
+        path = resolve_checkpoint_arg(args.checkpoint)
         payload = load_checkpoint(path)
-    except (FileNotFoundError, RuntimeError) as e:
+        mode = payload.get("config", {}).get("mode", "unimodal")
+        if mode != "unimodal":
+            raise UsageError(f"{path} is a two-tower (mode: {mode}) checkpoint; the linear probe evaluates one-tower "
+                             f"image encoders. Evaluate it with: dual-emc2-retrieval --checkpoint {path}")
+        cfg = config_from_dict(payload["config"], check_mode=False)
+    except (*USER_ERRORS, RuntimeError) as e:
         return fail(e)
-    cfg = config_from_dict(payload["config"])
     model = build_unimodal_model(cfg)
     model.load_state_dict(payload["model"])
     model.to(args.device)
@@ -73,11 +62,14 @@ def main(argv: list[str] | None = None) -> int:
             args.data or d.name, args.root or d.root, args.train_split or d.eval_train_split,
             args.test_split or d.eval_test_split, d.image_size, batch_size=args.batch_size,
             max_train=args.max_train, max_test=args.max_test)
-    except (FileNotFoundError, ValueError) as e:
+    except (*USER_ERRORS, ValueError) as e:
         return fail(e)
     ks = [int(k) for k in args.knn.split(",") if k]
-    metrics = evaluate_features(model.encoder.features, train_loader, test_loader, args.device,
-                                probe_epochs=args.probe_epochs, knn_k=ks, seed=cfg.seed)
+    try:  # an unreadable image is a DataError naming the file
+        metrics = evaluate_features(model.encoder.features, train_loader, test_loader, args.device,
+                                    probe_epochs=args.probe_epochs, knn_k=ks, seed=cfg.seed)
+    except USER_ERRORS as e:
+        return fail(e)
     result = {"checkpoint": str(path), "step": payload["step"], "data": args.data or d.name,
               "n_train": len(train_loader.dataset), "n_test": len(test_loader.dataset),
               "seconds": round(time.perf_counter() - t0, 2), **metrics}

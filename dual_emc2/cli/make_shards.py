@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dual_emc2.cli._io import fail
+from dual_emc2.cli._io import USER_ERRORS, fail
+from dual_emc2.errors import UsageError
 
 EMOJI_NOTICE = """Emoji images: emoji-datasource-google 16.0.0 (npm), Apache License 2.0.
 Captions: CLDR annotations and tags from openmoji 17.0.0 data/openmoji.csv (npm), MIT License.
@@ -77,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.split != "all":
             train, held = split_pairs(pairs, args.eval_size, None, args.split_seed)
             if args.split == "eval" and held is None:
-                raise ValueError("--split eval needs --eval-size > 0")
+                raise UsageError("--split eval needs --eval-size > 0")
             pairs = train if args.split == "train" else held
         manifest = write_shards(pairs, args.out, prefix=args.prefix, max_count=args.shard_size, extra_files=extra)
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
+    except (*USER_ERRORS, ValueError, TypeError) as err:
         return fail(err)
     print(f"wrote {manifest['num_samples']} {manifest['x_modality']}–{manifest['y_modality']} pairs in "
           f"{len(manifest['shards'])} shards to {Path(args.out)} (manifest.json)")

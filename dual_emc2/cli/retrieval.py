@@ -1,9 +1,10 @@
 """Retrieval evaluation of two towers in both directions with FAISS: Recall@1/5/10, MRR, nDCG@10.
 
-    # a trained checkpoint on its own held-out split (the split is rebuilt from the checkpoint's config)
-    python eval/retrieval.py --checkpoint runs/wordnet_emc2/checkpoints/ckpt-00000500.pt --split eval
-    # a pretrained / zero-shot tower: no checkpoint, towers and data from a config
-    python eval/retrieval.py --config configs/text_wordnet.yaml --split eval
+    # a trained run on its own held-out split (the split is rebuilt from the checkpoint's config); the checkpoint
+    # may be a file, a run folder (its newest intact checkpoint) or checkpoints/latest
+    python eval/retrieval.py --checkpoint runs/wordnet_emc2 --split eval
+    # a pretrained / zero-shot tower: no checkpoint, towers and data from a config; a picture of 6 queries
+    python eval/retrieval.py --config configs/text_wordnet.yaml --split eval --png wordnet.png
     # other data: an offline set, a shard folder/pattern or a CSV/TSV/JSONL pairs file
     python eval/retrieval.py --config configs/clip_emoji.yaml --data emoji --split all --index hnsw
 
@@ -12,7 +13,9 @@
 Both sides are embedded in batches; documents go into a FAISS inner-product index (exact ``flat`` by default;
 ``ivf`` / ``hnsw`` for large corpora; a GPU index when faiss-gpu sees a GPU) and each query's top documents are
 scored.  A query whose x (or y) also belongs to other pairs — a WordNet lemma list shared by several synsets — has
-all those pairs' documents as relevant.  Writes a JSON file and prints a short table.
+all those pairs' documents as relevant.  Prints a short table; writes JSON to ``--out``, by default (with a
+checkpoint) into the run's folder as ``retrieval_<split>[_<data>]_<checkpoint>.json``, and without a checkpoint
+nowhere.  ``--png PATH`` draws ``--png-queries`` queries with their top-5 results (hits framed green, ✓).
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
-from dual_emc2.cli._io import RESULTS, ROOT, fail
+from dual_emc2.cli._io import ROOT, USER_ERRORS, fail, resolve_checkpoint_arg, run_folder_of
+from dual_emc2.errors import UsageError
 
 DEFAULT_TEXT_CONFIG = ROOT / "configs" / "text_wordnet.yaml"
 DEFAULT_IMAGE_CONFIG = ROOT / "configs" / "clip_emoji.yaml"
@@ -48,9 +53,19 @@ def format_table(metrics: dict[str, float], ks: list[int], ndcg_k: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(text).stem or text).strip("-") or "data"
+
+
+def _shown(path: Path) -> str:
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", help="a bimodal training checkpoint (ckpt-*.pt); omit for pretrained towers")
+    ap.add_argument("--checkpoint", help="a bimodal checkpoint: file, run folder or checkpoints/latest; omit for "
+                                         "pretrained towers")
     ap.add_argument("--config", help="YAML config for towers and data (default: the checkpoint's own config, else "
                                      "configs/text_wordnet.yaml, or configs/clip_emoji.yaml for --data emoji)")
     ap.add_argument("--data", help="wordnet | emoji | a shard folder/pattern | a .csv/.tsv/.jsonl pairs file "
@@ -64,77 +79,134 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    ap.add_argument("--out", default=None, help="JSON output path (default: experiments/results/retrieval_<name>.json)")
+    ap.add_argument("--out", default=None, help="JSON output path (default: the checkpoint's run folder, "
+                                                "retrieval_<split>..._<checkpoint>.json; without a checkpoint: none)")
+    ap.add_argument("--png", default=None, metavar="PATH", help="also draw queries with their top-5 results")
+    ap.add_argument("--png-queries", type=int, default=6, metavar="N", help="queries in the --png picture")
+    ap.add_argument("--png-direction", choices=("x2y", "y2x"), default="x2y",
+                    help="x queries against y documents (default) or the reverse")
+    ap.add_argument("--png-seed", type=int, default=0, help="seed of the queries drawn for --png")
     ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value (e.g. towers.max_length=64)")
-    args = ap.parse_args(argv)
+    return ap
 
-    import numpy as np
+
+def _two_tower_config(payload: dict[str, Any], path: Path) -> None:
+    mode = payload.get("config", {}).get("mode", "unimodal")
+    if mode != "bimodal":
+        raise UsageError(f"{path} is a one-tower (mode: {mode}) image checkpoint; retrieval needs a two-tower "
+                         f"(mode: bimodal) run. Evaluate it with: dual-emc2-linear-probe --checkpoint {path}")
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Path | None]:
+    """(model, config, pairs, checkpoint path) of the command line."""
     import torch
 
     from dual_emc2.data.pair_sources import load_pair_sets, read_pair_source
     from dual_emc2.data.pairs import PairSet, split_pairs
-    from dual_emc2.metrics.retrieval_report import retrieval_report
     from dual_emc2.towers.two_tower import build_two_tower
     from dual_emc2.train.checkpoint import load_checkpoint
-    from dual_emc2.train.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config
+    from dual_emc2.train.config import ConfigError, apply_overrides, config_from_dict, load_config
     from dual_emc2.train.models import checkpoint_model
 
     extra = list(args.overrides) + (_data_overrides(args.data) if args.data else [])
-    try:
-        if args.checkpoint:
-            if args.config:
-                cfg = load_config(args.config, extra)
-            else:
-                payload = load_checkpoint(args.checkpoint, map_location="cpu")
-                cfg = config_from_dict(apply_overrides(payload["config"], extra))
-                del payload
-            model, cfg = checkpoint_model(args.checkpoint, cfg)
-        else:
-            default = DEFAULT_IMAGE_CONFIG if args.data == "emoji" else DEFAULT_TEXT_CONFIG
-            cfg = load_config(args.config or default, extra)
-            torch.manual_seed(cfg.seed)  # the same (random) projections as step 0 of training with this seed
-            model = build_two_tower(cfg.towers, cfg.objective.beta, cfg.objective.learnable_beta)
+    ckpt = None
+    if args.checkpoint:
+        ckpt = resolve_checkpoint_arg(args.checkpoint)
+        payload = load_checkpoint(ckpt, map_location="cpu")
+        _two_tower_config(payload, ckpt)
+        cfg = load_config(args.config, extra) if args.config else \
+            config_from_dict(apply_overrides(payload["config"], extra))
+        del payload
+        model, cfg = checkpoint_model(ckpt, cfg)
+    else:
+        default = DEFAULT_IMAGE_CONFIG if args.data == "emoji" else DEFAULT_TEXT_CONFIG
+        cfg = load_config(args.config or default, extra)
         if cfg.mode != "bimodal":
-            raise ConfigError(f"mode must be bimodal for retrieval, got {cfg.mode}")
-        if args.split == "all":
-            pairs: PairSet = read_pair_source(cfg.pairs, cfg.pairs.path)
-        else:
-            train, held = load_pair_sets(cfg.pairs)
-            pairs = train if args.split == "train" else held
-            if pairs is None:
-                raise ConfigError("--split eval: the config has no held-out pairs (pairs.eval_size=0 and no "
-                                  "pairs.eval_path); use --split all or set pairs.eval_size")
-        if args.max_pairs is not None and args.max_pairs < len(pairs):
-            pairs, _ = split_pairs(pairs, 0, args.max_pairs, cfg.pairs.split_seed)
-    except (ConfigError, FileNotFoundError, ValueError, ImportError) as e:
+            raise ConfigError(f"{args.config}: mode must be bimodal for retrieval (two towers), got {cfg.mode}")
+        torch.manual_seed(cfg.seed)  # the same (random) projections as step 0 of training with this seed
+        model = build_two_tower(cfg.towers, cfg.objective.beta, cfg.objective.learnable_beta)
+    if args.split == "all":
+        pairs: PairSet = read_pair_source(cfg.pairs, cfg.pairs.path)
+    else:
+        train, held = load_pair_sets(cfg.pairs)
+        pairs = train if args.split == "train" else held
+        if pairs is None:
+            raise ConfigError("--split eval: the config has no held-out pairs (pairs.eval_size=0 and no "
+                              "pairs.eval_path); use --split all or set pairs.eval_size")
+    if args.max_pairs is not None and args.max_pairs < len(pairs):
+        pairs, _ = split_pairs(pairs, 0, args.max_pairs, cfg.pairs.split_seed)
+    return model, cfg, pairs, ckpt
+
+
+def default_out(args: argparse.Namespace, ckpt: Path | None) -> Path | None:
+    """Where the JSON goes: ``--out``; else the checkpoint's run folder; else nowhere (printed only)."""
+    if args.out:
+        return Path(args.out)
+    if ckpt is None:
+        return None
+    data = f"_{_slug(args.data)}" if args.data else ""
+    return run_folder_of(ckpt) / f"retrieval_{args.split}{data}_{ckpt.stem}.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.png_queries < 1:
+        return fail("--png-queries must be >= 1")
+    try:
+        model, cfg, pairs, ckpt = _setup(args)
+    except (*USER_ERRORS, ValueError, ImportError) as e:
         return fail(e)
+    try:
+        return _evaluate(args, model, cfg, pairs, ckpt)
+    except USER_ERRORS as e:
+        return fail(e)
+
+
+def _evaluate(args: argparse.Namespace, model: Any, cfg: Any, pairs: Any, ckpt: Path | None) -> int:
+    import numpy as np
+    import torch
+
+    from dual_emc2.data.pairs import relevant_sets
+    from dual_emc2.metrics.retrieval_report import retrieval_both_directions
+    from dual_emc2.towers.two_tower import check_modalities
+    from dual_emc2.train.config import config_to_dict
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
+    check_modalities(model, pairs)
     t0 = time.perf_counter()
     ks, ndcg_k = [1, 5, 10], 10
     options = {"nlist": args.nlist, "nprobe": args.nprobe} if args.index == "ivf" else (
         {"hnsw_m": args.hnsw_m} if args.index == "hnsw" else {})
-    metrics = retrieval_report(model, pairs, batch_size=args.batch_size, device=device,
-                               image_size=cfg.data.image_size, index=args.index, ks=ks, ndcg_k=ndcg_k, **options)
+    embed = {"batch_size": args.batch_size, "device": device, "image_size": cfg.data.image_size}
+    zx, zy = model.embed("x", pairs.x, **embed), model.embed("y", pairs.y, **embed)
+    metrics = retrieval_both_directions(zx, zy, relevant_sets(pairs), ks=ks, ndcg_k=ndcg_k, index=args.index,
+                                        **options)
     seconds = time.perf_counter() - t0
     groups = pairs.groups("x")
     shared = int(np.sum(np.bincount(groups)[groups] > 1))
-    result = {
-        "checkpoint": args.checkpoint, "config": args.config, "data": args.data or cfg.pairs.source,
-        "split": args.split, "n_pairs": len(pairs), "queries_with_several_relevant": shared,
-        "x_modality": pairs.x_modality, "y_modality": pairs.y_modality, "index": args.index,
-        "device": str(device), "seconds": round(seconds, 2), "metrics": metrics,
-        "run_config": config_to_dict(cfg),
-    }
-    name = Path(args.checkpoint).parent.parent.name if args.checkpoint else f"zeroshot_{cfg.pairs.source}"
-    out = Path(args.out) if args.out else RESULTS / f"retrieval_{name}_{args.split}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     print(f"{len(pairs)} pairs ({pairs.x_modality}→{pairs.y_modality}, {args.split} split, {shared} queries with "
           f"several relevant documents), {args.index} index, {seconds:.1f} s")
     print(format_table(metrics, ks, ndcg_k))
-    print(f"wrote {os.path.relpath(out)}")
+    out = default_out(args, ckpt)
+    if out is not None:
+        result = {
+            "checkpoint": str(ckpt) if ckpt else None, "config": args.config, "data": args.data or cfg.pairs.source,
+            "split": args.split, "n_pairs": len(pairs), "queries_with_several_relevant": shared,
+            "x_modality": pairs.x_modality, "y_modality": pairs.y_modality, "index": args.index,
+            "device": str(device), "seconds": round(seconds, 2), "metrics": metrics,
+            "run_config": config_to_dict(cfg),
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {_shown(out)}")
+    if args.png:
+        from dual_emc2.metrics.retrieval_figure import plot_retrieval_examples
+
+        what = f"{run_folder_of(ckpt).name if ckpt else 'zero-shot'} on {pairs.source}"
+        png = plot_retrieval_examples(pairs, zx, zy, args.png, direction=args.png_direction,
+                                      n_queries=args.png_queries, seed=args.png_seed, title=what)
+        print(f"wrote {_shown(png)}")
     return 0
 
 

@@ -6,6 +6,7 @@ One process: `dual-emc2-train --config configs/X.yaml [key.sub=value ...]` (cons
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dual_emc2.cli._io import fail
 
@@ -14,23 +15,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint path (same as train.resume=...)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="let a resumed run apply changed optim.*, objective.options.*, mixed precision or compile "
+                        "(same as train.allow_changes=true)")
     p.add_argument("overrides", nargs="*", help="config overrides as key.sub=value")
     args = p.parse_args(argv)
 
-    from dual_emc2.train.config import ConfigError, load_config
+    from dual_emc2.errors import DualEMC2Error, Interrupted
+    from dual_emc2.train.config import load_config
 
     overrides = list(args.overrides) + ([f"train.resume={args.resume}"] if args.resume else [])
+    overrides += ["train.allow_changes=true"] if args.allow_changes else []
     try:
         cfg = load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        return fail(e)
-    from dual_emc2.train.trainer import Trainer  # one loop; the task follows cfg.mode
+        from dual_emc2.train.trainer import Trainer  # one loop; the task follows cfg.mode
 
-    try:
         trainer = Trainer(cfg)
-    except (FileNotFoundError, ValueError, ImportError) as e:  # missing data/package, bad options: no traceback
-        return fail(e)
-    trainer.fit()
+        trainer.fit()
+    except Interrupted as e:  # a checkpoint was written; the message says how to resume
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
+    except (DualEMC2Error, FileNotFoundError, ValueError, ImportError, UnicodeDecodeError) as e:
+        return fail(e)  # one line on stderr, no traceback; the exit code of the error's kind
     return 0
 
 

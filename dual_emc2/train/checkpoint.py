@@ -257,7 +257,7 @@ def resolve_resume(resume: str | None, directory: str | os.PathLike[str]) -> Pat
     if resume is None:
         return None
     if not isinstance(resume, str) or not resume.strip():
-        raise ValueError(f"train.resume must be 'latest' or a checkpoint path, got {resume!r}")
+        raise CheckpointError(f"train.resume must be 'latest' or a checkpoint path, got {resume!r}")
     if resume == "latest":
         return find_latest_valid(directory)
     p = Path(resume).expanduser()
@@ -266,7 +266,8 @@ def resolve_resume(resume: str | None, directory: str | os.PathLike[str]) -> Pat
     inside = Path(directory) / p
     if not p.is_absolute() and inside.is_file():
         return inside
-    raise FileNotFoundError(f"train.resume: checkpoint {resume!r} not found (also looked for {inside})")
+    raise CheckpointError(f"--resume {resume}: no such checkpoint file (also looked for {inside}); pass a checkpoint "
+                          "file, or --resume latest to continue from the newest intact checkpoint of output_dir")
 
 
 # --------------------------------------------------------------------------------------------------- summaries

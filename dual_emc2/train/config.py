@@ -30,6 +30,7 @@ from typing import Any, Union
 import yaml
 
 from dual_emc2.errors import UsageError
+from dual_emc2.text_files import read_utf8
 from dual_emc2.train.schema import (
     ARCH_CHOICES,
     BATCH_SAMPLER_CHOICES,
@@ -139,7 +140,7 @@ def _load_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
         where = f" (base of {chain[-1]})" if chain else ""
         raise FileNotFoundError(f"config file not found: {path}{where}")
-    data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    data = _parse_yaml(read_utf8(path, ConfigError, "config file"), str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -156,9 +156,19 @@ def _safe_name(group: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", group).strip("._") or "group"
 
 
+# bookkeeping the trainer stamps on evaluations: a column of metrics.csv, not a curve worth a panel
+BOOKKEEPING = frozenset({"epoch", "samples", "train_seconds", "train_cpu_seconds"})
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key reading digit runs as numbers: ``recall@5`` before ``recall@10``, ``knn5`` before ``knn20``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def plot_curves(csv_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                 smooth: int = 1) -> list[Path]:
-    """Write one PNG per metric group (``{group}.png``, one subplot per metric, x = step) into ``out_dir``.
+    """Write one PNG per metric group (``{group}.png``, one subplot per metric in natural order, x = step) into
+    ``out_dir``; the bookkeeping columns (:data:`BOOKKEEPING`) get no panel.
 
     ``smooth > 1`` draws a trailing moving average over that many points on top of the faint raw curve.
     Returns the written paths (none for an empty CSV).
@@ -173,11 +183,12 @@ def plot_curves(csv_path: str | os.PathLike[str], out_dir: str | os.PathLike[str
     out.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[str]] = {}
     for group, name in metrics:
-        groups.setdefault(group, []).append(name)
+        if name not in BOOKKEEPING:
+            groups.setdefault(group, []).append(name)
     run_name = Path(csv_path).resolve().parent.name
     written = []
     for group, names in groups.items():
-        names = sorted(names)
+        names = sorted(names, key=natural_key)
         ncols = min(3, len(names))
         nrows = math.ceil(len(names) / ncols)
         fig = Figure(figsize=(4.5 * ncols, 3.2 * nrows), layout="constrained")

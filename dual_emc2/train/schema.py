@@ -208,6 +208,8 @@ class TrainConfig:
     ckpt_every: int = field(default=500, metadata=_check(ge=1))
     keep_last: int = field(default=3, metadata=_check(ge=1))
     resume: str | None = None  # "latest" or a checkpoint path
+    # a resume may apply changed optim.*, objective.options.*, mixed_precision, compile (dual_emc2.train.run_folder)
+    allow_changes: bool = False
     max_nonfinite: int = field(default=5, metadata=_check(ge=0))
     compile: bool = False
     plots: bool = True  # PNGs of the logged curves under <output_dir>/plots after training
@@ -225,6 +227,7 @@ class EvalConfig:
     probe_epochs: int = field(default=100, metadata=_check(ge=0, mode=_UNI))
     knn_k: list[int] = field(default_factory=lambda: [1, 20], metadata=_check(item_ge=1, mode=_UNI))
     enabled: bool = True
+    at_start: bool = True  # also evaluate the network before training (step 0), in the same run
     max_train: int | None = field(default=None, metadata=_check(gt=0, mode=_UNI))
     max_test: int | None = field(default=None, metadata=_check(gt=0, mode=_UNI))
     # effective rank, NC1, ETF distance, uniformity of the test features, spectrum PNG

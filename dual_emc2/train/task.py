@@ -89,6 +89,16 @@ class Task(ABC):
     def evaluate(self, core: nn.Module, out_dir: Path) -> dict[str, float]:
         """Metrics of the unwrapped model ``core`` (main process only); files (plots) under ``out_dir``."""
 
+    @property
+    def eval_description(self) -> str:
+        """What :meth:`evaluate` does, for the progress bar (it can take a while)."""
+        return "evaluation"
+
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """Metrics of reference features the trained model should beat (name → metrics of :meth:`evaluate`);
+        none by default."""
+        return {}
+
     def spectral_embeddings(self, core: nn.Module, positions: Tensor) -> tuple[Tensor, Tensor | None]:
         """(u, v) embeddings of the training samples at sampler ``positions`` for the spectral batch sampler (v None
         when φ = ψ); no grad, eval mode."""

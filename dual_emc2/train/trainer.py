@@ -7,9 +7,13 @@ data position, so a resumed run continues exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,18 +27,19 @@ from tqdm.auto import tqdm
 
 from dual_emc2.data.spectral import SpectralBatchSampler
 from dual_emc2.distributed import all_gather_rows
-from dual_emc2.errors import RunStopped
-from dual_emc2.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from dual_emc2.errors import CheckpointError, DataError, Interrupted, RunStopped
+from dual_emc2.train.checkpoint import find_latest_valid, load_checkpoint, resolve_resume, save_checkpoint
 from dual_emc2.train.config import Config, config_to_dict, save_config
 from dual_emc2.train.factory import build_accelerator, build_task
 from dual_emc2.train.optim import build_optimizer, build_scheduler
-from dual_emc2.train.run_log import RunLogger, plot_curves
+from dual_emc2.train.run_folder import check_new_run, check_resume_config
+from dual_emc2.train.run_log import BOOKKEEPING, RunLogger, plot_curves
 from dual_emc2.train.task import Task
 
 __all__ = ["NonFiniteLossError", "PROGRESS_KEYS", "Position", "Trainer"]
 
 # bookkeeping stamped on every evaluation beside the task's metrics (not accuracies: not printed or plotted as such)
-PROGRESS_KEYS = ("epoch", "samples", "train_seconds", "train_cpu_seconds")
+PROGRESS_KEYS = tuple(sorted(BOOKKEEPING))
 
 
 class NonFiniteLossError(RunStopped):
@@ -148,22 +153,45 @@ class Trainer:
         return path
 
     def restore(self, path: Path) -> None:
+        """Continue the run of checkpoint ``path``: its config must match this one except where a resumed run may
+        differ (:mod:`dual_emc2.train.run_folder`); the schedule follows this config (a longer run gets a schedule
+        rebuilt for its new end), and so do the optimiser's hyperparameters."""
         payload = load_checkpoint(path, map_location="cpu")
-        self.core.load_state_dict(payload["model"])
+        self.resume_changes = check_resume_config(payload.get("config", {}), config_to_dict(self.cfg), path,
+                                                  self.cfg.train.allow_changes)
+        try:
+            self.core.load_state_dict(payload["model"])
+            self.objective.load_state_dict(payload["objective"])
+        except RuntimeError as exc:  # same config, different state layout: a checkpoint of another code version
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: its model or estimator state does not fit this run ({first}); resume it "
+                                  "with the version of dual_emc2 that wrote it, or start a new run") from None
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-        self.objective.load_state_dict(payload["objective"])
+        for group, hyper in zip(self.optimizer.param_groups, configured):
+            group.update(hyper)  # this config's lr, weight decay, ... (the checkpoint's unless --allow-changes)
         self.pos = Position(payload["step"], payload["epoch"], payload["batch_in_epoch"])
+        self._set_schedule_position(self.pos.step)
         self.nonfinite_total = payload.get("nonfinite_total", 0)
         self.history = list(payload.get("history", []))
         if isinstance(self.sampler, SpectralBatchSampler):
             if payload.get("sampler") is None:
-                raise ValueError(f"{path}: checkpoint of a run without data.batch_sampler=spectral; resume it with "
-                                 "the batch sampler it was trained with")
+                raise CheckpointError(f"{path}: checkpoint of a run without data.batch_sampler=spectral; resume it "
+                                      "with the batch sampler it was trained with")
             self.sampler.load_state_dict(payload["sampler"])
         _set_rng_state(payload["rng"])
         if self.pos.batch_in_epoch >= self.micro_used:
             self.pos = Position(self.pos.step, self.pos.epoch + 1, 0)
+
+    def _set_schedule_position(self, step: int) -> None:
+        """Put the learning-rate schedule of this config at optimiser step ``step`` (LambdaLR's own formula, so an
+        unchanged resume is bit-identical)."""
+        sched = self.scheduler
+        sched.last_epoch = step
+        lrs = [base * fn(step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        sched._last_lr = lrs
 
     # ------------------------------------------------------------------------------------------------ training
     def train_step(self, item: Any) -> tuple[Tensor, dict[str, Tensor]] | None:
@@ -196,9 +224,12 @@ class Trainer:
         self.nonfinite_streak += 1
         self.nonfinite_total += 1
         if self.nonfinite_streak >= max(1, self.cfg.train.max_nonfinite):
+            last = find_latest_valid(self.out / "checkpoints")
+            kept = (f"the last good checkpoint is {last}" if last is not None else
+                    f"no checkpoint was written yet (train.ckpt_every={self.cfg.train.ckpt_every})")
             raise NonFiniteLossError(
-                f"{self.nonfinite_streak} consecutive non-finite losses at step {self.pos.step}; stopping "
-                f"(the last good checkpoint in {self.out / 'checkpoints'} is kept)")
+                f"{self.nonfinite_streak} consecutive non-finite losses at step {self.pos.step}; stopping ({kept}). "
+                "Lower optim.lr or objective.beta, or check the data for NaNs")
 
     def _refresh_due(self) -> bool:
         """A spectral re-clustering is due before the next optimiser step (never inside an accumulation group)."""
@@ -255,6 +286,8 @@ class Trainer:
         return {"samples": float(samples), "train_seconds": train[0], "train_cpu_seconds": train[1]}
 
     def _maybe_eval(self, epoch_done: int, logger: RunLogger | None, final: bool) -> dict[str, float] | None:
+        """Evaluate after epoch ``epoch_done`` if ``eval.every_epochs`` (or ``final``) says so; logged, printed and
+        kept in ``history`` (main process)."""
         e = self.cfg.eval
         if not e.enabled or not (final or epoch_done % e.every_epochs == 0):
             return None
@@ -263,6 +296,9 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             progress = self._progress()
+            bar = getattr(self, "_bar", None)
+            if bar is not None:
+                bar.set_postfix_str(f"evaluating: {self.task.eval_description}")
             before = self._clocks()
             metrics = {"epoch": float(epoch_done), **self.evaluate(), **progress}
             self._eval_spent = tuple(s + c - b for s, c, b in zip(self._eval_spent, self._clocks(), before))
@@ -276,45 +312,150 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------------------------------------ the loop
-    def fit(self) -> dict[str, float]:
+    def _start(self) -> Path | None:
+        """Resume (``train.resume``) or check that a new run may start in ``output_dir``; nothing is written before
+        every process has passed the checks."""
         cfg = self.cfg
         resume = resolve_resume(cfg.train.resume, self.out / "checkpoints")
+        if resume is None:
+            check_new_run(self.out, cfg.train.resume)
+            if cfg.train.resume == "latest":
+                self.acc.print(f"[resume] no run in {self.out} yet: starting a new one")
+        self.acc.wait_for_everyone()
         if resume is not None:
             self.restore(resume)
-            self.acc.print(f"[resume] from {resume} at step {self.pos.step}, epoch {self.pos.epoch}, "
-                           f"batch {self.pos.batch_in_epoch}")
+            changes = "".join(f"; {k}: {a!r} → {b!r}" for k, a, b in self.resume_changes)
+            self.acc.print(f"[resume] from {resume} at step {self.pos.step}, epoch {self.pos.epoch}, batch "
+                           f"{self.pos.batch_in_epoch} of {self.total_steps} steps{changes}")
+        return resume
+
+    def fit(self) -> dict[str, float]:
+        """Train to ``total_steps`` (evaluating as ``eval.*`` says), then write ``final_metrics.json`` and plots.
+        SIGINT / SIGTERM write a checkpoint at the current step and raise :class:`Interrupted`."""
+        cfg = self.cfg
+        resumed = self._start()
         logger = None
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
             logger = RunLogger(self.out, tensorboard=True, start_step=self.pos.step)
+        self._clock_start, self._eval_spent = self._clocks(), (0.0, 0.0)
+        if resumed is None and cfg.eval.at_start:
+            self._maybe_eval(0, logger, final=True)  # the network before training, in the same run
         bar = tqdm(total=self.total_steps, initial=self.pos.step, disable=not self.acc.is_main_process,
                    desc=f"{cfg.objective.name} b={cfg.train.batch_size}x{self.acc.num_processes}", dynamic_ncols=True)
-        self._clock_start, self._eval_spent = self._clocks(), (0.0, 0.0)
-        last_eval = None
+        self._bar = bar
         try:
-            last_eval = self._loop(logger, bar)
+            with self._stop_on_signals():
+                self._loop(logger, bar)
         finally:
             bar.close()
             if logger is not None:
                 logger.close()
-        final = last_eval or {}
+        return self._finish()
+
+    def _finish(self) -> dict[str, float]:
+        """``final_metrics.json`` (the last step, the last evaluation and its step, the counters), the plots and a
+        short summary: the metrics at step 0, at the end, and of the task's baseline (raw pixels)."""
+        final: dict[str, float] = {}
         if self.acc.is_main_process:
+            cfg = self.cfg
             plots = plot_curves(self.out / "metrics.csv", self.out / "plots") if cfg.train.plots else []
-            final = {"step": self.pos.step, **(self.history[-1] if self.history else {}),
+            last = dict(self.history[-1]) if self.history else {}
+            eval_step = last.pop("step", None)
+            final = {"step": self.pos.step, **({"eval_step": eval_step} if eval_step is not None else {}), **last,
                      "nonfinite_skipped": self.nonfinite_total, "bad_samples_skipped": self.task.bad_samples}
+            table = self._summary_table(last)
+            if table:
+                final["baselines"] = table["baselines"]
             (self.out / "final_metrics.json").write_text(json.dumps(final, indent=2))
-            self.acc.print(f"[done] {self.out}: checkpoint {self.out / 'checkpoints'}, plots "
-                           f"{', '.join(p.name for p in plots) or 'off'}; " +
-                           ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k.endswith("acc")))
+            self.acc.print(f"[done] {self.out}: step {self.pos.step}; checkpoint {self.out / 'checkpoints'}; plots "
+                           f"{', '.join(p.name for p in plots) or 'off'}")
+            if table:
+                self.acc.print(table["text"])
+        self.acc.wait_for_everyone()
         return final
 
-    def _loop(self, logger: RunLogger | None, bar: tqdm) -> dict[str, float] | None:
+    def _summary_table(self, last: dict[str, float]) -> dict[str, Any] | None:
+        """Columns step 0 (if evaluated), final, and the task's baselines (e.g. raw pixels), one row per metric."""
+        metrics = [k for k in last if k not in PROGRESS_KEYS and not k.startswith("geo_") and "_train_" not in k]
+        if not metrics:
+            return None
+        start = next((h for h in self.history if h.get("step") == 0), None)
+        baselines = {"step_0": {k: start[k] for k in metrics if k in start}} if start is not None else {}
+        if self.cfg.eval.enabled:
+            baselines |= self.task.baselines()
+        columns = [*baselines, "final"]
+        rows = [f"{'metric':<22}" + "".join(f"{c:>12}" for c in columns)]
+        for k in metrics:
+            values = [baselines[c].get(k) for c in baselines] + [last[k]]
+            rows.append(f"{k:<22}" + "".join(f"{v:>12.4f}" if v is not None else f"{'-':>12}" for v in values))
+        return {"baselines": baselines, "text": "\n".join(rows)}
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT / SIGTERM set a flag the loop checks at the next optimiser step (a second one acts at once)."""
+        self._stop_signal: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum: int, frame: Any) -> None:
+            self._stop_signal = signum
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_requested(self) -> int | None:
+        """The signal to stop on, agreed by every process (checked every step alone, every ``train.log_every``
+        steps with several processes: one small all-reduce)."""
+        mine = getattr(self, "_stop_signal", None)
+        if self.acc.num_processes == 1:
+            return mine
+        if self.pos.step % self.cfg.train.log_every:
+            return None
+        flag = torch.tensor([mine or 0], device=self.device)
+        return int(self.acc.reduce(flag, reduction="max").item()) or None
+
+    def _checkpoint_and_raise(self, err: BaseException, signum: int | None = None) -> None:
+        """Write a checkpoint at the last whole optimiser step and raise: :class:`Interrupted` for a signal, else
+        ``err`` with what was saved and how to continue."""
+        self.pos.batch_in_epoch -= self.pos.batch_in_epoch % self.cfg.train.grad_accum  # an unfinished group reruns
+        self.optimizer.zero_grad(set_to_none=True)
+        path = self.save()
+        where = f"checkpoint at step {self.pos.step}: {path}" if path else f"checkpoint at step {self.pos.step}"
+        resume = f"resume with the same command and --resume latest (output_dir={self.out})"
+        if signum is not None:
+            name = signal.Signals(signum).name
+            raise Interrupted(f"{name}: stopped at step {self.pos.step} of {self.total_steps}; {where}; {resume}",
+                              signum) from None
+        text = str(err).split("Original Traceback")[0].strip() or type(err).__name__
+        raise type(err)(f"{text}\n{where}; fix it (or set data.on_bad_sample=skip), then {resume}") from None
+
+    def _loop(self, logger: RunLogger | None, bar: tqdm) -> None:
         cfg = self.cfg
-        last_eval = None
         t0, seen = time.perf_counter(), 0
         window: dict[str, Tensor] = {}  # diagnostics summed since the last log step (logged as window means)
         n_window = 0
+
+        def flush_window() -> None:
+            nonlocal t0, seen, window, n_window
+            dt = time.perf_counter() - t0
+            values = {k: float(v) / n_window for k, v in window.items()}
+            values["lr"] = self.scheduler.get_last_lr()[0]
+            values[self.task.throughput_key] = seen / max(dt, 1e-9)
+            values["bad_samples"] = float(self.task.bad_samples)
+            t0, seen, window, n_window = time.perf_counter(), 0, {}, 0
+            if logger is not None:
+                logger.log(self.pos.step, values, group="train")
+            bar.set_postfix(objective=f"{values['batch_objective']:.3f}", **(
+                {"state_w": f"{values['state_weight']:.2f}"} if "state_weight" in values else {}))
+
         while self.pos.step < self.total_steps:
             if self._refresh_due():
                 seconds = self.refresh_batches()
@@ -322,7 +463,17 @@ class Trainer:
                     logger.log(self.pos.step, {"spectral_refresh_s": seconds}, group="train")
             self.task.start_epoch(self.pos.epoch, self.pos.batch_in_epoch)
             self.model.train()
-            for item in self.loader:
+            batches = iter(self.loader)
+            while True:
+                try:
+                    item = next(batches)
+                except StopIteration:
+                    break
+                except Exception as err:  # a worker killed by the signal, or data that cannot be read
+                    signum = getattr(self, "_stop_signal", None)
+                    if signum is not None or isinstance(err, DataError):
+                        self._checkpoint_and_raise(err, signum)
+                    raise
                 if self.pos.batch_in_epoch >= self.micro_used or self._refresh_due():
                     break
                 result = self.train_step(item)
@@ -337,33 +488,26 @@ class Trainer:
                     for k, v in result[1].items():
                         window[k] = window[k] + v if k in window else v.clone()
                     n_window += 1
-                if n_window and (self.pos.step % cfg.train.log_every == 0 or self.pos.step == 1):
-                    dt = time.perf_counter() - t0
-                    values = {k: float(v) / n_window for k, v in window.items()}
-                    values["lr"] = self.scheduler.get_last_lr()[0]
-                    values[self.task.throughput_key] = seen / max(dt, 1e-9)
-                    values["bad_samples"] = float(self.task.bad_samples)
-                    t0, seen, window, n_window = time.perf_counter(), 0, {}, 0
-                    if logger is not None:
-                        logger.log(self.pos.step, values, group="train")
-                    bar.set_postfix(objective=f"{values['batch_objective']:.3f}", **(
-                        {"state_w": f"{values['state_weight']:.2f}"} if "state_weight" in values else {}))
+                if n_window and (self.pos.step % cfg.train.log_every == 0 or self.pos.step == 1
+                                 or self.pos.step == self.total_steps):
+                    flush_window()
+                signum = self._stop_requested()
+                if signum is not None:
+                    self._checkpoint_and_raise(KeyboardInterrupt(), signum)
                 if self.pos.step % cfg.train.ckpt_every == 0 and self.pos.step < self.total_steps:
                     self.save()
                 if self.pos.step >= self.total_steps:
                     break
             if self.pos.batch_in_epoch >= self.micro_used:
                 self.pos = Position(self.pos.step, self.pos.epoch + 1, 0)
-                final = self.pos.step >= self.total_steps
-                metrics = self._maybe_eval(self.pos.epoch, logger, final)
-                last_eval = metrics or last_eval
+                self._maybe_eval(self.pos.epoch, logger, self.pos.step >= self.total_steps)
             if self.pos.step >= self.total_steps:
                 break
+        if n_window:
+            flush_window()  # the last, partial logging window
         if not self.history or self.history[-1].get("step") != self.pos.step:
-            metrics = self._maybe_eval(self.pos.epoch, logger, final=True)
-            last_eval = metrics or last_eval
+            self._maybe_eval(self.pos.epoch, logger, final=True)
         self.save()
-        return last_eval
 
     @property
     def loader(self) -> DataLoader:

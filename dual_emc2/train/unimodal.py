@@ -96,17 +96,38 @@ class ImageViewsTask(Task):
     def spectral_embeddings(self, core: nn.Module, positions: Tensor) -> tuple[Tensor, Tensor | None]:
         return self.encode_by_id(core, positions), None  # the encoder's z is unit-norm already
 
-    def evaluate(self, core: nn.Module, out_dir: Path) -> dict[str, float]:
+    def _loaders(self) -> tuple[DataLoader, DataLoader]:
         cfg = self.cfg
         if self._eval_loaders is None:
             self._eval_loaders = eval_loaders(
                 cfg.data.name, cfg.data.root, cfg.data.eval_train_split, cfg.data.eval_test_split,
                 cfg.data.image_size, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
                 max_train=cfg.eval.max_train, max_test=cfg.eval.max_test, download=cfg.data.download)
-        tr, te = self._eval_loaders
+        return self._eval_loaders
+
+    @property
+    def eval_description(self) -> str:
+        tr, te = self._loaders()
+        return f"linear probe + k-NN ({len(tr.dataset):,} train / {len(te.dataset):,} test images)"
+
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """The linear probe and k-NN on raw pixels (the flattened, normalised evaluation images)."""
+        cfg = self.cfg
+        tr, te = self._loaders()
+        pixels = evaluate_features(_flatten, tr, te, self.device, probe_epochs=cfg.eval.probe_epochs,
+                                   knn_k=cfg.eval.knn_k, seed=cfg.seed)
+        return {"raw_pixels": pixels}
+
+    def evaluate(self, core: nn.Module, out_dir: Path) -> dict[str, float]:
+        cfg = self.cfg
+        tr, te = self._loaders()
         return evaluate_features(core.encoder.features, tr, te, self.device, probe_epochs=cfg.eval.probe_epochs,
                                  knn_k=cfg.eval.knn_k, seed=cfg.seed, geometry=cfg.eval.geometry,
                                  spectrum_png=out_dir / "plots" / "spectrum.png" if cfg.eval.geometry else None)
+
+
+def _flatten(images: Tensor) -> Tensor:
+    return images.flatten(1)
 
 
 def _eval_resize(name: str, size: int) -> int | None:

@@ -1,0 +1,102 @@
+"""What a run folder may be used for: a new run, or the continuation of the run it holds.
+
+* A folder that already holds a run (``config.yaml``, ``metrics.csv`` or checkpoints) is never started over: without
+  ``--resume`` the trainer refuses and names both ways on (resume, or another ``output_dir``).
+* ``--resume latest`` in a folder with no run starts one (so a job script can always pass it) and says so; in a folder
+  whose checkpoints are all corrupt, or that holds logs but no checkpoint, it refuses.
+* A resumed run may change only what does not change the run it continues (:data:`FREE_KEYS`: length, logging,
+  checkpointing, evaluation, loader workers); the optimisation keys (:data:`FLAG_KEYS`) change only with
+  ``train.allow_changes=true`` (``--allow-changes``); everything else (data, model, estimator, batch size, seed,
+  mode) is refused, every difference listed in one message.  A longer run rebuilds the schedule for the new end.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dual_emc2.errors import CheckpointError
+from dual_emc2.train.checkpoint import list_checkpoints
+
+__all__ = ["FLAG_KEYS", "FREE_KEYS", "check_new_run", "check_resume_config", "config_differences", "holds_a_run"]
+
+# keys a resumed run may change freely: how long it trains, how it logs, checkpoints and evaluates
+FREE_KEYS = ("output_dir", "train.resume", "train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every",
+             "train.keep_last", "train.plots", "train.dist_timeout_s", "train.max_nonfinite", "train.allow_changes",
+             "data.num_workers", "data.download", "eval.")
+# keys that change the optimisation of the continued run: only with train.allow_changes=true
+FLAG_KEYS = ("optim.", "train.mixed_precision", "train.compile", "objective.options.")
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs between two config dicts, sorted by key;
+    a key missing on one side (an older checkpoint) reads as ``<unset>``."""
+    a, b = _flatten(old), _flatten(new)
+    missing = "<unset>"
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b)) if a.get(k, missing) !=
+            b.get(k, missing)]
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def check_resume_config(old: Mapping[str, Any], new: Mapping[str, Any], checkpoint: Path,
+                        allow_changes: bool) -> list[tuple[str, Any, Any]]:
+    """The differences a resume from ``checkpoint`` (config ``old``) with config ``new`` applies; raises
+    :class:`CheckpointError` listing every difference it may not apply."""
+    diffs = [d for d in config_differences(old, new) if not _matches(d[0], FREE_KEYS)]
+    never = [d for d in diffs if not _matches(d[0], FLAG_KEYS)]
+    flagged = [d for d in diffs if _matches(d[0], FLAG_KEYS)]
+    listing = "; ".join(f"{k}: {a!r} → {b!r}" for k, a, b in never + (flagged if not allow_changes else []))
+    if never:
+        raise CheckpointError(
+            f"cannot resume from {checkpoint}: the run's config differs in keys a resumed run cannot change "
+            f"({listing}). Resume with the checkpoint's values (drop those overrides), or start a new run in another "
+            "output_dir")
+    if flagged and not allow_changes:
+        raise CheckpointError(
+            f"resuming from {checkpoint} would change the optimisation of the run ({listing}); pass --allow-changes "
+            "(train.allow_changes=true) to apply the new values from here on, or drop those overrides")
+    return flagged
+
+
+def holds_a_run(out: Path) -> list[str]:
+    """What in ``out`` shows that it holds a run (empty: a new run may start there)."""
+    found = [name for name in ("config.yaml", "metrics.csv", "final_metrics.json") if (out / name).is_file()]
+    ckpts = list_checkpoints(out / "checkpoints") if (out / "checkpoints").is_dir() else []
+    if ckpts:
+        found.append(f"{len(ckpts)} checkpoint{'s' if len(ckpts) > 1 else ''} (last: step {ckpts[-1][0]})")
+    return found
+
+
+def _free_name(out: Path) -> Path:
+    return next(p for p in (out.with_name(f"{out.name}-{i}") for i in itertools.count(2)) if not p.exists())
+
+
+def check_new_run(out: Path, resume: str | None) -> None:
+    """Refuse to start a new run (``resume`` None) in a folder that holds one; for ``resume="latest"`` the caller has
+    found no valid checkpoint: refuse when the folder holds a run anyway (corrupt checkpoints, or logs only)."""
+    found = holds_a_run(out)
+    if not found:
+        return
+    what = ", ".join(found)
+    if resume is None:
+        raise CheckpointError(
+            f"output_dir {out} already holds a run ({what}); continue it with --resume latest "
+            f"(train.resume=latest), or start a new run in another folder, e.g. output_dir={_free_name(out)}")
+    raise CheckpointError(
+        f"--resume {resume}: {out} holds a run ({what}) but no intact checkpoint to continue it from (see the "
+        f"warnings above for each file); start a new run in another folder, e.g. output_dir={_free_name(out)}, or "
+        "resume from a specific checkpoint file with --resume PATH")
