@@ -2,10 +2,11 @@
 # Both install everything first (apt data packages + .venv with pinned wheels), once.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/fmnist_unimodal.yaml
+CONFIG ?= configs/fmnist_quickstart.yaml
 ARGS ?=
+OUT ?= gpu_check_out
 
-.PHONY: setup train test test-fast lint bench clean
+.PHONY: setup train test test-fast lint bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +29,9 @@ lint: setup
 
 bench: setup
 	$(PY) experiments/bench_sampler.py
+
+gpu-check:  # one CUDA GPU: set-up if needed, pytest -m gpu, sampler and step benchmarks, goals → $(OUT)/summary.json
+	VENV=$(VENV) bash scripts/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf runs outputs .pytest_cache
