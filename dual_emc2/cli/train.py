@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="let a resumed run apply changed optim.*, objective.options.*, mixed precision or compile "
                         "(same as train.allow_changes=true)")
     p.add_argument("overrides", nargs="*", help="config overrides as key.sub=value")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may sit before and after --resume
 
     from dual_emc2.errors import DualEMC2Error, Interrupted
     from dual_emc2.train.config import load_config
