@@ -24,7 +24,9 @@ Example::
 re-encodes its chain states with them (unbiased at any batch size, docs/DESIGN.md).  Without encoders use
 ``GlobalContrastiveLoss("emc2", N, state_score="stale", out_of_batch="drop")`` (no extra forwards, biased at small
 batch).  Under ``torch.distributed`` the features are gathered with gradient over processes; pass each process's own
-rows and ids.  The estimator state (chains, SogCLR's u, the negative cache) is in ``state_dict()``.
+rows and ids.  The estimator state (chains, SogCLR's u, the negative cache) is in ``state_dict()``; with
+``state_sharding="sharded"`` each process holds (and saves) the rows of the keys it owns, and
+:func:`dual_emc2.state.load_state_shards` loads the shards of any number of processes.
 """
 from __future__ import annotations
 
@@ -74,6 +76,9 @@ class GlobalContrastiveLoss(nn.Module):
         symmetric: bimodal only; ``False`` keeps the x→y direction alone (target L_xy; ``infonce`` is then
             sentence-transformers' MultipleNegativesRankingLoss, ``True`` its symmetric variant and open_clip's loss).
         check_inputs: validate shapes, unit norms and ids every call (one host sync); off for speed once it runs.
+        state_sharding: ``"auto"`` (default), ``"replicated"`` or ``"sharded"``: whether every process holds the
+            whole per-anchor state or a 1/W slice of it (:mod:`dual_emc2.sharding`; same results either way).  Build
+            the loss after ``torch.distributed`` is initialised.
         **options: the estimator's options, as ``objective.options.<estimator>`` in configs (e.g. ``burn_in=31``,
             ``reencode_fraction=0.5``, ``gamma=0.9``, ``seed=0``).
 
@@ -88,7 +93,8 @@ class GlobalContrastiveLoss(nn.Module):
     """
 
     def __init__(self, estimator: str = "emc2", num_samples: int = 0, mode: Mode = "bimodal", *,
-                 symmetric: bool = True, check_inputs: bool = True, **options: Any) -> None:
+                 symmetric: bool = True, check_inputs: bool = True, state_sharding: str = "auto",
+                 **options: Any) -> None:
         super().__init__()
         if mode not in MODES:
             hint = difflib.get_close_matches(str(mode), MODES, n=1)
@@ -98,7 +104,7 @@ class GlobalContrastiveLoss(nn.Module):
             raise ValueError(f"num_samples must be the training set size (an int >= 1), got {num_samples!r}")
         keys = num_samples * (2 if mode == "unimodal" else 1)
         objective = build_objective(estimator, num_keys=keys, num_candidates=num_samples, options=options,
-                                    symmetric=mode == "bimodal" and symmetric)
+                                    symmetric=mode == "bimodal" and symmetric, state_sharding=state_sharding)
         self._setup(objective, mode, num_samples, check_inputs, views_per_sample=2)
         self.estimator = estimator
 

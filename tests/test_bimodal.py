@@ -271,6 +271,42 @@ def test_resume_after_a_crash_is_bit_identical(shard_dir, tmp_path):
         assert torch.equal(got[k], ref[k]), k
 
 
+class Recording(Trainer):
+    """Records the pair ids of every micro-batch; raises Crash at optimiser step ``crash_at``."""
+
+    crash_at = -1
+
+    def train_step(self, item):
+        if self.pos.step == self.crash_at:
+            raise Crash()
+        self.ids.append(item[0].tolist())
+        return super().train_step(item)
+
+
+def _recording(cfg, crash_at: int = -1) -> Recording:
+    t = Recording(cfg)
+    t.ids, t.crash_at = [], crash_at
+    return t
+
+
+def test_streaming_resume_continues_the_stream(shard_dir, tmp_path):
+    """A streamed run (6 steps an epoch) crashed at step 9 and resumed from its step-8 checkpoint (epoch 1, batch 2)
+    trains on the same pairs, step by step, as the uninterrupted run, and ends bit-identical: the stream continues
+    from the checkpoint's position instead of restarting."""
+    opts = ("pairs.streaming=true", "pairs.mask_duplicates=false", "pairs.shuffle_buffer=8", "eval.enabled=false",
+            "pairs.augment_images=true")
+    full = _recording(_cfg(shard_dir, tmp_path / "full", *opts))
+    full.fit()
+    assert len(full.ids) == 12 and sorted(i for b in full.ids[:6] for i in b) == list(range(1000, 1048))
+    with pytest.raises(Crash):
+        _recording(_cfg(shard_dir, tmp_path / "cut", *opts), crash_at=9).fit()
+    resumed = _recording(_cfg(shard_dir, tmp_path / "cut", *opts, "train.resume=latest"))
+    resumed.fit()
+    assert resumed.ids == full.ids[8:]
+    ref, got = _flat_state(full.state_payload()), _flat_state(resumed.state_payload())
+    assert got.keys() == ref.keys() and [k for k in ref if not torch.equal(got[k], ref[k])] == []
+
+
 def test_streaming_shards_train_with_their_indices(shard_dir, tmp_path):
     cfg = _cfg(shard_dir, tmp_path, "pairs.streaming=true", f"pairs.eval_path={shard_dir / 'shards'}",
                "pairs.mask_duplicates=false", "train.max_steps=3", "pairs.shuffle_buffer=8")

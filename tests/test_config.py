@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dual_emc2.sharding import SHARDING_MODES
 from dual_emc2.towers.heads import IMAGE_ARCHS, NORMS
 from dual_emc2.towers.two_tower import PRETRAINED_TOWERS, TOWER_KINDS
 from dual_emc2.train.config import (
@@ -195,6 +196,7 @@ IMPLEMENTED = [  # (key, what the implementing module builds, mode) : the config
     ("model.norm", NORMS, "unimodal"),
     ("optim.schedule", SCHEDULES, "unimodal"),
     ("train.mixed_precision", MIXED_PRECISION_CHOICES, "unimodal"),
+    ("objective.state_sharding", SHARDING_MODES, "bimodal"),  # a state layout of dual_emc2.state
     ("towers.kind", TOWER_KINDS, "bimodal"),
     ("towers.x", PRETRAINED_TOWERS, "bimodal"),
     ("towers.y", PRETRAINED_TOWERS, "bimodal"),
@@ -252,7 +254,8 @@ BOTH_MODES = [
     "data.spectral.beta=2", "data.spectral.n_components=4", "data.spectral.n_neighbors=7",
     "data.spectral.dense_max=99", "data.spectral.n_init=2",
     "objective.name=infonce", "objective.beta=5",
-    "objective.learnable_beta=true", "objective.options={k: v}", "optim.name=sgd", "optim.lr=0.3",
+    "objective.learnable_beta=true", "objective.options={k: v}", "objective.state_sharding=sharded",
+    "optim.name=sgd", "optim.lr=0.3",
     "optim.weight_decay=0", "optim.momentum=0.95", "optim.exclude_bias_and_norm=false",
     "optim.warmup_epochs=0.5", "optim.schedule=constant", "optim.min_lr_ratio=0.1", "train.batch_size=4",
     "train.epochs=9", "train.max_steps=7", "train.grad_accum=2", "train.mixed_precision=fp16",

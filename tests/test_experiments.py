@@ -247,3 +247,18 @@ def test_bench_step_smoke(tmp_path: Path) -> None:
     (ov,) = res["trainer_overhead"]
     assert ov["bare_ms"] > 0 and ov["trainer_ms"] > 0 and math.isfinite(ov["overhead"])
     assert "Trainer overhead" in stdout and res["machine"]["cpu"]
+
+
+def test_bench_state_smoke(tmp_path: Path) -> None:
+    """Two gloo processes: the sharded tables hold half the rows, every layout is timed against the replicated one."""
+    out = tmp_path / "state.json"
+    stdout = _run("bench_state.py", "--smoke", "--out", str(out))
+    res = json.loads(out.read_text())
+    rows = {(r["layout"], r["protocol"]): r for r in res["rows"]}
+    assert set(rows) == {("replicated", None), ("sharded", "gather"), ("sharded", "alltoall")}
+    rep = rows["replicated", None]
+    assert rep["state_mib"] == pytest.approx(1e4 * 8 / 2**20) and rep["time_ratio"] == 1.0
+    for key in (("sharded", "gather"), ("sharded", "alltoall")):
+        assert rows[key]["state_ratio"] == pytest.approx(0.5, abs=1e-3) and rows[key]["round_ms"] > 0  # + layout
+        assert rows[key]["time_ratio"] == pytest.approx(rows[key]["round_ms"] / rep["round_ms"])
+    assert "sharded/alltoall" in stdout and res["config"]["world"] == 2

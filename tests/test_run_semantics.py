@@ -135,3 +135,16 @@ def test_a_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, sig, code
     r = cli(f"output_dir={tmp_path}", "train.epochs=400", "train.max_steps=" + str(step + 3), "--resume", "latest")
     assert r.returncode == 0, r.stderr[-2000:]
     assert load_checkpoint(find_latest_valid(tmp_path / "checkpoints"))["step"] == step + 3
+
+
+def test_a_streamed_run_resumes_only_with_its_readers():
+    from dual_emc2.train.run_folder import check_resume_config
+
+    old = {"mode": "bimodal", "pairs": {"streaming": True}, "data": {"num_workers": 2}, "train": {"batch_size": 8}}
+    new = {**old, "data": {"num_workers": 4}}
+    with pytest.raises(CheckpointError, match=r"data\.num_workers: 2 → 4"):
+        check_resume_config(old, new, Path("ckpt.pt"), False, 1, 1)
+    elastic = {**old, "train": {"batch_size": 4}}
+    with pytest.raises(CheckpointError, match="processes: 1 → 2"):
+        check_resume_config(old, elastic, Path("ckpt.pt"), False, 1, 2)
+    assert check_resume_config(old, old, Path("ckpt.pt"), False, 2, 2) == []

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 
 from dual_emc2.data.pairs import PairSet
-from dual_emc2.data.shards import ShardStream, expand_shards, read_manifest, read_shards, write_shards
+from dual_emc2.data.shards import (
+    ShardStream,
+    expand_shards,
+    read_manifest,
+    read_shards,
+    shard_sample_counts,
+    write_shards,
+)
 
 
 def _png(color: tuple[int, int, int], size: int = 8) -> bytes:
@@ -158,3 +165,71 @@ def test_make_shards_cli_folder_and_pairs_file(tmp_path, capsys):
     assert len(held) == 2 and all(x == f"q{i}" and y == f"d{i}" for i, x, y in zip(held.ids, held.x, held.y))
     assert main(["--out", str(tmp_path / "o3"), "pairs", str(tmp_path / "p.jsonl"), "--x-key", "nope"]) == 2
     assert "has no field 'nope'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- streaming position, readers
+def _loader_batches(stream: ShardStream, rank: int, world: int, workers: int, b: int, n: int) -> list[list[int]]:
+    """The first ``n`` batches a DataLoader(batch_size=b, num_workers=workers) on ``rank`` yields, simulated in this
+    process: worker k serves batches k, k + workers, ... from its own reader."""
+    readers = [stream.samples(rank, world, k, workers) for k in range(workers)]
+    return [[i for i, _, _ in itertools.islice(readers[j % workers], b)] for j in range(n)]
+
+
+def _id_pairs(n: int) -> PairSet:
+    return PairSet(np.arange(n), [f"x{i}" for i in range(n)], [f"y{i}" for i in range(n)], source="ids")
+
+
+def test_stream_resumed_at_a_position_reads_what_the_uninterrupted_stream_reads(tmp_path):
+    """2 ranks × 2 workers, b = 3: a fresh stream put at batch n yields batches n, n + 1, ... of the uninterrupted
+    stream on every rank, for positions inside a shard, at shard ends and several passes in."""
+    write_shards(_id_pairs(40), tmp_path, max_count=5)
+    b, world, workers, total = 3, 2, 2, 40
+    full = {r: _loader_batches(ShardStream(tmp_path, seed=7, shuffle_buffer=4), r, world, workers, b, total)
+            for r in range(world)}
+    for n in (1, 2, 5, 7, 13, 29):
+        for r in range(world):
+            stream = ShardStream(tmp_path, seed=7, shuffle_buffer=4)
+            stream.set_position(n, b)
+            assert _loader_batches(stream, r, world, workers, b, total - n) == full[r][n:], (n, r)
+    # the first pass: each of the 4 readers holds 10 samples, 3 batches of 3 per worker, 6 per rank: no repeats
+    first = [i for r in range(world) for batch in full[r][:6] for i in batch]
+    assert len(first) == len(set(first)) == 2 * 6 * 3
+
+
+def test_stream_readers_read_disjoint_samples_each_pass(tmp_path):
+    """Every (rank, worker) reader of a pass reads its own shards; together each sample once, also with uneven
+    shards and with fewer shards than readers (shards are then split into interleaved parts)."""
+    for n, per_shard in ((23, 5), (40, 5), (12, 6)):  # 5 uneven shards; 8 even; 2 shards for 4 readers
+        folder = tmp_path / f"s{n}"
+        write_shards(_id_pairs(n), folder, max_count=per_shard)
+        stream = ShardStream(folder, resampled=False, seed=3, shuffle_buffer=8)
+        seen = [[i for i, _, _ in stream.samples(r, 2, k, 2)] for r in range(2) for k in range(2)]
+        flat = [i for ids in seen for i in ids]
+        assert sorted(flat) == list(range(n)) and all(seen), (n, [len(s) for s in seen])
+        resampled = ShardStream(folder, resampled=True, seed=3, shuffle_buffer=8)
+        again = [list(itertools.islice((i for i, _, _ in resampled.samples(r, 2, k, 2)), len(seen[2 * r + k])))
+                 for r in range(2) for k in range(2)]
+        assert again == seen  # the first pass of the endless stream is the one pass
+
+
+def test_stream_position_holds_with_dataloader_worker_processes(tmp_path):
+    from torch.utils.data import DataLoader
+
+    write_shards(_id_pairs(30), tmp_path, max_count=4)
+
+    def batches(start: int, n: int) -> list[list[int]]:
+        stream = ShardStream(tmp_path, seed=1, shuffle_buffer=3, rank=0, world_size=1)
+        stream.set_position(start, 2)
+        loader = DataLoader(stream, batch_size=2, num_workers=2, collate_fn=lambda items: [i for i, _, _ in items])
+        return list(itertools.islice(iter(loader), n))
+
+    full = batches(0, 20)
+    assert batches(7, 13) == full[7:]
+    assert _loader_batches(ShardStream(tmp_path, seed=1, shuffle_buffer=3), 0, 1, 2, 2, 20) == full
+
+
+def test_sample_counts_without_a_manifest_come_from_the_tar_headers(tmp_path):
+    write_shards(_text_pairs(), tmp_path, max_count=5)
+    with_manifest = shard_sample_counts(expand_shards(tmp_path))
+    (tmp_path / "manifest.json").unlink()
+    assert shard_sample_counts(expand_shards(tmp_path)) == with_manifest == [5, 5, 5, 5, 3]

@@ -5,7 +5,9 @@
     dual-emc2-checkpoint-info runs/x/checkpoints/latest   # the same
     python scripts/checkpoint_info.py runs/x/checkpoints/ckpt-00000200.pt [--json]     # the same tool
 
-Two runs whose hashes agree have bit-identical parameters / optimiser / estimator states.
+Two runs whose hashes agree have bit-identical parameters / optimiser / estimator states.  A checkpoint whose
+estimator state is sharded over processes (``objective.state_sharding``) is read with all its shard files and hashed
+as the whole state, so a sharded and a replicated run of the same training print the same hashes.
 """
 from __future__ import annotations
 
@@ -21,14 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     from dual_emc2.train.checkpoint import checkpoint_summary, load_checkpoint, tensor_dict_sha256
+    from dual_emc2.train.checkpoint_shards import load_objective_state
 
     try:
         path = resolve_checkpoint_arg(args.checkpoint)
         payload = load_checkpoint(path)
+        objective = load_objective_state(path, payload)
     except USER_ERRORS as e:
         return fail(e)
-    summary = checkpoint_summary(payload)
-    objective = payload.get("objective", {})
+    shards = payload.pop("state_shards", None)
+    summary = checkpoint_summary({**payload, "objective": objective})
     groups: dict[str, dict] = {}
     for k, v in objective.items():
         groups.setdefault(k.rsplit(".", 1)[0] if "." in k else k, {})[k] = v
@@ -42,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                  **{f"objective/{g}": tensor_dict_sha256(t) for g, t in sorted(groups.items())}},
         "sizes": {k: {"tensors": v["num_tensors"], "elements": v["numel"], "bytes": v["nbytes"]}
                   for k, v in summary["tensors"].items()},
+        "state": {"layout": "replicated"} if shards is None else {
+            "layout": "sharded", "world_size": shards["world_size"],
+            "files": [{"name": f["name"], "bytes": f["bytes"], "sha256": f["sha256"]} for f in shards["files"]]},
         "config": payload.get("config"),
     }
     if args.json:
@@ -50,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint  {path}")
     print(f"step {info['step']}  epoch {info['epoch']}  batch {info['batch_in_epoch']}  "
           f"processes {info['world_size']}  estimator {info['estimator']}")
+    if shards is not None:
+        total = sum(f["bytes"] for f in shards["files"])
+        print(f"estimator state sharded over {shards['world_size']} processes: {len(shards['files'])} shard files, "
+              f"{total} bytes (hashed as the whole state)")
     print(f"{'part':<34}{'sha256':<20}")
     for k, h in info["hash"].items():
         print(f"{k:<34}{h[:16]}")

@@ -11,7 +11,8 @@ Sources: ``folder`` (images in a folder + a CSV/TSV/JSONL captions file with col
 (a CSV/TSV/JSONL file of text pairs), and the offline sets ``emoji`` and ``wordnet``.  Indices are the pairs' own
 (row order, or ``--id-key``; the offline sets' stable numbering); ``--split eval|train`` with ``--eval-size`` writes
 one side of a seeded held-out split.  Read the shards back with ``pairs.source: shards`` (all pairs in memory, exact
-epochs) or ``pairs.streaming: true`` (resampled webdataset streaming for large corpora).
+epochs) or ``pairs.streaming: true`` (streaming for large corpora: seeded passes over the shards, dealt out to ranks ×
+DataLoader workers; write at least that many shards).
 """
 from __future__ import annotations
 

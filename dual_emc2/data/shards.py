@@ -10,15 +10,17 @@ Layout of one sample (webdataset groups tar members by the key before the first 
 plus a ``manifest.json`` beside the shards (modalities, per-shard sample counts and index ranges).  Two readers:
 :func:`read_shards` loads every sample into a :class:`~dual_emc2.data.pairs.PairSet` (exact epochs with the
 rank-invariant :class:`~dual_emc2.data.samplers.GlobalBatchSampler`; fine up to a few million short pairs), and
-:class:`ShardStream` streams them for corpora that do not fit in memory: shards are resampled with replacement
-(``webdataset.ResampledShards``, seeded per rank, worker and epoch) or split over ranks and workers, samples are
-shuffled in a buffer, and each yields ``(index, x, y)`` with its index intact.
+:class:`ShardStream` streams them for corpora that do not fit in memory: passes over the shards in seeded orders,
+dealt out to ranks × DataLoader workers so that they read disjoint samples, each shard shuffled in a seeded buffer;
+the stream is a function of the seed and the position (a resumed run continues it), and yields ``(index, x, y)``
+with the index intact.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import tarfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,7 +41,8 @@ MANIFEST = "manifest.json"
 FORMAT = "dual_emc2-pairs"
 _INDEX_WIDTH = 12
 
-__all__ = ["MANIFEST", "ShardStream", "expand_shards", "read_manifest", "read_shards", "write_shards"]
+__all__ = ["MANIFEST", "ShardStream", "expand_shards", "read_manifest", "read_shards", "shard_sample_counts",
+           "write_shards"]
 
 
 @dataclass(frozen=True)
@@ -258,74 +261,190 @@ def _worker_info() -> tuple[int, int, int, int]:
     return wds.utils.pytorch_worker_info()
 
 
-class _SeededShuffle:
-    """Buffer shuffle seeded by (seed, rank, worker, epoch): reproducible, different on every rank and worker."""
+_M64 = (1 << 64) - 1
 
-    def __init__(self, bufsize: int, seed: int) -> None:
-        self.bufsize, self.seed, self.epoch = bufsize, seed, -1
 
-    def __call__(self, src: Iterator[Any]) -> Iterator[Any]:
-        self.epoch += 1
-        rank, _, worker, _ = _worker_info()
-        rng = random.Random(((self.seed * 1_000_003 + rank) * 1_009 + worker) * 10_007 + self.epoch)
-        buf: list[Any] = []
-        for item in src:
-            if len(buf) < self.bufsize:
-                buf.append(item)
-                continue
-            k = rng.randrange(len(buf))
-            buf[k], item = item, buf[k]
-            yield item
-        rng.shuffle(buf)
-        yield from buf
+def _seed(*parts: int) -> int:
+    """A 64-bit seed from integers (splitmix64 over the parts: well mixed, the same on every process and platform,
+    cheap enough to run per sample)."""
+    h = 0
+    for part in parts:
+        z = (h + (part & _M64) + 0x9E3779B97F4A7C15) & _M64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        h = z ^ (z >> 31)
+    return h
+
+
+def _tar_sample_count(path: str) -> int:
+    """Samples in a tar shard (webdataset groups members by the path up to the first dot of the file name), read
+    from the member headers only."""
+    count, last = 0, None
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                head, _, _ = member.name.rpartition("/")
+                key = f"{head}/{member.name[len(head) + 1:].split('.', 1)[0]}" if head else member.name.split(".")[0]
+                if key != last:
+                    count, last = count + 1, key
+    except tarfile.TarError:
+        pass  # a truncated tar: what could be read (its reader hits the same end)
+    return count
+
+
+def shard_sample_counts(files: list[str]) -> list[int]:
+    """Samples per shard file: from the ``manifest.json`` beside it when it lists the file, else counted from the
+    tar headers."""
+    listed: dict[Path, dict[str, int]] = {}
+    counts = []
+    for f in files:
+        p = Path(f)
+        if p.parent not in listed:
+            try:
+                listed[p.parent] = {s["file"]: int(s["count"]) for s in read_manifest(p.parent)["shards"]}
+            except DataError:
+                listed[p.parent] = {}
+        n = listed[p.parent].get(p.name)
+        counts.append(_tar_sample_count(f) if n is None else n)
+    return counts
+
+
+def _buffer_shuffle(src: Iterator[Any], bufsize: int, rng: random.Random) -> Iterator[Any]:
+    """Shuffle through a buffer of ``bufsize`` items (a full shuffle when it holds the whole source)."""
+    if bufsize <= 1:
+        yield from src
+        return
+    buf: list[Any] = []
+    for item in src:
+        if len(buf) < bufsize:
+            buf.append(item)
+            continue
+        k = rng.randrange(len(buf))
+        buf[k], item = item, buf[k]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
 
 
 class ShardStream(IterableDataset):
     """Streaming ``(index, x, y)`` from shards for multi-process training; indices come from the shards.
 
-    ``resampled=True`` draws shards with replacement forever (``webdataset.ResampledShards``, deterministic per
-    rank, worker, epoch and ``seed``), the usual choice for large corpora and many processes; ``resampled=False``
-    reads each shard once per pass, split over ranks then DataLoader workers (needs at least as many shards as
-    ranks × workers to keep everyone busy).  ``decode_x`` / ``decode_y`` map a raw side (``str`` or image bytes) to
-    what the collator expects.
+    The stream is a function of ``seed`` and the position alone.  Shards are dealt out in passes: pass ``p``
+    permutes them with a generator seeded by ``(seed, p)``, and reader ``s = rank · K + worker`` of ``R`` ranks ×
+    ``K`` DataLoader workers reads shards ``s, s + R·K, s + 2·R·K, …`` of that permutation, each shard's samples
+    shuffled in a buffer of ``shuffle_buffer`` seeded by ``(seed, p, shard)``.  Within a pass every sample is read by
+    exactly one rank and worker, once (with fewer shards than R·K, each shard is split into interleaved parts so that
+    every reader has one).  ``resampled=True`` runs passes one after the other forever (a fresh permutation each
+    time), ``False`` one pass.
+
+    :meth:`set_position` makes the next iteration start after a given number of loader batches: each worker skips
+    the samples of the batches it served (whole shards by their manifest counts, without reading them; inside the
+    current shard by reading without decoding), so a resumed run reads what the uninterrupted run would have read.
+    ``decode_x`` / ``decode_y`` map a raw side (``str`` or image bytes) to what the collator expects; their random
+    augmentations are seeded by ``(seed, pass, index)``.  ``rank`` /
+    ``world_size``: this process (default: torch.distributed or the ``RANK`` / ``WORLD_SIZE`` variables).
     """
 
     def __init__(self, spec: str | os.PathLike[str], *, resampled: bool = True, seed: int = 0,
                  shuffle_buffer: int = 1000, decode_x: Callable[[Any], Any] | None = None,
-                 decode_y: Callable[[Any], Any] | None = None, on_error: str = "raise", key: str | None = None
-                 ) -> None:
+                 decode_y: Callable[[Any], Any] | None = None, on_error: str = "raise", key: str | None = None,
+                 rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__()
         self.handler = BadSampleHandler(on_error)
         self.files = expand_shards(spec, key=key)
+        self.counts = shard_sample_counts(self.files)
+        if not any(self.counts):
+            raise DataError(f"{_named(key, spec)}: the shards hold no samples")
         self.resampled, self.seed, self.shuffle_buffer = resampled, seed, shuffle_buffer
         self.decode_x, self.decode_y = decode_x, decode_y
-        stages: list[Any]
-        if resampled:
-            stages = [wds.ResampledShards(self.files, seed=seed, deterministic=True)]
-        else:
-            stages = [wds.SimpleShardList(self.files), wds.split_by_node, wds.split_by_worker]
-        stages.append(wds.tarfile_to_samples(handler=self.handler))
-        if shuffle_buffer > 1:
-            stages.append(_SeededShuffle(shuffle_buffer, seed))
-        stages.append(wds.map(self._decode, handler=self.handler))
-        self.pipeline = wds.DataPipeline(*stages)
+        self.rank, self.world_size = rank, world_size
+        self.start_batch, self.batch_size = 0, 0
 
     @property
     def bad_samples(self) -> int:
         """Samples skipped as corrupt so far (all DataLoader workers), with ``on_error="skip"``."""
         return self.handler.count
 
-    def _decode(self, sample: dict[str, Any]) -> tuple[int, Any, Any]:
-        # images are checked by decoding them once, here, not also in _parse_sample
-        idx, (_, x), (_, y), _ = _parse_sample(sample, check_images=False)
-        out = [idx]
-        for side, value, decode in (("x", x, self.decode_x), ("y", y, self.decode_y)):
-            try:
-                out.append(decode(value) if decode else value)
-            except Exception as err:  # PIL raises OSError, SyntaxError, ... for broken images
-                raise DataError(f"{_where(sample)} (index {idx}): {side} side does not decode "
-                                f"({type(err).__name__}: {err})") from err
-        return tuple(out)
+    def set_position(self, batches: int, batch_size: int) -> None:
+        """Start the next iteration after ``batches`` loader batches of ``batch_size`` samples on this rank (the
+        DataLoader's workers serve batches in turn: worker ``k`` of ``K`` serves batches ``k, k + K, …``).  The
+        dataset is copied into the workers when an iteration starts, so set it before ``iter(loader)``."""
+        if batches < 0 or batch_size < 1:
+            raise ValueError(f"need batches >= 0 and batch_size >= 1, got {batches} and {batch_size}")
+        self.start_batch, self.batch_size = batches, batch_size
 
     def __iter__(self) -> Iterator[tuple[int, Any, Any]]:
-        return iter(self.pipeline)
+        rank, world, worker, workers = _worker_info()
+        rank = rank if self.rank is None else self.rank
+        world = world if self.world_size is None else self.world_size
+        return self.samples(rank, world, worker, workers)
+
+    def samples(self, rank: int, world_size: int, worker: int = 0, num_workers: int = 1
+                ) -> Iterator[tuple[int, Any, Any]]:
+        """What DataLoader worker ``worker`` of ``num_workers`` on rank ``rank`` of ``world_size`` yields from the
+        position of :meth:`set_position` (no worker processes needed: tests, tools)."""
+        if not (0 <= rank < world_size and 0 <= worker < num_workers):
+            raise ValueError(f"rank {rank} of {world_size}, worker {worker} of {num_workers}")
+        n = self.start_batch
+        role = (worker + n) % num_workers  # the worker that serves batch n + worker in an uninterrupted iteration
+        served = -(-(n - role) // num_workers) if n > role else 0  # batches that worker served before batch n
+        return self._reader(rank * num_workers + role, world_size * num_workers, served * self.batch_size)
+
+    # ------------------------------------------------------------------------------------------------ passes
+    def _units(self, readers: int) -> tuple[int, list[int]]:
+        """(parts per shard, samples per unit): unit ``u`` is part ``u % parts`` (every ``parts``-th sample) of shard
+        ``u // parts``; one part per shard unless there are fewer shards than readers."""
+        parts = max(1, -(-readers // len(self.files)))
+        return parts, [max(0, -(-(c - q) // parts)) for c in self.counts for q in range(parts)]
+
+    def _pass_units(self, p: int, n_units: int, reader: int, readers: int) -> list[int]:
+        return np.random.default_rng(_seed(self.seed, 0, p)).permutation(n_units)[reader::readers].tolist()
+
+    def _reader(self, reader: int, readers: int, skip: int) -> Iterator[tuple[int, Any, Any]]:
+        """Reader ``reader`` of ``readers``: its units of pass 0, 1, …, after skipping ``skip`` samples."""
+        parts, sizes = self._units(readers)
+        p = 0
+        while p == 0 or self.resampled:
+            for unit in self._pass_units(p, len(sizes), reader, readers):
+                if skip >= sizes[unit]:
+                    skip -= sizes[unit]
+                    continue
+                yield from self._read_unit(p, unit, parts, skip)
+                skip = 0
+            p += 1
+
+    def _read_unit(self, p: int, unit: int, parts: int, skip: int) -> Iterator[tuple[int, Any, Any]]:
+        shard, part = divmod(unit, parts)
+        raw: Iterator[dict[str, Any]] = wds.tarfile_to_samples(handler=self.handler)(iter([{"url": self.files[shard]}]))
+        if parts > 1:
+            raw = (s for k, s in enumerate(raw) if k % parts == part)
+        order = _buffer_shuffle(raw, self.shuffle_buffer, random.Random(_seed(self.seed, 1, p, unit)))
+        for k, sample in enumerate(order):
+            if k < skip:
+                continue  # served before the position: read, not decoded
+            try:
+                yield self._decode(sample, p)
+            except Exception as err:  # noqa: BLE001 - the handler raises (naming the sample) or counts and skips
+                if not self.handler(err):
+                    return
+
+    def _decode(self, sample: dict[str, Any], p: int) -> tuple[int, Any, Any]:
+        """(index, x, y) of a raw sample read in pass ``p``; random augmentations in the decoders draw from torch's
+        CPU generator seeded by ``(seed, p, index)`` (the caller's RNG is left untouched), so they do not depend on
+        the worker, the process or what was trained before."""
+        # images are checked by decoding them once, here, not also in _parse_sample
+        idx, (_, x), (_, y), _ = _parse_sample(sample, check_images=False)
+        if self.decode_x is None and self.decode_y is None:
+            return idx, x, y
+        out = [idx]
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(_seed(self.seed, 2, p, idx))
+            for side, value, decode in (("x", x, self.decode_x), ("y", y, self.decode_y)):
+                try:
+                    out.append(decode(value) if decode else value)
+                except Exception as err:  # PIL raises OSError, SyntaxError, ... for broken images
+                    raise DataError(f"{_where(sample)} (index {idx}): {side} side does not decode "
+                                    f"({type(err).__name__}: {err})") from err
+        return tuple(out)

@@ -17,6 +17,7 @@ from dual_emc2.objectives.negative_cache import NegativeCache
 from dual_emc2.objectives.scl import HSCL, HUCL, SCL
 from dual_emc2.objectives.sogclr import SogCLR
 from dual_emc2.objectives.symmetric import SymmetricObjective
+from dual_emc2.sharding import SHARDING_MODES
 
 REGISTRY: dict[str, type[ContrastiveObjective]] = {
     "infonce": InfoNCE,
@@ -70,12 +71,15 @@ def _check_options(name: str, cls: type[ContrastiveObjective], options: dict[str
     option as ``{prefix}.{key}`` (default ``objective.options.{name}``), what it takes and what it got."""
     prefix = prefix or f"objective.options.{name}"
     params = inspect.signature(cls.__init__).parameters
-    allowed = [p for p in params if p not in ("self", "num_keys", "num_candidates")]
+    allowed = [p for p in params if p not in ("self", "num_keys", "num_candidates", "state_sharding")]
     try:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # an estimator with annotations that do not resolve: check names only
         hints = {}
     for key, value in options.items():
+        if key == "state_sharding":
+            raise UsageError(f"{prefix}.state_sharding: the state layout is set once for every estimator, as "
+                             f"objective.state_sharding ({', '.join(SHARDING_MODES)}); remove it here")
         if key not in allowed:
             hint = difflib.get_close_matches(key, allowed, n=1)
             did = f" (did you mean '{hint[0]}'?)" if hint else ""
@@ -113,9 +117,13 @@ def options_for(name: str, options_by_estimator: dict[str, Any] | None) -> dict[
 
 def build_objective(
     name: str, *, num_keys: int, num_candidates: int, options: dict[str, Any] | None = None, symmetric: bool = False,
-    defaults: dict[str, Any] | None = None, options_prefix: str | None = None,
+    defaults: dict[str, Any] | None = None, options_prefix: str | None = None, state_sharding: str = "auto",
 ) -> ContrastiveObjective:
     """Build an estimator by registry name.  ``symmetric=True`` wraps it for x→y and y→x with separate states.
+
+    ``state_sharding`` lays out the per-anchor state (EMC² chains, SogCLR's u) over the processes
+    (:mod:`dual_emc2.sharding`); estimators without such state ignore it.  Build the estimator after
+    ``torch.distributed`` is initialised.
 
     ``defaults`` are run facts (feature ``dim``, ``seed``) passed to estimators whose constructor takes them, unless
     ``options`` sets them.  Unknown options and values of the wrong type are a UsageError naming the option as
@@ -126,9 +134,14 @@ def build_objective(
         hint = difflib.get_close_matches(name, REGISTRY, n=1)
         did = f" (did you mean '{hint[0]}'?)" if hint else ""
         raise UsageError(f"unknown objective.name '{name}'{did}; choices: {', '.join(sorted(REGISTRY))}")
+    if state_sharding not in SHARDING_MODES:
+        raise UsageError(f"objective.state_sharding must be one of {', '.join(SHARDING_MODES)}, got "
+                         f"{state_sharding!r}")
     cls = REGISTRY[name]
     _check_options(name, cls, options, prefix=options_prefix)
     accepted = inspect.signature(cls.__init__).parameters
+    if "state_sharding" in accepted:
+        options["state_sharding"] = state_sharding
     for key, value in (defaults or {}).items():
         if key in accepted and key not in options:
             options[key] = value

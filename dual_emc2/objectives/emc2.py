@@ -108,6 +108,8 @@ class EMC2(ContrastiveObjective):
             step, weighted 1/q (unbiased; fewer backward passes).
         map_state_into_batch: start a chain from the batch column holding its state's key when present.
         seed: seed of the per-step generators.  backend: sampler backend, ``"auto"``/``"torch"``/``"triton"``.
+        state_sharding: layout of the chains over processes, ``"auto"``/``"replicated"``/``"sharded"``
+            (:mod:`dual_emc2.sharding`; config key ``objective.state_sharding``).
     """
 
     name = "emc2"
@@ -127,6 +129,7 @@ class EMC2(ContrastiveObjective):
         map_state_into_batch: bool = True,
         seed: int = 0,
         backend: str = "auto",
+        state_sharding: str = "auto",
     ) -> None:
         super().__init__()
         if state_score == "refresh":
@@ -163,7 +166,7 @@ class EMC2(ContrastiveObjective):
         self.map_state_into_batch = map_state_into_batch
         self.seed, self.backend = seed, backend
         self.needs_candidate_encoder = state_score == "exact" or out_of_batch == "reencode"
-        self.chains = ChainState(num_keys)
+        self.chains = ChainState(num_keys, state_sharding)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
         self._track_iteration()
         self._negatives_per_anchor: int | None = None  # set by check_batch_shape: R without a host sync

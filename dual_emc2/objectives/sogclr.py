@@ -38,11 +38,14 @@ class SogCLR(ContrastiveObjective):
         gamma: moving-average weight γ of the newest batch estimate (LibAUC default 0.9).
         init: ``"zero"`` (u_i = 0 before the first visit, as in SogCLR's Algorithm 1) or ``"first"`` (u_i = g_i at the
             first visit).
+        state_sharding: layout of u over processes, ``"auto"``/``"replicated"``/``"sharded"``
+            (:mod:`dual_emc2.sharding`; config key ``objective.state_sharding``).
     """
 
     name = "sogclr"
 
-    def __init__(self, num_keys: int, num_candidates: int = 1, gamma: float = 0.9, init: str = "zero") -> None:
+    def __init__(self, num_keys: int, num_candidates: int = 1, gamma: float = 0.9, init: str = "zero",
+                 state_sharding: str = "auto") -> None:
         super().__init__()
         if not 0.0 < gamma <= 1.0:
             raise ValueError(f"sogclr gamma must be in (0, 1], got {gamma}")
@@ -50,7 +53,7 @@ class SogCLR(ContrastiveObjective):
             raise ValueError(f"sogclr init must be 'zero' or 'first', got {init!r}")
         self.gamma = gamma
         self.init = init
-        self.u = AnchorScalarState(num_keys, init=float("-inf"))
+        self.u = AnchorScalarState(num_keys, init=float("-inf"), sharding=state_sharding)
 
     def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:
         b = self.beta_value(beta)

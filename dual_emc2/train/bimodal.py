@@ -90,7 +90,8 @@ class PairsTask(Task):
         self.batches_per_epoch = self.sampler.batches_per_epoch()
 
     def _build_stream(self, cfg: Config, train_tf: tuple[_Decode, _Decode], collate: PairCollator) -> None:
-        """Resampled webdataset streaming of ``pairs.path`` (no pair held in memory; no re-encoding by id)."""
+        """Streaming of ``pairs.path`` in seeded passes, disjoint over ranks and workers (no pair held in memory; no
+        re-encoding by id); :meth:`start_epoch` puts the stream at the run's position."""
         p = cfg.pairs
         if cfg.data.batch_sampler != "shuffle":
             raise UsageError(f"data.batch_sampler={cfg.data.batch_sampler} needs every pair in memory; it cannot "
@@ -109,9 +110,11 @@ class PairsTask(Task):
         self.eval_pairs = (read_shards(p.eval_path, cfg.data.on_bad_sample, key="pairs.eval_path") if p.eval_path
                            else None)
         self.num_keys = max(s["last_index"] for s in manifest["shards"]) + 1
+        decode_x, decode_y = (tf if tf.transform is not None else None for tf in train_tf)  # None: text as is
         self.train_set = ShardStream(p.path, resampled=True, seed=cfg.seed, shuffle_buffer=p.shuffle_buffer,
-                                     decode_x=train_tf[0], decode_y=train_tf[1], on_error=cfg.data.on_bad_sample,
-                                     key="pairs.path")
+                                     decode_x=decode_x, decode_y=decode_y, on_error=cfg.data.on_bad_sample,
+                                     key="pairs.path", rank=self.acc.process_index,
+                                     world_size=self.acc.num_processes)
         self.sampler = None
         self.loader = DataLoader(self.train_set, batch_size=cfg.train.batch_size, collate_fn=collate,
                                  num_workers=cfg.data.num_workers, drop_last=True,
@@ -121,6 +124,8 @@ class PairsTask(Task):
         if n_train < gb:
             raise ValueError(f"{p.path}: {n_train} pairs, fewer than one global batch of {gb}")
         self.batches_per_epoch = n_train // gb
+        # loader batches the trainer takes from an "epoch" of the stream: whole accumulation groups (Trainer.micro_used)
+        self.stream_epoch_batches = self.batches_per_epoch - self.batches_per_epoch % cfg.train.grad_accum
 
     def _build_objective(self, cfg: Config) -> None:
         # EMC²'s R defaults to the global batch's negatives per anchor on every row and process: with known false
@@ -130,6 +135,7 @@ class PairsTask(Task):
             cfg.objective.name, num_keys=self.num_keys, num_candidates=self.num_keys,
             options=options_for(cfg.objective.name, cfg.objective.options), symmetric=True,
             defaults={"dim": self.model.x_tower.out_dim, "seed": cfg.seed},
+            state_sharding=cfg.objective.state_sharding,
         ).to(self.device)
         if self.objective.needs_labels:
             raise ValueError(f"objective {cfg.objective.name} is supervised (needs class labels); pairs have none, use "
@@ -142,6 +148,13 @@ class PairsTask(Task):
         self.loss_fn = GlobalContrastiveLoss.wrap(self.objective, "bimodal", self.num_keys)
 
     # ------------------------------------------------------------------------------------------------ training
+    def start_epoch(self, epoch: int, batch_in_epoch: int) -> None:
+        """In-memory pairs: the sampler's epoch.  Streams: continue the stream after the loader batches of the
+        epochs before and the batches of this one already trained (a resumed run reads on, it does not restart)."""
+        super().start_epoch(epoch, batch_in_epoch)
+        if isinstance(self.train_set, ShardStream):
+            self.train_set.set_position(epoch * self.stream_epoch_batches + batch_in_epoch, self.cfg.train.batch_size)
+
     def encode_by_id(self, core: TwoTowerModel, side: str, ids: Tensor) -> Tensor:
         """Tower ``side`` on the un-augmented samples of global indices ``ids`` (caller's grad mode, eval mode)."""
         pairs = self.train_pairs

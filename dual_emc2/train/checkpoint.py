@@ -4,7 +4,11 @@ File layout of ``ckpt-{step:08d}.pt``: a 52-byte header, then the bytes of ``tor
 
     magic b"DEMC2CKP" | uint32 format version | uint64 body length | sha256(body), 32 bytes
 
-so a torn, truncated or bit-flipped file is detected before anything is unpickled.  Writing goes to a hidden
+so a torn, truncated or bit-flipped file is detected before anything is unpickled.  A checkpoint whose estimator state
+is sharded over processes (:mod:`dual_emc2.train.checkpoint_shards`) has format version 2: its body starts with a
+JSON manifest (``uint32 length | JSON``) naming each process's shard file with its length and sha256, then the
+``torch.save`` bytes; each shard file has the format above.  The main file is written last, after every shard, so it
+is the commit point of the whole set; verifying it verifies every shard it names.  Writing goes to a hidden
 temporary file in the same folder (``.ckpt-XXXXXXXX.*.tmp``), which is flushed, fsync'ed and atomically renamed with
 ``os.replace``; the folder is fsync'ed after the rename.  A crash therefore leaves either the complete new checkpoint
 or none (plus, at worst, a hidden temporary file that readers ignore and the next save removes).  A small text file
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import secrets
@@ -30,23 +35,32 @@ from dual_emc2.errors import CheckpointError
 
 __all__ = [
     "CheckpointCorrupt",
+    "check_shard_digest",
     "checkpoint_path",
     "checkpoint_summary",
+    "file_digest",
     "find_latest_valid",
     "list_checkpoints",
     "load_checkpoint",
+    "read_manifest",
     "resolve_resume",
     "save_checkpoint",
+    "shard_file",
     "tensor_dict_sha256",
     "verify_checkpoint",
+    "verify_shard",
+    "write_checkpoint_file",
 ]
 
 
 MAGIC = b"DEMC2CKP"
 FORMAT_VERSION = 1
+SHARDED_FORMAT_VERSION = 2  # the body starts with the JSON manifest of the state shards
 _HEADER = struct.Struct("<8sIQ32s")  # magic, version, body length, sha256
+_MANIFEST_LEN = struct.Struct("<I")
 LATEST = "latest"
 _CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
+_SHARD_RE = re.compile(r"^ckpt-(\d{8,})\.shard-\d+-of-\d+\.pt$")
 _TMP_RE = re.compile(r"^\.(?:ckpt-\d{8,}|latest)\..*\.tmp$")
 _CHUNK = 1 << 22
 
@@ -107,13 +121,34 @@ def _atomic_write(target: Path, chunks: list[bytes | memoryview], tmp_prefix: st
     _fsync_dir(target.parent)
 
 
+def write_checkpoint_file(target: Path, payload: Mapping[str, Any],
+                          manifest: Mapping[str, Any] | None = None) -> Path:
+    """Atomically write one checkpoint-format file (header, optional manifest, ``torch.save`` body) at ``target``."""
+    buf = io.BytesIO()
+    version = FORMAT_VERSION
+    if manifest is not None:
+        version = SHARDED_FORMAT_VERSION
+        text = json.dumps(dict(manifest), sort_keys=True).encode()
+        buf.write(_MANIFEST_LEN.pack(len(text)) + text)
+    torch.save(dict(payload), buf)
+    body = buf.getbuffer()
+    header = _HEADER.pack(MAGIC, version, body.nbytes, hashlib.sha256(body).digest())
+    try:
+        _atomic_write(target, [header, body], tmp_prefix=f".{target.stem}.")
+    finally:
+        body.release()
+    return target
+
+
 def save_checkpoint(directory: str | os.PathLike[str], step: int, payload: dict[str, Any],
-                    keep_last: int = 3) -> Path:
+                    keep_last: int = 3, manifest: Mapping[str, Any] | None = None) -> Path:
     """Atomically write ``payload`` as ``directory/ckpt-{step:08d}.pt``, point ``latest`` at it, prune old ones.
 
     After the save, only the ``keep_last`` highest-step checkpoints with step <= ``step`` are kept (checkpoints of
     a later step, left by a run that was resumed from an earlier one, are left alone with a warning; they are
     overwritten when this run reaches their step).  Stale temporary files of crashed saves are removed.
+    ``manifest``: the state shards already written beside it (:func:`dual_emc2.train.checkpoint_shards.
+    shard_manifest`); :func:`load_checkpoint` returns it as the payload's ``state_shards``.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"save_checkpoint: step must be a non-negative int, got {step!r}")
@@ -123,16 +158,7 @@ def save_checkpoint(directory: str | os.PathLike[str], step: int, payload: dict[
         raise TypeError(f"save_checkpoint: payload must be a dict, got {type(payload).__name__}")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-
-    buf = io.BytesIO()
-    torch.save(dict(payload), buf)
-    body = buf.getbuffer()
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, body.nbytes, hashlib.sha256(body).digest())
-    target = checkpoint_path(root, step)
-    try:
-        _atomic_write(target, [header, body], tmp_prefix=f".{target.stem}.")
-    finally:
-        body.release()
+    target = write_checkpoint_file(checkpoint_path(root, step), payload, manifest)
     _atomic_write(root / LATEST, [f"{target.name}\n".encode()], tmp_prefix=f".{LATEST}.")
     _prune(root, step, keep_last)
     return target
@@ -147,13 +173,21 @@ def _prune(root: Path, step: int, keep_last: int) -> None:
     older = [p for s, p in ckpts if s <= step]
     for p in older[:-keep_last]:
         p.unlink(missing_ok=True)
+    kept: set[str] = set()
+    for p in older[-keep_last:]:
+        try:
+            kept |= {f["name"] for f in (read_manifest(p) or {}).get("files", [])}
+        except (CheckpointCorrupt, OSError):
+            continue
     for p in root.iterdir():
-        if _TMP_RE.match(p.name):
+        m = _SHARD_RE.match(p.name)
+        if _TMP_RE.match(p.name) or (m and int(m.group(1)) <= step and p.name not in kept):
             p.unlink(missing_ok=True)
 
 
-def _verified_body(path: Path, *, keep: bool) -> bytes | None:
-    """Check magic, version, length and sha256 of the checkpoint at ``path``; return its body if ``keep``."""
+def _verified_body(path: Path, *, keep: bool) -> tuple[int, bytes | None]:
+    """Check magic, version, length and sha256 of the checkpoint at ``path``; return its format version and, if
+    ``keep``, its body."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
@@ -163,7 +197,7 @@ def _verified_body(path: Path, *, keep: bool) -> bytes | None:
         magic, version, length, digest = _HEADER.unpack(head)
         if magic != MAGIC:
             raise CheckpointCorrupt(f"{path}: not a dual_emc2 checkpoint (bad magic {magic!r}); torn or foreign file")
-        if version != FORMAT_VERSION:
+        if version not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
             raise CheckpointCorrupt(f"{path}: unsupported checkpoint format version {version}")
         h, n, body = hashlib.sha256(), 0, None
         if keep:
@@ -179,12 +213,91 @@ def _verified_body(path: Path, *, keep: bool) -> bytes | None:
         raise CheckpointCorrupt(f"{path}: {what}: header says {length} payload bytes, file holds {n}")
     if h.digest() != digest:
         raise CheckpointCorrupt(f"{path}: sha256 mismatch, the file is corrupted")
-    return body
+    return version, body
+
+
+def _split_manifest(path: Path, body: bytes | memoryview) -> tuple[dict[str, Any], memoryview]:
+    view = memoryview(body)
+    if len(view) < _MANIFEST_LEN.size:
+        raise CheckpointCorrupt(f"{path}: sharded checkpoint without its manifest")
+    (n,) = _MANIFEST_LEN.unpack(view[:_MANIFEST_LEN.size])
+    end = _MANIFEST_LEN.size + n
+    try:
+        manifest = json.loads(bytes(view[_MANIFEST_LEN.size:end]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointCorrupt(f"{path}: unreadable shard manifest ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        raise CheckpointCorrupt(f"{path}: the shard manifest lists no files")
+    return manifest, view[end:]
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The shard manifest of a checkpoint (None for a checkpoint without state shards), read without verifying
+    the file (:func:`verify_checkpoint` does)."""
+    p = Path(path)
+    with open(p, "rb") as f:
+        head = f.read(_HEADER.size)
+        if len(head) < _HEADER.size:
+            raise CheckpointCorrupt(f"{p}: truncated checkpoint ({len(head)} bytes, header needs {_HEADER.size})")
+        magic, version, _, _ = _HEADER.unpack(head)
+        if magic != MAGIC:
+            raise CheckpointCorrupt(f"{p}: not a dual_emc2 checkpoint (bad magic {magic!r}); torn or foreign file")
+        if version != SHARDED_FORMAT_VERSION:
+            return None
+        raw = f.read(_MANIFEST_LEN.size)
+        n = _MANIFEST_LEN.unpack(raw)[0] if len(raw) == _MANIFEST_LEN.size else 0
+        return _split_manifest(p, raw + f.read(n))[0]
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """(body length, sha256 hex) that the header of a checkpoint-format file records (the file is not hashed)."""
+    with open(path, "rb") as f:
+        head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise CheckpointCorrupt(f"{path}: truncated checkpoint ({len(head)} bytes, header needs {_HEADER.size})")
+    magic, _, length, digest = _HEADER.unpack(head)
+    if magic != MAGIC:
+        raise CheckpointCorrupt(f"{path}: not a dual_emc2 checkpoint (bad magic {magic!r}); torn or foreign file")
+    return length, digest.hex()
+
+
+def shard_file(main: Path, entry: Mapping[str, Any]) -> Path:
+    """The path of a shard that the manifest of checkpoint ``main`` lists (a file beside it)."""
+    name = str(entry.get("name", ""))
+    if not _SHARD_RE.match(name):
+        raise CheckpointCorrupt(f"{main}: the shard manifest names {name!r}, not a shard file")
+    return main.parent / name
+
+
+def verify_shard(main: Path, entry: Mapping[str, Any]) -> Path:
+    """Check the shard file of manifest ``entry`` (present, intact, the very file the manifest names by sha256);
+    returns its path.  Raises :class:`CheckpointCorrupt` naming the shard file."""
+    path = shard_file(main, entry)
+    if not path.is_file():
+        raise CheckpointCorrupt(f"{path}: state shard missing (checkpoint {main.name} is sharded over "
+                                "processes and needs every shard file beside it)")
+    _verified_body(path, keep=False)
+    check_shard_digest(main, entry, path)
+    return path
+
+
+def check_shard_digest(main: Path, entry: Mapping[str, Any], path: Path) -> None:
+    """Raise :class:`CheckpointCorrupt` unless the header of shard ``path`` records the length and sha256 that the
+    manifest ``entry`` of checkpoint ``main`` lists."""
+    length, digest = file_digest(path)
+    if digest != entry.get("sha256") or length != entry.get("bytes"):
+        raise CheckpointCorrupt(f"{path}: not the shard that {main.name} was saved with (sha256 differs); a "
+                                "later save overwrote it, or it was copied from another run")
 
 
 def verify_checkpoint(path: str | os.PathLike[str]) -> None:
-    """Raise :class:`CheckpointCorrupt` (or FileNotFoundError) unless ``path`` is an intact checkpoint."""
-    _verified_body(Path(path), keep=False)
+    """Raise :class:`CheckpointCorrupt` (or FileNotFoundError) unless ``path`` is an intact checkpoint, and, for a
+    checkpoint with state shards, every shard is too."""
+    p = Path(path)
+    version, _ = _verified_body(p, keep=False)
+    if version == SHARDED_FORMAT_VERSION:
+        for entry in read_manifest(p)["files"]:
+            verify_shard(p, entry)
 
 
 def _numpy_safe_globals() -> list[Any]:
@@ -207,13 +320,21 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu",
 
     ``weights_only`` is passed to ``torch.load``: True (the default) unpickles only tensors, plain containers and
     numeric numpy arrays/scalars (RNG states); pass False for payloads holding other objects from a trusted source.
+    A checkpoint with state shards returns their manifest as ``payload["state_shards"]``; its ``objective`` holds
+    the entries common to every process (:func:`dual_emc2.train.checkpoint_shards.load_objective_state` adds the
+    shards).
     """
     p = Path(path)
-    body = _verified_body(p, keep=True)
+    version, body = _verified_body(p, keep=True)
+    manifest = None
+    if version == SHARDED_FORMAT_VERSION:
+        manifest, body = _split_manifest(p, body)
     with torch.serialization.safe_globals(_numpy_safe_globals()):
         payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=weights_only)
     if not isinstance(payload, dict):
         raise CheckpointCorrupt(f"{p}: payload is a {type(payload).__name__}, expected a dict")
+    if manifest is not None:
+        payload["state_shards"] = manifest
     return payload
 
 

@@ -5,9 +5,14 @@
 * ``--resume latest`` in a folder with no run starts one (so a job script can always pass it) and says so; in a folder
   whose checkpoints are all corrupt, or that holds logs but no checkpoint, it refuses.
 * A resumed run may change only what does not change the run it continues (:data:`FREE_KEYS`: length, logging,
-  checkpointing, evaluation, loader workers); the optimisation keys (:data:`FLAG_KEYS`) change only with
-  ``train.allow_changes=true`` (``--allow-changes``); everything else (data, model, estimator, batch size, seed,
-  mode) is refused, every difference listed in one message.  A longer run rebuilds the schedule for the new end.
+  checkpointing, evaluation, loader workers, the estimator state's layout); the optimisation keys (:data:`FLAG_KEYS`)
+  change only with ``train.allow_changes=true`` (``--allow-changes``); everything else (data, model, estimator,
+  batch size, seed, mode) is refused, every difference listed in one message.  A longer run rebuilds the schedule
+  for the new end.
+* The number of processes may change (elastic resume) when the global batch, ``train.batch_size`` × processes, does
+  not: 2 × 16 may resume as 1 × 32 or 4 × 8.  Global batches do not depend on the split over processes
+  (:class:`~dual_emc2.data.samplers.GlobalBatchSampler`), so the continued run sees the batches the checkpointed run
+  would have seen.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ __all__ = ["FLAG_KEYS", "FREE_KEYS", "check_new_run", "check_resume_config", "co
 # keys a resumed run may change freely: how long it trains, how it logs, checkpoints and evaluates
 FREE_KEYS = ("output_dir", "train.resume", "train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every",
              "train.keep_last", "train.plots", "train.dist_timeout_s", "train.max_nonfinite", "train.allow_changes",
-             "data.num_workers", "data.download", "eval.")
+             "data.num_workers", "data.download", "eval.", "objective.state_sharding")
 # keys that change the optimisation of the continued run: only with train.allow_changes=true
 FLAG_KEYS = ("optim.", "train.mixed_precision", "train.compile", "objective.options.")
 
@@ -52,15 +57,47 @@ def _matches(key: str, patterns: tuple[str, ...]) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
 
 
+def _global_batch(cfg: Mapping[str, Any], world: int) -> int | None:
+    batch = cfg.get("train", {}).get("batch_size")
+    return batch * world if isinstance(batch, int) else None
+
+
+def _elastic(old: Mapping[str, Any], new: Mapping[str, Any], old_world: int | None, new_world: int | None
+             ) -> tuple[list[tuple[str, Any, Any]], str]:
+    """(the changes of an elastic resume, or none; why a change of the process count is refused, or "")."""
+    if old_world is None or new_world is None or old_world == new_world:
+        return [], ""
+    before, after = _global_batch(old, old_world), _global_batch(new, new_world)
+    if before is not None and before == after:
+        return [("processes", old_world, new_world)], ""
+    fix = (f"train.batch_size={before // new_world}" if before is not None and before % new_world == 0 else
+           f"a number of processes that divides {before}")
+    return [], (f"processes: {old_world} → {new_world} changes the global batch (train.batch_size × processes) from "
+                f"{before} to {after}; resume on {new_world} processes with {fix} to keep it")
+
+
 def check_resume_config(old: Mapping[str, Any], new: Mapping[str, Any], checkpoint: Path,
-                        allow_changes: bool) -> list[tuple[str, Any, Any]]:
-    """The differences a resume from ``checkpoint`` (config ``old``) with config ``new`` applies; raises
-    :class:`CheckpointError` listing every difference it may not apply."""
+                        allow_changes: bool, old_world: int | None = None, new_world: int | None = None
+                        ) -> list[tuple[str, Any, Any]]:
+    """The differences a resume from ``checkpoint`` (config ``old``, saved by ``old_world`` processes) with config
+    ``new`` on ``new_world`` processes applies; raises :class:`CheckpointError` listing every difference it may not
+    apply.  ``train.batch_size`` may change when the number of processes changes and the global batch does not."""
     diffs = [d for d in config_differences(old, new) if not _matches(d[0], FREE_KEYS)]
+    elastic, refused = _elastic(old, new, old_world, new_world)
+    if elastic:
+        elastic += [d for d in diffs if d[0] == "train.batch_size"]
+        diffs = [d for d in diffs if d[0] != "train.batch_size"]
+    streamed = bool(new.get("pairs", {}).get("streaming")) and new.get("mode") == "bimodal"
+    if streamed:  # the stream's split over ranks × workers is part of the position (dual_emc2.data.shards)
+        workers = [d for d in config_differences(old, new) if d[0] == "data.num_workers"]
+        diffs += workers
+        if old_world is not None and new_world is not None and old_world != new_world:
+            elastic, refused = [], f"processes: {old_world} → {new_world} (a streamed run resumes on as many)"
     never = [d for d in diffs if not _matches(d[0], FLAG_KEYS)]
     flagged = [d for d in diffs if _matches(d[0], FLAG_KEYS)]
-    listing = "; ".join(f"{k}: {a!r} → {b!r}" for k, a, b in never + (flagged if not allow_changes else []))
-    if never:
+    listing = "; ".join([f"{k}: {a!r} → {b!r}" for k, a, b in never + (flagged if not allow_changes else [])]
+                        + ([refused] if refused else []))
+    if never or refused:
         raise CheckpointError(
             f"cannot resume from {checkpoint}: the run's config differs in keys a resumed run cannot change "
             f"({listing}). Resume with the checkpoint's values (drop those overrides), or start a new run in another "
@@ -69,7 +106,7 @@ def check_resume_config(old: Mapping[str, Any], new: Mapping[str, Any], checkpoi
         raise CheckpointError(
             f"resuming from {checkpoint} would change the optimisation of the run ({listing}); pass --allow-changes "
             "(train.allow_changes=true) to apply the new values from here on, or drop those overrides")
-    return flagged
+    return elastic + flagged
 
 
 def holds_a_run(out: Path) -> list[str]:

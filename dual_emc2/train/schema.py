@@ -3,7 +3,7 @@ constraints, and which keys each ``mode`` reads.  Loading, overrides and validat
 
 Choice tuples come from the modules that implement the choices (torch-free modules, so that importing the schema
 stays cheap): the backbones and towers from :mod:`dual_emc2.towers.names`, the schedules from
-:mod:`dual_emc2.train.schedules`.
+:mod:`dual_emc2.train.schedules`, the state layouts from :mod:`dual_emc2.sharding`.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dual_emc2.sharding import SHARDING_MODES
 from dual_emc2.towers.names import IMAGE_ARCHS, NORMS, PRETRAINED_TOWERS, TOWER_KINDS
 from dual_emc2.train.schedules import SCHEDULES
 
@@ -23,6 +24,7 @@ __all__ = [
     "PAIR_SOURCE_CHOICES",
     "PRETRAINED_TOWER_CHOICES",
     "SCHEDULE_CHOICES",
+    "STATE_SHARDING_CHOICES",
     "TOWER_KIND_CHOICES",
     "AugmentConfig",
     "Config",
@@ -42,6 +44,7 @@ NORM_CHOICES = NORMS
 TOWER_KIND_CHOICES = TOWER_KINDS
 PRETRAINED_TOWER_CHOICES = PRETRAINED_TOWERS
 SCHEDULE_CHOICES = SCHEDULES
+STATE_SHARDING_CHOICES = SHARDING_MODES
 # no torch-free implementing module holds these as a tuple: listed here
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")  # Accelerate's mixed_precision
 MODE_CHOICES = ("unimodal", "bimodal")  # the two trainers of dual_emc2.train
@@ -148,7 +151,7 @@ class PairsConfig:
     train_size: int | None = field(default=None, metadata=_check(gt=0))
     split_seed: int = 0
     mask_duplicates: bool = True  # identical x or y texts/images of other pairs are not negatives
-    streaming: bool = False  # shards: resampled webdataset streaming instead of loading every pair
+    streaming: bool = False  # shards: streamed in seeded passes (dual_emc2.data.shards) instead of loaded
     shuffle_buffer: int = field(default=1000, metadata=_check(ge=0))
     augment_images: bool = False  # mild random resized crop + flip on image sides
 
@@ -173,12 +176,16 @@ class TowersConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Estimator of the global contrastive loss; ``options`` are validated by the estimator registry."""
+    """Estimator of the global contrastive loss; ``options`` are validated by the estimator registry.
+    ``state_sharding``: whether every process holds the whole per-anchor state (EMC² chains, SogCLR's u) or the rows
+    of its 1/W of the keys; ``auto`` shards tables of 256 MiB and more (:mod:`dual_emc2.sharding`).  Results are
+    identical either way; a resumed run may change it."""
 
     name: str = "emc2"
     beta: float = field(default=14.28, metadata=_check(gt=0.0))
     learnable_beta: bool = False
     options: dict = field(default_factory=dict)
+    state_sharding: str = field(default="auto", metadata=_check(choices=STATE_SHARDING_CHOICES))
 
 
 @dataclass

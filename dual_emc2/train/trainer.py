@@ -28,7 +28,9 @@ from tqdm.auto import tqdm
 from dual_emc2.data.spectral import SpectralBatchSampler
 from dual_emc2.distributed import all_gather_rows
 from dual_emc2.errors import CheckpointError, DataError, Interrupted, RunStopped
+from dual_emc2.state import split_sharded_state
 from dual_emc2.train.checkpoint import find_latest_valid, load_checkpoint, resolve_resume, save_checkpoint
+from dual_emc2.train.checkpoint_shards import restore_objective, save_state_shard, shard_manifest
 from dual_emc2.train.config import Config, config_to_dict, save_config
 from dual_emc2.train.factory import build_accelerator, build_task
 from dual_emc2.train.optim import build_optimizer, build_scheduler
@@ -134,34 +136,47 @@ class Trainer:
         return self.acc.unwrap_model(self.model)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def state_payload(self) -> dict[str, Any]:
+    def state_payload(self, objective: dict[str, Tensor] | None = None) -> dict[str, Any]:
+        """What a checkpoint holds; ``objective``: the estimator entries to save (default: its whole state dict, on a
+        sharded run this process's rows)."""
         return {
             "step": self.pos.step, "epoch": self.pos.epoch, "batch_in_epoch": self.pos.batch_in_epoch,
             "model": self.core.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "objective": self.objective.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "objective": self.objective.state_dict() if objective is None else objective,
             "rng": _rng_state(), "config": config_to_dict(self.cfg), "world_size": self.acc.num_processes,
             "nonfinite_total": self.nonfinite_total, "history": self.history,
             "sampler": self.sampler.state_dict() if isinstance(self.sampler, SpectralBatchSampler) else None,
         }
 
     def save(self) -> Path | None:
+        """Write the checkpoint of the current step (the main process; with sharded estimator state every process
+        first writes its shard, :mod:`dual_emc2.train.checkpoint_shards`); returns its path on the main process."""
+        folder, step, world = self.out / "checkpoints", self.pos.step, self.acc.num_processes
+        common, sharded = split_sharded_state(self.objective, self.objective.state_dict())
+        if sharded:
+            save_state_shard(folder, step, self.acc.process_index, world, sharded)
+            self.acc.wait_for_everyone()
         path = None
         if self.acc.is_main_process:
-            path = save_checkpoint(self.out / "checkpoints", self.pos.step, self.state_payload(),
-                                   keep_last=self.cfg.train.keep_last)
+            manifest = shard_manifest(folder, step, world) if sharded else None
+            path = save_checkpoint(folder, step, self.state_payload(common), keep_last=self.cfg.train.keep_last,
+                                   manifest=manifest)
         self.acc.wait_for_everyone()
         return path
 
     def restore(self, path: Path) -> None:
         """Continue the run of checkpoint ``path``: its config must match this one except where a resumed run may
-        differ (:mod:`dual_emc2.train.run_folder`); the schedule follows this config (a longer run gets a schedule
-        rebuilt for its new end), and so do the optimiser's hyperparameters."""
+        differ (:mod:`dual_emc2.train.run_folder`; another number of processes with the same global batch
+        included); the schedule follows this config (a longer run gets a schedule rebuilt for its new end), and so do
+        the optimiser's hyperparameters.  The estimator state is re-laid out for this run's processes."""
         payload = load_checkpoint(path, map_location="cpu")
         self.resume_changes = check_resume_config(payload.get("config", {}), config_to_dict(self.cfg), path,
-                                                  self.cfg.train.allow_changes)
+                                                  self.cfg.train.allow_changes, payload.get("world_size"),
+                                                  self.acc.num_processes)
         try:
             self.core.load_state_dict(payload["model"])
-            self.objective.load_state_dict(payload["objective"])
+            restore_objective(self.objective, path, payload)
         except RuntimeError as exc:  # same config, different state layout: a checkpoint of another code version
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"{path}: its model or estimator state does not fit this run ({first}); resume it "
@@ -317,6 +332,13 @@ class Trainer:
         every process has passed the checks."""
         cfg = self.cfg
         resume = resolve_resume(cfg.train.resume, self.out / "checkpoints")
+        if self.acc.num_processes > 1:  # every process must continue the same checkpoint
+            from accelerate.utils import gather_object
+
+            seen = gather_object([str(resume) if resume is not None else None])
+            if len(set(seen)) > 1:
+                raise CheckpointError(f"processes see different checkpoints in {self.out} ({seen}): output_dir must "
+                                      "be on storage every machine sees at the same path")
         if resume is None:
             check_new_run(self.out, cfg.train.resume)
             if cfg.train.resume == "latest":
@@ -465,6 +487,8 @@ class Trainer:
             self.model.train()
             batches = iter(self.loader)
             while True:
+                if self.pos.batch_in_epoch >= self.micro_used or self._refresh_due():
+                    break  # before reading: a stream must not consume a batch the run does not train on
                 try:
                     item = next(batches)
                 except StopIteration:
@@ -474,8 +498,6 @@ class Trainer:
                     if signum is not None or isinstance(err, DataError):
                         self._checkpoint_and_raise(err, signum)
                     raise
-                if self.pos.batch_in_epoch >= self.micro_used or self._refresh_due():
-                    break
                 result = self.train_step(item)
                 self.pos.batch_in_epoch += 1
                 seen += self._last_inputs * self.acc.num_processes

@@ -62,7 +62,7 @@ class ImageViewsTask(Task):
         self.objective = build_objective(
             cfg.objective.name, num_keys=len(self.train_set) * d.n_views, num_candidates=len(self.train_set),
             options=options_for(cfg.objective.name, cfg.objective.options),
-            defaults={"dim": cfg.model.proj_dim, "seed": cfg.seed},
+            defaults={"dim": cfg.model.proj_dim, "seed": cfg.seed}, state_sharding=cfg.objective.state_sharding,
         ).to(self.device)
         global_views = cfg.train.batch_size * accelerator.num_processes * d.n_views
         self.objective.check_batch_shape(global_views - d.n_views)
