@@ -406,6 +406,7 @@ class Trainer:
         start = next((h for h in self.history if h.get("step") == 0), None)
         baselines = {"step_0": {k: start[k] for k in metrics if k in start}} if start is not None else {}
         if self.cfg.eval.enabled:
+            self.acc.print(f"[eval] baselines for the summary: {self.task.eval_description} of reference features")
             baselines |= self.task.baselines()
         columns = [*baselines, "final"]
         rows = [f"{'metric':<22}" + "".join(f"{c:>12}" for c in columns)]
