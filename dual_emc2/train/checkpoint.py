@@ -185,18 +185,24 @@ def _prune(root: Path, step: int, keep_last: int) -> None:
             p.unlink(missing_ok=True)
 
 
+def _read_header(f: Any, path: Path) -> tuple[int, int, bytes]:
+    """(format version, payload length, sha256) from the header of the open checkpoint ``f``; magic and size checked."""
+    head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise CheckpointCorrupt(f"{path}: truncated checkpoint ({len(head)} bytes, header needs {_HEADER.size})")
+    magic, version, length, digest = _HEADER.unpack(head)
+    if magic != MAGIC:
+        raise CheckpointCorrupt(f"{path}: not a dual_emc2 checkpoint (bad magic {magic!r}); torn or foreign file")
+    return version, length, digest
+
+
 def _verified_body(path: Path, *, keep: bool) -> tuple[int, bytes | None]:
     """Check magic, version, length and sha256 of the checkpoint at ``path``; return its format version and, if
     ``keep``, its body."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
-        head = f.read(_HEADER.size)
-        if len(head) < _HEADER.size:
-            raise CheckpointCorrupt(f"{path}: truncated checkpoint ({len(head)} bytes, header needs {_HEADER.size})")
-        magic, version, length, digest = _HEADER.unpack(head)
-        if magic != MAGIC:
-            raise CheckpointCorrupt(f"{path}: not a dual_emc2 checkpoint (bad magic {magic!r}); torn or foreign file")
+        version, length, digest = _read_header(f, path)
         if version not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
             raise CheckpointCorrupt(f"{path}: unsupported checkpoint format version {version}")
         h, n, body = hashlib.sha256(), 0, None
@@ -236,12 +242,7 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     the file (:func:`verify_checkpoint` does)."""
     p = Path(path)
     with open(p, "rb") as f:
-        head = f.read(_HEADER.size)
-        if len(head) < _HEADER.size:
-            raise CheckpointCorrupt(f"{p}: truncated checkpoint ({len(head)} bytes, header needs {_HEADER.size})")
-        magic, version, _, _ = _HEADER.unpack(head)
-        if magic != MAGIC:
-            raise CheckpointCorrupt(f"{p}: not a dual_emc2 checkpoint (bad magic {magic!r}); torn or foreign file")
+        version, _, _ = _read_header(f, p)
         if version != SHARDED_FORMAT_VERSION:
             return None
         raw = f.read(_MANIFEST_LEN.size)

@@ -112,6 +112,3 @@ class Task(ABC):
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.acc.unwrap_model(model)
 
-    def temperature(self, model: nn.Module) -> Tensor:
-        """β of the (possibly wrapped) model."""
-        return self.unwrap(model).temperature()
