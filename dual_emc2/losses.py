@@ -9,22 +9,27 @@ each direction with its own estimator state.  Unimodal (SimCLR-style, one tower)
 ``y_features`` are two views of the same b images, row i of each belonging to image ``index[i]``; all 2b views are
 anchors against all 2b views, the positive of a view is the other view of its image (``infonce`` is NT-Xent).
 
-Example::
+EMC² keeps one Markov-chain state per anchor: a sample elsewhere in the training set.  Its features must come from
+the same function as the batch's — the same transform, the same train mode, the same normalisation statistics —
+so ask the loss which states it needs *before* the forward pass and encode them with the batch::
 
     loss_fn = GlobalContrastiveLoss("emc2", num_samples=len(dataset))
     for index, images, texts in loader:                     # index: the dataset position of each pair
-        x = F.normalize(model.encode_image(images), dim=-1)
-        y = F.normalize(model.encode_text(texts), dim=-1)
-        loss = loss_fn(x, y, index, model.logit_scale.exp(),
-                       encode_x=lambda ids: F.normalize(model.encode_image(images_of(ids)), dim=-1),
-                       encode_y=lambda ids: F.normalize(model.encode_text(texts_of(ids)), dim=-1))
+        need = loss_fn.state_request(index, epoch=epoch)    # need.x: images to encode, need.y: texts
+        x = model.encode_image(torch.cat([images, train_images(need.x)]), normalize=True)
+        y = model.encode_text(torch.cat([texts, tokens(need.y)]), normalize=True)
+        b = index.numel()
+        loss = loss_fn(x[:b], y[:b], index, model.logit_scale.exp(), epoch=epoch, state_x=x[b:], state_y=y[b:])
         loss.backward()
 
-``encode_x`` / ``encode_y`` map global ids to features of those samples under the caller's grad mode; EMC²'s default
-re-encodes its chain states with them (unbiased at any batch size, docs/DESIGN.md).  Without encoders use
-``GlobalContrastiveLoss("emc2", N, state_score="stale", out_of_batch="drop")`` (no extra forwards, biased at small
-batch).  Under ``torch.distributed`` the features are gathered with gradient over processes; pass each process's own
-rows and ids.  The estimator state (chains, SogCLR's u, the negative cache) is in ``state_dict()``; with
+``need.x`` / ``need.y`` are :class:`~dual_emc2.objectives.state_views.StateViews`: (dataset index, view, epoch) of
+each state, to be produced by the transform the batch uses (seeded by the epoch when it is random, so the view is
+the one the chain accepted; ``epoch`` may stay 0 where inputs do not change between epochs, e.g. text).  Loops that
+cannot encode the states with the batch pass ``encode_x`` / ``encode_y`` instead (ids → features, re-encoded by
+sample id; the states are then not the batch's views).  Without either use
+``GlobalContrastiveLoss("emc2", N, state_score="stale", out_of_batch="drop")`` (no state features, biased at small
+batch).  Under ``torch.distributed`` the features are gathered with gradient over processes; pass each process's
+own rows, ids and states.  The estimator state (chains, SogCLR's u, the negative cache) is in ``state_dict()``; with
 ``state_sharding="sharded"`` each process holds (and saves) the rows of the keys it owns, and
 :func:`dual_emc2.state.load_state_shards` loads the shards of any number of processes.
 """
@@ -37,11 +42,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from dual_emc2.distributed import all_gather_rows, world_size
+from dual_emc2.distributed import all_gather_rows, rank, world_size
 from dual_emc2.metrics.exact import global_contrastive_loss
 from dual_emc2.objectives import REGISTRY, build_objective
 from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective
-from dual_emc2.objectives.batches import bimodal_contrastive_batches, unimodal_contrastive_batch
+from dual_emc2.objectives.batches import bimodal_contrastive_batches, unimodal_contrastive_batch, unimodal_layout
+from dual_emc2.objectives.state_views import StateRequest, StateViews
 from dual_emc2.objectives.symmetric import SymmetricObjective
 
 Mode = Literal["bimodal", "unimodal"]
@@ -82,14 +88,29 @@ class GlobalContrastiveLoss(nn.Module):
         **options: the estimator's options, as ``objective.options.<estimator>`` in configs (e.g. ``burn_in=31``,
             ``reencode_fraction=0.5``, ``gamma=0.9``, ``seed=0``).
 
-    Call: ``loss_fn(x_features, y_features, index, logit_scale, encode_x=None, encode_y=None)`` → scalar tensor.
+    Before the call (EMC²): ``need = loss_fn.state_request(index, epoch=e)`` → :class:`StateRequest`: the chain-state
+    views the call needs, ``need.x`` for the x tower and ``need.y`` for the y tower (unimodal: all in ``need.y``).
+
+    Call: ``loss_fn(x_features, y_features, index, logit_scale, *, epoch=0, state_x=None, state_y=None)`` → scalar.
         x_features, y_features: [b, d] unit rows.  index: [b] int global ids in [0, num_samples), distinct.
         logit_scale: β, a float or a 0-dim tensor (open_clip's ``logit_scale.exp()``; may require grad).
-        encode_x, encode_y: ids → [n, d] unit features of those samples (for estimators that re-encode).
+        epoch: the epoch whose augmentation drew this batch's views (0 when inputs do not change between epochs).
+        state_x, state_y: [len(need.x), d] and [len(need.y), d] unit features of the requested states, encoded in
+        the batch's forward pass (same transform and mode as the batch).
+        encode_x, encode_y: instead of state features, ids → [n, d] unit features of those samples (estimators
+        that re-encode by id; the negative cache needs them).
         labels: [b] class labels for the supervised estimators (unimodal).  x_groups, y_groups: [b] ids of groups of
         identical x / y (bimodal): candidates in the anchor's group are masked as known false negatives.
     ``last_stats``: detached diagnostics of the last call (estimator stats and ``batch_objective``, eq. 1 with D_neg
     the batch).
+
+    Example::
+
+        loss_fn = GlobalContrastiveLoss("emc2", num_samples=1000, mode="unimodal")
+        need = loss_fn.state_request(index, epoch=epoch)          # need.y: (id, view, epoch) of each state
+        z = F.normalize(model(torch.cat([views1, views2, augment(need.y)])), dim=-1)   # one forward, train mode
+        b = index.numel()
+        loss = loss_fn(z[:b], z[b:2 * b], index, 5.0, epoch=epoch, state_y=z[2 * b:])
     """
 
     def __init__(self, estimator: str = "emc2", num_samples: int = 0, mode: Mode = "bimodal", *,
@@ -117,6 +138,7 @@ class GlobalContrastiveLoss(nn.Module):
         self.check_inputs = check_inputs
         self.last_stats: dict[str, Tensor] = {}
         self._shape_checked: int | None = None
+        self._request: tuple[Tensor, int, tuple[Any, ...]] | None = None  # (index, epoch, plans) of state_request
 
     @classmethod
     def wrap(cls, objective: ContrastiveObjective, mode: Mode, num_samples: int, *, views_per_sample: int = 2,
@@ -163,6 +185,10 @@ class GlobalContrastiveLoss(nn.Module):
                 est.check_batch_shape(negatives_per_anchor)
             self._shape_checked = negatives_per_anchor
 
+    def _directions(self) -> tuple[ContrastiveObjective, ...]:
+        o = self.objective
+        return (o.x_to_y, o.y_to_x) if isinstance(o, SymmetricObjective) else (o,)
+
     def _check_encoders(self, encode_x: EncodeFn | None, encode_y: EncodeFn | None) -> None:
         if not self.objective.needs_candidate_encoder:
             return
@@ -171,26 +197,114 @@ class GlobalContrastiveLoss(nn.Module):
         if self.mode == "unimodal":
             missing = [] if (encode_x or encode_y) else ["encode_x"]
         if missing:
-            raise ValueError(
-                f"estimator {self.estimator!r} with these options re-encodes samples by id: pass "
-                f"{' and '.join(missing)} (ids → unit features), or build it without re-encoding "
-                "(emc2: state_score='stale', out_of_batch='drop')")
+            raise ValueError(f"estimator {self.estimator!r} re-encodes samples by id: pass {' and '.join(missing)} "
+                             "(ids → unit features)")
+
+    # ------------------------------------------------------------------------------------------------ states
+    @torch.no_grad()
+    def state_request(self, index: Tensor, *, epoch: int = 0) -> StateRequest:
+        """The chain-state views the next call on the batch ``index`` needs (empty for estimators without states).
+
+        Encode ``need.x`` with the x tower and ``need.y`` with the y tower (unimodal: the one encoder, ``need.y``)
+        in the same forward pass as the batch — each entry is (dataset index, view, epoch): the sample, which of its
+        V views, and the epoch whose augmentation drew it — then call the loss with the same ``index`` and ``epoch``
+        and ``state_x`` / ``state_y`` holding their features in this order.  Under ``torch.distributed`` every
+        process calls it (it reads the chains, a collective when they are sharded)."""
+        if not isinstance(index, Tensor) or index.dim() != 1 or index.is_floating_point():
+            raise ValueError(f"index must be a 1-d integer tensor of dataset indices, got "
+                             f"{getattr(index, 'dtype', type(index).__name__)} {tuple(getattr(index, 'shape', ()))}")
+        device = self._device()
+        index = index.to(device, torch.int64)
+        plans = self._plans(index, int(epoch))
+        self._request = (index.clone(), int(epoch), plans)
+        empty = StateViews.empty(device)
+        views = [p.views if p is not None else empty for p in plans]
+        if self.mode == "unimodal":
+            return StateRequest(x=empty, y=views[0])
+        if len(plans) == 1:
+            return StateRequest(x=empty, y=views[0])
+        return StateRequest(x=views[1], y=views[0])  # x→y chains stand on y samples, y→x chains on x samples
+
+    def _device(self) -> torch.device:
+        for t in self.objective.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def _plans(self, index: Tensor, epoch: int) -> tuple[Any, ...]:
+        """Each direction's plan of its states for the batch ``index`` (None for estimators without states)."""
+        if not self.objective.needs_state_features:
+            return tuple(None for _ in self._directions())
+        if self.mode == "unimodal":
+            V = self.views_per_sample
+            anchor_keys, _, candidate_keys, offset, total = unimodal_layout(index, V)
+            return (self.objective.plan(anchor_keys, candidate_keys, views_per_id=V, epoch=epoch, row_offset=offset,
+                                        total_rows=total),)
+        candidate_keys = all_gather_rows(index)
+        offset = rank() * index.numel()
+        return tuple(d.plan(index, candidate_keys, epoch=epoch, row_offset=offset, total_rows=candidate_keys.numel())
+                     for d in self._directions())
+
+    def _take_plans(self, index: Tensor, epoch: int, given: bool) -> tuple[Any, ...] | None:
+        """The plans of the last :meth:`state_request` when it was for this batch (then forgotten); None otherwise.
+        State features given without a matching request are an error."""
+        request, self._request = self._request, None
+        if request is not None and request[1] == epoch and request[0].shape == index.shape \
+                and torch.equal(request[0], index.to(request[0].device, torch.int64)):
+            return request[2]
+        if given:
+            raise ValueError("state_x / state_y hold the states of a state_request; call "
+                             "loss_fn.state_request(index, epoch=...) for this batch (same index and epoch) right "
+                             "before the forward, and encode what it returns")
+        return None
+
+    def _check_states(self, plans: tuple[Any, ...], state_x: Tensor | None, state_y: Tensor | None,
+                      encode_x: EncodeFn | None, encode_y: EncodeFn | None, d: int) -> None:
+        """Every planned state has features (given, or an encoder to compute them), unit rows of the right shape."""
+        sides = ("y",) if self.mode == "unimodal" or len(plans) == 1 else ("y", "x")
+        for plan, side in zip(plans, sides):
+            n = 0 if plan is None else len(plan.views)
+            feats = state_y if side == "y" else state_x
+            encoder = (encode_x or encode_y) if self.mode == "unimodal" else (encode_y if side == "y" else encode_x)
+            if feats is None:
+                if n and encoder is None:
+                    raise ValueError(
+                        f"estimator {self.estimator!r} needs the features of {n} chain-state views this step: call "
+                        f"need = loss_fn.state_request(index, epoch=...) before the forward, encode need.{side} with "
+                        f"the batch and pass state_{side}=...; or pass encode_x/encode_y (re-encoding by id); or "
+                        "build it with state_score='stale', out_of_batch='drop' (biased at small batch)")
+                continue
+            if not isinstance(feats, Tensor) or feats.dim() != 2 or feats.shape != (n, d):
+                raise ValueError(f"state_{side} must be [{n}, {d}]: one feature row per entry of need.{side}, in its "
+                                 f"order; got {tuple(getattr(feats, 'shape', ()))}")
+            if self.check_inputs and n:
+                tol = 2e-2 if feats.dtype in (torch.float16, torch.bfloat16) else 1e-3
+                _unit_rows(f"state_{side}", feats, tol)
 
     def forward(self, x_features: Tensor, y_features: Tensor, index: Tensor, logit_scale: Tensor | float,
                 encode_x: EncodeFn | None = None, encode_y: EncodeFn | None = None, *, labels: Tensor | None = None,
-                x_groups: Tensor | None = None, y_groups: Tensor | None = None) -> Tensor:
+                x_groups: Tensor | None = None, y_groups: Tensor | None = None, epoch: int = 0,
+                state_x: Tensor | None = None, state_y: Tensor | None = None) -> Tensor:
         if self.check_inputs:
             self._check_call(x_features, y_features, index, logit_scale)
         self._check_encoders(encode_x, encode_y)
         index = index.to(x_features.device, torch.int64)
         if self.mode == "unimodal":
+            if state_x is not None:
+                raise ValueError("unimodal: the states are views of the one encoder; pass them as state_y (need.y)")
             views = torch.stack([x_features, y_features], dim=1)  # [b, 2, d]: image-major, view 0 then view 1
-            return self.forward_views(views, index, logit_scale, encode_x or encode_y, labels=labels)
+            return self.forward_views(views, index, logit_scale, encode_x or encode_y, labels=labels, epoch=epoch,
+                                      state_features=state_y)
         b_global = x_features.shape[0] * world_size()
         self._check_shape(b_global - 1)
-        xy, yx = bimodal_contrastive_batches(x_features, y_features, index, x_groups=x_groups, y_groups=y_groups,
-                                             encode_x=encode_x, encode_y=encode_y)
+        plans = self._take_plans(index, int(epoch), state_x is not None or state_y is not None)
+        if plans is None:
+            plans = self._plans(index, int(epoch))
+        self._check_states(plans, state_x, state_y, encode_x, encode_y, x_features.shape[1])
         both = isinstance(self.objective, SymmetricObjective)
+        xy, yx = bimodal_contrastive_batches(x_features, y_features, index, x_groups=x_groups, y_groups=y_groups,
+                                             encode_x=encode_x, encode_y=encode_y, epoch=int(epoch),
+                                             plans=(plans[0], plans[1] if both else None), state_x=state_x,
+                                             state_y=state_y)
         out = self.objective(xy, logit_scale, reverse=yx) if both else self.objective(xy, logit_scale)
         with torch.no_grad():
             beta = float(logit_scale.detach()) if isinstance(logit_scale, Tensor) else float(logit_scale)
@@ -200,23 +314,30 @@ class GlobalContrastiveLoss(nn.Module):
         return out.loss
 
     def forward_views(self, views: Tensor, index: Tensor, logit_scale: Tensor | float,
-                      encode: EncodeFn | None = None, *, labels: Tensor | None = None) -> Tensor:
+                      encode: EncodeFn | None = None, *, labels: Tensor | None = None, epoch: int = 0,
+                      state_features: Tensor | None = None) -> Tensor:
         """Unimodal loss of ``views`` [b, V, d] (V ≥ 2 unit views of each of b images): every view is an anchor, its
-        positive the next view of its image (v → v + 1 mod V), the other images' views its negatives."""
+        positive the next view of its image (v → v + 1 mod V), the other images' views its negatives.
+        ``state_features``: the features of ``state_request(index, epoch=epoch).y``, encoded with the views."""
         if self.mode != "unimodal":
             raise ValueError("forward_views is the unimodal loss; this loss was built with mode='bimodal'")
         b, V, d = views.shape
         if V != self.views_per_sample:
             raise ValueError(f"this loss keeps state for {self.views_per_sample} views per image, got {V}")
         self._check_shape(b * world_size() * V - V)
-        batch = unimodal_contrastive_batch(views.reshape(b * V, d), index.to(views.device, torch.int64), V,
-                                           encode_candidates=encode, labels=labels)
+        index = index.to(views.device, torch.int64)
+        plans = self._take_plans(index, int(epoch), state_features is not None)
+        if plans is None:
+            plans = self._plans(index, int(epoch))
+        self._check_states(plans, None, state_features, encode, None, d)
+        batch = unimodal_contrastive_batch(views.reshape(b * V, d), index, V, encode_candidates=encode,
+                                           labels=labels, epoch=int(epoch), state_plan=plans[0],
+                                           state_features=state_features)
         out = self.objective(batch, logit_scale)
         with torch.no_grad():
             beta = float(logit_scale.detach()) if isinstance(logit_scale, Tensor) else float(logit_scale)
             self.last_stats = dict(out.stats) | {"loss": out.loss.detach(),
                                                  "batch_objective": _batch_objective(batch, beta)}
-        self._last_batch = batch
         return out.loss
 
 
@@ -226,4 +347,4 @@ def _batch_objective(batch: ContrastiveBatch, beta: float) -> Tensor:
                                    batch.anchor_ids, batch.candidate_ids, beta)
 
 
-__all__ = ["GlobalContrastiveLoss", "MODES", "REGISTRY"]
+__all__ = ["GlobalContrastiveLoss", "MODES", "REGISTRY", "StateRequest", "StateViews"]

@@ -19,8 +19,8 @@ from typing import Any
 __all__ = ["AUTO_SHARD_BYTES", "SHARDING_MODES", "KeyLayout", "resolve_sharding"]
 
 SHARDING_MODES: tuple[str, ...] = ("auto", "replicated", "sharded")  # the choices of objective.state_sharding
-# ``auto`` shards a state table from this size on (per table: EMC²'s chains take 8 bytes a key, SogCLR's u 4, and a
-# bimodal run has one table per direction): 256 MiB is 32M EMC² anchors, i.e. 16M samples of two directions
+# ``auto`` shards a state table from this size on (per table: EMC²'s chains take 12 bytes a key, SogCLR's u 4, and a
+# bimodal run has one table per direction): 256 MiB is 22M EMC² anchors, i.e. 11M samples of two directions
 AUTO_SHARD_BYTES = 256 * 2**20
 
 

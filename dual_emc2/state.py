@@ -9,12 +9,13 @@ its rows), and :func:`load_state_shards` fills any layout from the shards of ano
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from dual_emc2.distributed import rank, world_size
+from dual_emc2.distributed import all_gather_rows, rank, world_size
 from dual_emc2.sharding import KeyLayout, resolve_sharding
 from dual_emc2.state_exchange import read_rows, write_rows
 
@@ -60,6 +61,8 @@ class KeyedState(nn.Module):
     Build it after the process group is initialised: the layout follows the world size at construction."""
 
     protocol = "alltoall"  # the sharded exchange (dual_emc2.state_exchange; experiments/bench_state.py)
+    #: columns a state dict written by an earlier version may lack, with the value they load with (a warning says so)
+    legacy_columns: Mapping[str, float] = {}
 
     def __init__(self, num_keys: int, columns: Mapping[str, tuple[torch.dtype, float]],
                  sharding: str = "auto") -> None:
@@ -111,6 +114,25 @@ class KeyedState(nn.Module):
             context = pending[2]  # the keys of the read: no second key exchange
         write_rows(self.columns(), self.layout, keys, values, context, self.protocol)
 
+    def full_columns(self) -> list[Tensor]:
+        """Every key's row of every column (copies, in key order); a collective when the table is sharded (each
+        process's rows are gathered)."""
+        if self.sharding != "sharded":
+            return [c.clone() for c in self.columns()]
+        self._check_world()
+        n, world = self.num_keys, self.layout.world
+        sizes = [len(range(r, n, world)) for r in range(world)]
+        out = []
+        for col in self.columns():
+            gathered = all_gather_rows(col, sizes)
+            full = torch.empty(n, dtype=col.dtype, device=col.device)
+            start = 0
+            for r, size in enumerate(sizes):
+                full[r::world] = gathered[start:start + size]
+                start += size
+            out.append(full)
+        return out
+
     # ------------------------------------------------------------------------------------------------ layouts
     def take_rows(self, source: KeyLayout, columns: Mapping[str, Tensor]) -> Tensor:
         """Copy into this table the rows it holds that ``columns`` (rows of ``source``) hold; returns the bool mask of
@@ -121,6 +143,8 @@ class KeyedState(nn.Module):
         mine = owned_keys(self.layout)
         present = source.owns(mine)
         src = source.local_index(mine[present])
+        columns = dict(columns)
+        self._fill_legacy(columns, "")
         for name in self._columns:
             col = getattr(self, name)
             col[present.to(col.device)] = columns[name][src].to(col.device, col.dtype)
@@ -129,6 +153,7 @@ class KeyedState(nn.Module):
     def _adopt_layout(self, state_dict: dict, prefix: str, *_args) -> None:
         """Load-state-dict pre-hook: turn a state dict of another layout that holds every row this process needs (a
         replicated one, say) into this table's layout."""
+        self._fill_legacy(state_dict, prefix)
         names = [prefix + n for n in self._columns]
         if any(n not in state_dict for n in names):
             return  # strict loading names the missing keys
@@ -139,6 +164,19 @@ class KeyedState(nn.Module):
             state_dict[prefix + SHARD] = getattr(self, SHARD).clone()
         else:
             state_dict.pop(prefix + SHARD, None)
+
+    def _fill_legacy(self, state_dict: dict, prefix: str) -> None:
+        """Add the :attr:`legacy_columns` an older state dict lacks (same length as its first column), with a
+        warning."""
+        first = state_dict.get(prefix + self._columns[0])
+        missing = [n for n in self.legacy_columns if prefix + n not in state_dict]
+        if first is None or not missing:
+            return
+        for name in missing:
+            dtype = getattr(self, name).dtype
+            state_dict[prefix + name] = torch.full((first.numel(),), self.legacy_columns[name], dtype=dtype)
+        warnings.warn(f"{prefix or 'state'}: saved without {', '.join(missing)} (an earlier dual_emc2); loaded with "
+                      + ", ".join(f"{n}={self.legacy_columns[n]}" for n in missing), stacklevel=3)
 
     def _convert(self, state_dict: dict, prefix: str, source: KeyLayout) -> None:
         """Replace the columns of ``state_dict`` (rows of ``source``) by this table's rows, when they hold them."""
@@ -155,24 +193,37 @@ class KeyedState(nn.Module):
 
 
 class ChainState(KeyedState):
-    """EMC² Markov-chain state Z_i per anchor key: the candidate key of the current negative (−1: none yet; a sample
-    id, or ``id · n_views + view`` when candidates are views) and its last computed score s(x_i, Z_i) (the ``stale``
-    score of docs/DESIGN.md).  8 bytes per anchor (int32 + float32)."""
+    """EMC² Markov-chain state Z_i per anchor key: the candidate *view* the chain stands on — its candidate key
+    (−1: none yet; a sample id, or ``id · n_views + view`` when candidates are views) and the epoch whose
+    augmentation drew it (the view is regenerated from (seed, epoch, id, view), so the state is an exact member of
+    D_neg) — and its last computed score s(x_i, Z_i) (the ``stale`` score of docs/DESIGN.md).  12 bytes per anchor
+    (int32 key, float32 score, int32 epoch)."""
+
+    #: chains saved before the view epoch existed load with epoch 0 (their states become the epoch-0 views of the same
+    #: samples: still members of D_neg, so the chains go on from there)
+    legacy_columns = {"epoch": 0}
 
     def __init__(self, num_keys: int, sharding: str = "auto") -> None:
-        super().__init__(num_keys, {"candidate_key": (torch.int32, -1), "score": (torch.float32, float("-inf"))},
-                         sharding)
+        super().__init__(num_keys, {"candidate_key": (torch.int32, -1), "score": (torch.float32, float("-inf")),
+                                    "epoch": (torch.int32, 0)}, sharding)
         self._register_load_state_dict_pre_hook(_reject_pre_key_checkpoints)
 
-    def read(self, keys: Tensor) -> tuple[Tensor, Tensor]:
-        """(candidate key [B] int64, stored score [B] float32) of the chains of ``keys``."""
-        candidate_key, score = self.read_columns(keys)
-        return candidate_key.long(), score
+    def read(self, keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(candidate key [B] int64, stored score [B] float32, view epoch [B] int64) of the chains of ``keys``."""
+        candidate_key, score, epoch = self.read_columns(keys)
+        return candidate_key.long(), score, epoch.long()
 
     @torch.no_grad()
-    def write(self, keys: Tensor, candidate_key: Tensor, score: Tensor) -> None:
+    def write(self, keys: Tensor, candidate_key: Tensor, score: Tensor, epoch: Tensor) -> None:
         """Store new states for ``keys`` (this process's anchors); every process receives every process's update."""
-        self.write_columns(keys, [candidate_key.to(torch.int32), score.float()])
+        self.write_columns(keys, [candidate_key.to(torch.int32), score.float(), epoch.to(torch.int32)])
+
+    @torch.no_grad()
+    def views(self) -> tuple[Tensor, Tensor]:
+        """(candidate key [num_keys] int64, view epoch [num_keys] int64) of every chain, on the CPU: what a data
+        loader needs to fetch each anchor's state view ahead of its step (a collective when sharded)."""
+        key, _, epoch = self.full_columns()
+        return key.long().cpu(), epoch.long().cpu()
 
 
 def _reject_pre_key_checkpoints(state_dict, prefix, *_args) -> None:

@@ -4,12 +4,13 @@
     accelerate launch --multi_gpu --num_processes 2 examples/open_clip_emoji.py --smoke    # 2 CPU processes (gloo)
 
 The model is open_clip's ``CLIP`` built from a small config registered with ``open_clip.add_model_config`` (a 2-layer
-ViT on 32 px images, a 2-layer text transformer; random init, or ``--checkpoint``).  The only change to an open_clip
-training loop is the loss: ``ClipLoss()(img, txt, logit_scale)`` becomes
-``GlobalContrastiveLoss("emc2", num_samples=N)(img, txt, index, logit_scale, encode_x=..., encode_y=...)`` with each
-pair's dataset index; ``encode_x`` / ``encode_y`` re-encode images (open_clip's eval transform) and captions (its
-tokenizer) by index, which EMC² uses for chain states outside the batch.  Under Accelerate each process passes its own
-rows and indices and the loss gathers over processes itself (no ``gather_with_grad`` / ``local_loss`` flags).
+ViT on 32 px images, a 2-layer text transformer; random init, or ``--checkpoint``).  The changes to an open_clip
+training loop: ``ClipLoss()(img, txt, logit_scale)`` becomes ``GlobalContrastiveLoss("emc2", num_samples=N)(img, txt,
+index, logit_scale, ...)`` with each pair's dataset index, and EMC²'s chain states (an image for each caption→image
+chain, a caption for each image→caption chain) go through the model in the batch's own forward: ``state_request``
+names them before the forward, so they get the batch's training transform (seeded by epoch and index, so the chain's
+exact view comes back) and train mode.  Under Accelerate each process passes its own rows and indices and the loss
+gathers over processes itself (no ``gather_with_grad`` / ``local_loss`` flags).
 Needs the emoji files of scripts/install.sh (data_cache/emoji).
 """
 from __future__ import annotations
@@ -57,16 +58,26 @@ def decode(png: bytes) -> Image.Image:
 
 
 class EmojiPairs(Dataset):
-    """(index, training-transformed image, caption tokens); index = the pair's dataset index."""
+    """(index, training-transformed image, caption tokens); index = the pair's dataset index.  The image's random
+    transform is seeded by (seed, epoch, index), so :meth:`image` can draw any epoch's view again."""
 
-    def __init__(self, images: list[Image.Image], captions: list[str], transform, tokenizer) -> None:
+    def __init__(self, images: list[Image.Image], captions: list[str], transform, tokenizer, seed: int = 0) -> None:
         self.images, self.captions, self.transform, self.tokenizer = images, captions, transform, tokenizer
+        self.seed, self.epoch = seed, 0
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def image(self, i: int, epoch: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+            return self.transform(self.images[i])
+
+    def tokens(self, ids: list[int]) -> torch.Tensor:
+        return self.tokenizer([self.captions[i] for i in ids])
+
     def __getitem__(self, i: int):
-        return i, self.transform(self.images[i]), self.tokenizer([self.captions[i]])[0]
+        return i, self.image(i, self.epoch), self.tokens([i])[0]
 
 
 def main() -> None:
@@ -99,8 +110,8 @@ def main() -> None:
     pairs = emoji_pairs(args.data)
     images, captions = [decode(png) for png in pairs.x], list(pairs.y)
     n = len(images)  # pair k has dataset index k (pairs.ids is 0..n-1)
-    loader = DataLoader(EmojiPairs(images, captions, preprocess_train, tokenizer), batch_size=args.batch_size,
-                        shuffle=True, drop_last=True)
+    data = EmojiPairs(images, captions, preprocess_train, tokenizer, seed=args.seed)
+    loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     core = accelerator.unwrap_model(model)
@@ -111,23 +122,31 @@ def main() -> None:
     if "loss" in ckpt:  # resume the chains too
         loss_fn.load_state_dict(ckpt["loss"])
 
-    def encode_images(ids: torch.Tensor) -> torch.Tensor:  # images by dataset index, eval transform
+    def encode_images(ids: torch.Tensor) -> torch.Tensor:  # evaluation: images by dataset index, eval transform
         pixels = torch.stack([preprocess_val(images[i]) for i in ids.tolist()]).to(device)
         return core.encode_image(pixels, normalize=True)
 
-    def encode_captions(ids: torch.Tensor) -> torch.Tensor:  # captions by dataset index
+    def encode_captions(ids: torch.Tensor) -> torch.Tensor:  # evaluation: captions by dataset index
         return core.encode_text(tokenizer([captions[i] for i in ids.tolist()]).to(device), normalize=True)
 
     accelerator.print(f"emoji pairs: {n}; {accelerator.num_processes} process(es) × batch {args.batch_size}; "
                       f"model {sum(p.numel() for p in core.parameters()) / 1e6:.2f}M parameters on {device}")
-    step, start = 0, time.time()
+    step, epoch, start = 0, 0, time.time()
     model.train()
     while step < args.steps:
+        data.epoch = epoch  # read when the loader's iterator starts (num_workers=0)
         for index, pixels, tokens in loader:
-            image_features, text_features, logit_scale = model(pixels, tokens)[:3]  # unit rows, exp(logit_scale)
+            b = index.numel()
+            # the chain states this step needs: images (with this batch's training transform, as drawn in their
+            # epoch) for the caption→image chains, captions for the image→caption chains
+            need = loss_fn.state_request(index, epoch=epoch)
+            state_pixels = [data.image(i, e)[None].to(device) for i, _, e in need.x]
+            pixels = torch.cat([pixels, *state_pixels])
+            tokens = torch.cat([tokens, data.tokens(need.y.ids.tolist()).to(device)])
+            image_features, text_features, logit_scale = model(pixels, tokens)[:3]  # one forward, train mode
             # was: loss = ClipLoss()(image_features, text_features, logit_scale)
-            loss = loss_fn(image_features, text_features, index, logit_scale,
-                           encode_x=encode_images, encode_y=encode_captions)
+            loss = loss_fn(image_features[:b], text_features[:b], index, logit_scale, epoch=epoch,
+                           state_x=image_features[b:], state_y=text_features[b:])
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()
@@ -136,9 +155,11 @@ def main() -> None:
             step += 1
             accelerator.print(f"step {step}/{args.steps} loss {loss.item():.4f} batch_objective "
                               f"{float(loss_fn.last_stats['batch_objective']):.4f} "
-                              f"beta {logit_scale.item():.2f} ({time.time() - start:.1f}s)", flush=True)
+                              f"beta {logit_scale.item():.2f} states {len(need)} ({time.time() - start:.1f}s)",
+                              flush=True)
             if step >= args.steps:
                 break
+        epoch += 1
 
     if accelerator.is_main_process:
         core.eval()

@@ -6,9 +6,10 @@
 View layout of ``GlobalContrastiveLoss(..., mode="unimodal")``: ``x_features`` holds view 1 of the images ``index``
 and ``y_features`` view 2 of the same images, so row i of both is image ``index[i]`` ([b, d] each).  Every one of the
 2b views is an anchor; its positive is the other view of its image, the other images' views its negatives (with
-``infonce`` this is NT-Xent).  A solo-learn-style concatenated [2b, d] tensor ``z = cat([view1, view2])`` is passed
-as ``z[:b], z[b:]``.  ``encode_x`` re-encodes the *un-augmented* images by dataset index (EMC²'s chain states outside
-the batch).  The CNN uses GroupNorm, so re-encoding a few images does not touch any batch statistics.
+``infonce`` this is NT-Xent).  EMC²'s chain states are views too: before each forward the loss names the views it
+needs (``state_request``: image, view, epoch), the dataset regenerates them (its augmentation is seeded by
+(seed, epoch, image, view)), and they go through the encoder in the same forward as the batch, so a state is scored
+by the same function as the batch's views.
 """
 from __future__ import annotations
 
@@ -20,23 +21,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dual_emc2.data.augment import eval_transform, simclr_transform
+from dual_emc2.data.augment import simclr_transform
 from dual_emc2.data.image_sets import build_image_dataset, dataset_stats
 from dual_emc2.losses import GlobalContrastiveLoss
 
 
 class TwoViews(Dataset):
-    """(index, view 1, view 2) of the first ``n`` images: two independent draws of the SimCLR augmentation."""
+    """(index, view 0, view 1) of the first ``n`` images: two draws of the SimCLR augmentation, each seeded by
+    (seed, epoch, image, view) so that any view can be drawn again later (:meth:`view`)."""
 
-    def __init__(self, images, transform, n: int) -> None:
-        self.images, self.transform, self.n = images, transform, n
+    def __init__(self, images, transform, n: int, seed: int = 0) -> None:
+        self.images, self.transform, self.n, self.seed, self.epoch = images, transform, n, seed, 0
 
     def __len__(self) -> int:
         return self.n
 
+    def view(self, i: int, v: int, epoch: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + i) * 2 + v)
+            return self.transform(self.images[i][0])
+
     def __getitem__(self, i: int):
-        img = self.images[i][0]
-        return i, self.transform(img), self.transform(img)
+        return i, self.view(i, 0, self.epoch), self.view(i, 1, self.epoch)
 
 
 def small_cnn(out_dim: int = 64, width: int = 32) -> nn.Module:
@@ -67,36 +73,36 @@ def main() -> None:
     images = build_image_dataset("fashion_mnist", "train")  # PIL RGB 28×28, label
     n = min(args.subset or len(images), len(images))
     mean, std = dataset_stats("fashion_mnist")
-    augment = simclr_transform(28, mean, std, grey_input=True)
-    plain = eval_transform(28, mean, std)
-    loader = DataLoader(TwoViews(images, augment, n), batch_size=args.batch_size, shuffle=True, drop_last=True)
+    data = TwoViews(images, simclr_transform(28, mean, std, grey_input=True), n, seed=args.seed)
+    loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True)
 
     model = small_cnn().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     loss_fn = GlobalContrastiveLoss("emc2", num_samples=n, mode="unimodal").to(device)
     beta = 1.0 / args.temperature
 
-    def encode_images(ids: torch.Tensor) -> torch.Tensor:  # un-augmented images by dataset index
-        pixels = torch.stack([plain(images[i][0]) for i in ids.tolist()]).to(device)
-        return F.normalize(model(pixels), dim=-1)
-
     print(f"fashion_mnist: {n} images, batch {args.batch_size}, device {device}", flush=True)
-    step, start = 0, time.time()
+    step, epoch, start = 0, 0, time.time()
     while step < args.steps:
-        for index, view1, view2 in loader:
+        data.epoch = epoch  # read by the loader's __iter__ below (num_workers=0)
+        for index, view0, view1 in loader:
             b = index.numel()
-            z = F.normalize(model(torch.cat([view1, view2]).to(device)), dim=-1)  # [2b, d]: view 1 rows, then view 2
-            # x_features = view 1 of images `index`, y_features = view 2 of the same images: row i of both is
-            # image index[i]
-            loss = loss_fn(z[:b], z[b:], index, beta, encode_x=encode_images)
+            # the chain states this step needs: (image, view, epoch) of each, drawn again exactly
+            need = loss_fn.state_request(index, epoch=epoch)
+            states = [data.view(i, v, e)[None] for i, v, e in need.y]
+            pixels = torch.cat([view0, view1, *states]).to(device)
+            z = F.normalize(model(pixels), dim=-1)  # one forward: view 0 rows, view 1 rows, then the states
+            loss = loss_fn(z[:b], z[b:2 * b], index, beta, epoch=epoch, state_y=z[2 * b:])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             print(f"step {step}/{args.steps} loss {loss.item():.4f} batch_objective "
-                  f"{float(loss_fn.last_stats['batch_objective']):.4f} ({time.time() - start:.1f}s)", flush=True)
+                  f"{float(loss_fn.last_stats['batch_objective']):.4f} states {len(need.y)} "
+                  f"({time.time() - start:.1f}s)", flush=True)
             if step >= args.steps:
                 break
+        epoch += 1
     print(f"done: {step} steps", flush=True)
 
 

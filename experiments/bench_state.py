@@ -2,14 +2,14 @@
 """Replicated against sharded per-anchor state (``objective.state_sharding``), measured with W gloo processes on this
 machine's CPU: memory per process and the time of one state round (read + write of a global batch's keys).
 
-For each table size N (EMC² chains: int32 key + float32 score, 8 bytes a key) and each layout/protocol
-(``replicated``; ``sharded`` with the ``gather`` and the ``alltoall`` exchange of :mod:`dual_emc2.state_exchange`),
-every process builds a :class:`dual_emc2.state.ChainState` alone to measure its memory: the state's bytes (its
-buffers) and the peak resident growth while building it (VmHWM after resetting it, minus the resident memory
-before).  Then the three tables run rounds side by side, interleaved: each round draws a global batch of ``--batch``
-distinct keys (the same on every process), each process reads the states of its slice and writes new ones; the time
-of a round is the slowest process's, and the median over rounds is reported.  Ratios are against the replicated
-table of the same N, measured in the same run.
+For each table size N (EMC² chains: int32 key + float32 score + int32 view epoch, 12 bytes a key) and each
+layout/protocol (``replicated``; ``sharded`` with the ``gather`` and the ``alltoall`` exchange of
+:mod:`dual_emc2.state_exchange`), every process builds a :class:`dual_emc2.state.ChainState` alone to measure its
+memory: the state's bytes (its buffers) and the peak resident growth while building it (VmHWM after resetting it, minus
+the resident memory before). Then the three tables run rounds side by side, interleaved: each round draws a global batch
+of ``--batch`` distinct keys (the same on every process), each process reads the states of its slice and writes new
+ones; the time of a round is the slowest process's, and the median over rounds is reported. Ratios are against the
+replicated table of the same N, measured in the same run.
 
     python experiments/bench_state.py [--world 4] [--keys 1e6,1e7] [--batch 256] [--rounds 200]
         [--out experiments/results/bench_state.json] [--smoke]
@@ -52,8 +52,8 @@ def _reset_peak() -> None:
 
 
 def _round(chains: ChainState, keys: torch.Tensor, step: int) -> None:
-    candidate, score = chains.read(keys)
-    chains.write(keys, candidate + step + 1, score + 1.0)
+    candidate, score, epoch = chains.read(keys)
+    chains.write(keys, candidate + step + 1, score + 1.0, epoch + 1)
 
 
 def _table(n_keys: int, layout: str, protocol: str) -> ChainState:

@@ -2,18 +2,21 @@
 """Time per training step of each estimator against SimCLR (InfoNCE) in one run, the estimators' state memory, and
 the trainer's own overhead.
 
-Table 1 (estimators).  One model, one optimiser (Adam) and one synthetic batch of 2b views already on the device;
-each step is forward → ContrastiveBatch (:func:`dual_emc2.train.unimodal.unimodal_contrastive_batch`) → estimator →
+Table 1 (estimators). One model, one optimiser (Adam) and one synthetic batch of 2b views already on the device; each
+step is forward → ContrastiveBatch (:func:`dual_emc2.objectives.batches.unimodal_contrastive_batch`) → estimator →
 backward → optimiser step, with fresh global ids every step (so chain states and caches are read and written as in
-training).  Estimators are timed round-robin, one step each per round, so load drift hits all of them alike; the
-median over rounds after warm-up is reported with its ratio to SimCLR.  On CUDA: CUDA events, channels_last, peak
-``torch.cuda.max_memory_allocated`` of one step, and the number of host–device synchronisations of one step
-(``torch.cuda.set_sync_debug_mode``).  Estimator options follow Table 3 of the paper (EMC² P = b − 1, negative-cache
-refresh ρ = 0.01024 at b = 32 and 0.1 at b = 256) unless overridden.
+training, and nearly every EMC² state lies outside the batch). EMC² (``emc2``, ``emc2_q025``) plans its states before
+the forward and encodes them in the batch's own forward pass, as the trainer does (stand-in images already on the
+device, as the loader's workers deliver them); ``emc2_unaugmented`` is the earlier path, a second forward of the states'
+un-augmented images by id with norm layers in eval mode. Estimators are timed round-robin, one step each per round, so
+load drift hits all of them alike; the median over rounds after warm-up is reported with its ratio to SimCLR. On CUDA:
+CUDA events, channels_last, peak ``torch.cuda.max_memory_allocated`` of one step, and the number of host–device
+synchronisations of one step (``torch.cuda.set_sync_debug_mode``). Estimator options follow Table 3 of the paper (EMC² P
+= b − 1, negative-cache refresh ρ = 0.01024 at b = 32 and 0.1 at b = 256) unless overridden.
 
-State memory: bytes of each estimator's buffers over the m-sample dataset (2 views, so 2m anchor keys): the EMC²
-chain state per anchor key (sample id + score), SogCLR's u, the negative cache's m_neg × d float features (plus its
-per-entry refresh step).
+State memory: bytes of each estimator's buffers over the m-sample dataset (2 views, so 2m anchor keys): the EMC² chain
+state per anchor key (candidate key, score, view epoch), SogCLR's u, the negative cache's m_neg × d float features (plus
+its per-entry refresh step).
 
 Table 2 (trainer overhead).  ``Trainer.train_step`` on a synthetic on-device batch against a bare torch loop doing the
 same forward / estimator / backward / optimiser step on the same model, optimiser and estimator objects, interleaved;
@@ -50,10 +53,11 @@ from _common import (
 from torch import Tensor, nn
 
 from dual_emc2.objectives import build_objective
+from dual_emc2.objectives.batches import unimodal_contrastive_batch, unimodal_layout
 from dual_emc2.towers.heads import build_image_encoder
-from dual_emc2.train.unimodal import unimodal_contrastive_batch
 
-ESTIMATORS = ("simclr", "emc2", "emc2_q025", "emc2_stale_drop", "sogclr", "hcl", "negative_cache")
+ESTIMATORS = ("simclr", "emc2", "emc2_q025", "emc2_unaugmented", "emc2_stale_drop", "sogclr", "hcl",
+              "negative_cache")
 VIEWS = 2
 
 
@@ -90,13 +94,16 @@ PRESETS: dict[str, list[Case]] = {
 
 
 def estimator_options(name: str, case: Case) -> tuple[str, dict[str, Any]]:
-    """Registry name and options of a table row: ``emc2`` is the default (Rao–Blackwell weights over batch ∪ state,
-    every out-of-batch state re-encoded), ``emc2_q025`` re-encodes a random quarter of them (weighted 4×), and
-    ``emc2_stale_drop`` is the paper's Algorithm 1 with stale scores and no re-encoding (P = b − 1, Table 3)."""
+    """Registry name and options of a table row: ``emc2`` is the default (Rao–Blackwell weights over the thinned batch
+    ∪ state, every out-of-batch state encoded with the batch), ``emc2_q025`` encodes a random quarter of them
+    (weighted 4×), ``emc2_unaugmented`` the default estimator fed the earlier way (a second forward by id, eval
+    mode), and ``emc2_stale_drop`` the paper's Algorithm 1 with stale scores and no state features (P = b − 1,
+    Table 3)."""
     return {
         "simclr": ("infonce", {}),
         "emc2": ("emc2", {}),
         "emc2_q025": ("emc2", {"reencode_fraction": 0.25}),
+        "emc2_unaugmented": ("emc2", {}),
         "emc2_stale_drop": ("emc2", {"weights": "visits", "proposal": "batch", "burn_in": case.batch - 1,
                                      "state_score": "stale", "out_of_batch": "drop"}),
         "sogclr": ("sogclr", {"gamma": 0.9}),
@@ -164,7 +171,8 @@ class Bench:
         self.counter = 0
 
     def encode(self, ids: Tensor) -> Tensor:
-        """ψ of stand-in images for global ids, batch norm in eval mode as the trainer's ``encode_candidates``."""
+        """ψ of stand-in images for global ids, batch norm in eval mode: the negative cache's encoder, and EMC²'s states
+        fed the earlier way (``emc2_unaugmented``)."""
         was = self.model.training
         self.model.eval()
         try:
@@ -177,10 +185,17 @@ class Bench:
         obj = self.objectives[name]
         ids = self.ids[self.counter % self.ids.shape[0]]
         self.counter += 1
+        x, plan = self.x, None
+        by_id = obj.needs_candidate_encoder or name == "emc2_unaugmented"
+        if obj.needs_state_features and not by_id:  # the states this step needs, in the batch's forward
+            anchor_keys, _, candidate_keys, offset, total = unimodal_layout(ids, VIEWS)
+            plan = obj.plan(anchor_keys, candidate_keys, views_per_id=VIEWS, row_offset=offset, total_rows=total)
+            x = torch.cat([x, self.pool[plan.views.ids.to(self.device) % self.pool.shape[0]]])
         with self.amp:
-            z = self.model(self.x)
-        batch = unimodal_contrastive_batch(z.float(), ids, VIEWS,
-                                           encode_candidates=self.encode if obj.needs_candidate_encoder else None)
+            z = self.model(x).float()
+        rows = self.x.shape[0]
+        batch = unimodal_contrastive_batch(z[:rows], ids, VIEWS, encode_candidates=self.encode if by_id else None,
+                                           state_plan=plan, state_features=z[rows:] if plan is not None else None)
         out = obj(batch, self.case.beta)
         out.loss.backward()
         self.opt.step()
@@ -238,45 +253,55 @@ def trainer_overhead(case: Case, device: torch.device, repeats: int, warmup: int
     trainer = Trainer(cfg)
     if trainer.device.type != device.type:
         raise SystemExit(f"the trainer picked {trainer.device}, the benchmark runs on {device}")
-    core, raw_opt, objective = trainer.core, trainer.optimizer.optimizer, trainer.objective
-    views = torch.randn(b, VIEWS, 3, case.size, case.size, device=device)
-    n_ids = len(trainer.task.train_set)
+    core, raw_opt, task = trainer.core, trainer.optimizer.optimizer, trainer.task
+    dataset = task.train_set
+    n_ids = len(dataset)
     g = torch.Generator().manual_seed(0)
-    id_list = [torch.randperm(n_ids, generator=g)[:b].to(device) for _ in range(2 * (warmup + repeats) + 4)]
+    id_list = [torch.randperm(n_ids, generator=g)[:b] for _ in range(2 * (warmup + repeats) + 4)]
     it = iter(id_list * 2)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.amp == "bf16")
-    x_bare = views.flatten(0, 1)
-    if cfg.model.channels_last:
-        x_bare = x_bare.contiguous(memory_format=torch.channels_last)
+    views = torch.randn(b, VIEWS, 3, case.size, case.size)
 
-    def bare() -> None:
+    def item() -> tuple:
+        """What the loader's workers deliver (not timed): ids, views, labels and the anchors' state views, read from
+        the chains as they stand now."""
         ids = next(it)
+        dataset.set_states(*task.objective.state_views())
+        slots = [dataset[int(i)][3] for i in ids]
+        return ids, views, None, tuple(torch.stack([s[k] for s in slots]) for k in range(3))
+
+    def bare(batch: tuple) -> None:
+        ids, v, _, slots = batch
+        need = task.loss_fn.state_request(ids, epoch=0).y
+        x = torch.cat([v.flatten(0, 1), task._state_images(need, slots)]).to(device)
+        if cfg.model.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with amp:
-            z = core(x_bare)
-        batch = unimodal_contrastive_batch(z.float(), ids, VIEWS,
-                                           encode_candidates=lambda i: trainer.task.encode_by_id(core, i))
-        out = objective(batch, core.temperature())
-        out.loss.backward()
+            z = core(x).float()
+        loss = task.loss_fn.forward_views(z[:b * VIEWS].view(b, VIEWS, -1), ids.to(device), core.temperature(),
+                                          epoch=0, state_features=z[b * VIEWS:])
+        loss.backward()
         raw_opt.step()
         raw_opt.zero_grad(set_to_none=True)
 
-    def wrapped() -> None:
-        trainer.train_step((next(it), views, None))
+    def wrapped(batch: tuple) -> None:
+        trainer.train_step(batch)
 
     core.train()
     for _ in range(warmup):
-        bare()
-        wrapped()
-    syncs = {"bare": count_syncs(bare), "trainer": count_syncs(wrapped)}
+        bare(item())
+        wrapped(item())
+    syncs = {"bare": count_syncs(lambda: bare(item())), "trainer": count_syncs(lambda: wrapped(item()))}
     timer = StepTimer(device)
     t_bare, t_trainer = [], []
     for i in range(repeats):  # alternate which goes first, so neither always follows the other
+        first, second = item(), item()
         if i % 2:
-            t_trainer.append(timer(wrapped))
-            t_bare.append(timer(bare))
+            t_trainer.append(timer(lambda batch=first: wrapped(batch)))
+            t_bare.append(timer(lambda batch=second: bare(batch)))
         else:
-            t_bare.append(timer(bare))
-            t_trainer.append(timer(wrapped))
+            t_bare.append(timer(lambda batch=first: bare(batch)))
+            t_trainer.append(timer(lambda batch=second: wrapped(batch)))
     ratios = [t / b_ for t, b_ in zip(t_trainer, t_bare)]
     return {"case": case.label, "estimator": "emc2 (trainer default)", "bare_ms": median(t_bare),
             "trainer_ms": median(t_trainer), "overhead": median(ratios) - 1.0,

@@ -1,12 +1,11 @@
 #!/usr/bin/env python
 """Memory and traffic model of the per-anchor estimator state (EMC² chains, SogCLR's u) beyond one machine.
 
-A bimodal run keeps one state table per direction (x→y, y→x), ``N`` rows each (one per pair), each row ``C`` words
-of 4 bytes: EMC² an int32 candidate key and a float32 score (C = 2, 8 bytes), SogCLR a float32 u (C = 1).  Layouts
-(:mod:`dual_emc2.sharding`): ``replicated`` (every process holds every row) or ``sharded`` (process r holds the keys
-k ≡ r mod W, ⌈N / W⌉ rows).  Per step every process reads and writes the rows of its b anchors; the collectives are
-those of :mod:`dual_emc2.state_exchange` (``PROTOCOLS`` below, each message a parameter):
-
+A bimodal run keeps one state table per direction (x→y, y→x), ``N`` rows each (one per pair), each row ``C`` words of 4
+bytes: EMC² an int32 candidate key, a float32 score and an int32 view epoch (C = 3, 12 bytes), SogCLR a float32 u (C =
+1). Layouts (:mod:`dual_emc2.sharding`): ``replicated`` (every process holds every row) or ``sharded`` (process r holds
+the keys k ≡ r mod W, ⌈N / W⌉ rows). Per step every process reads and writes the rows of its b anchors; the collectives
+are those of :mod:`dual_emc2.state_exchange` (``PROTOCOLS`` below, each message a parameter):
 * replicated: read local; write all-gathers (int64 key, C words widened to int64) per anchor, after an all-gather of
   the row counts;
 * sharded ``gather``: read all-gathers the row counts and the global batch's int64 keys, then all-reduces the
@@ -32,7 +31,7 @@ from _common import RESULTS, format_table, write_json
 
 INT32_MAX = 2**31 - 1  # EMC² candidate keys are int32: up to 2^31 − 1 keys (−1 marks an empty chain)
 WORD = 4  # bytes of one state column entry (int32 / float32)
-ESTIMATORS: dict[str, tuple[int, int]] = {"emc2": (2, 2), "sogclr": (1, 2)}  # name → (columns C, tables: directions)
+ESTIMATORS: dict[str, tuple[int, int]] = {"emc2": (3, 2), "sogclr": (1, 2)}  # name → (columns C, tables: directions)
 LAYOUTS = ("replicated", "sharded")
 SIZES = (10**6, 10**8, 2 * 10**9)
 WORLDS = (8, 64, 512)

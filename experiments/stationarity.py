@@ -183,17 +183,26 @@ def nominal_budget(args: argparse.Namespace, n: int) -> int:
 
 
 def view_batch(anchors: Tensor, candidates: Tensor, rows: Tensor, image: Tensor, local: Tensor, view: Tensor, V: int,
-               by_view: bool, encode: Any) -> ContrastiveBatch:
+               by_view: bool, encode: Any, plan: Any = None, state_features: Tensor | None = None) -> ContrastiveBatch:
     """The batch of b images × V fixed views.  By view (the finite D_neg of eq. 1): sample ids are images, candidate
-    keys are view rows (so an EMC² chain state is a view, and its pool holds every view of the state's image), and
-    ``encode`` maps view rows to features; otherwise (negative cache) ids are images and ``encode`` maps image ids."""
+    keys are view rows (so an EMC² chain state is a view), and the states the estimator planned come as
+    ``state_features``; otherwise (negative cache) ids are images and ``encode`` maps image ids to features."""
     positive = local - view + (view + 1) % V
     if by_view:
         return ContrastiveBatch(anchors=anchors, candidates=candidates, positive=positive, anchor_ids=image,
                                 candidate_ids=image, anchor_keys=rows, candidate_keys=rows, views_per_id=V,
-                                encode_candidate_keys=encode)
+                                state_plan=plan, state_features=state_features)
     return ContrastiveBatch(anchors=anchors, candidates=candidates, positive=positive, anchor_ids=image,
                             candidate_ids=image, anchor_keys=rows, encode_candidates=encode)
+
+
+def plan_states(objective: Any, rows: Tensor, V: int) -> tuple[Any, Tensor]:
+    """The estimator's plan of the chain states this batch needs and the view rows to encode with it (none for
+    estimators without states)."""
+    plan = objective.plan(rows, rows, views_per_id=V, row_offset=0, total_rows=rows.numel())
+    if plan is None:
+        return None, rows[:0]
+    return plan, (plan.views.ids * V + plan.views.views).to(rows.device)
 
 
 def run_one(label: str, spec: Estimator, views: Tensor, args: argparse.Namespace, seed: int,
@@ -259,10 +268,12 @@ def run_one(label: str, spec: Estimator, views: Tensor, args: argparse.Namespace
         for group in opt.param_groups:
             group["lr"] = args.lr * lr_factor(args.lr_schedule, progress() / end, args.decay_start)
         rows = (img[:, None] * V + torch.arange(V, device=device)).flatten()
-        z = model(flat[rows])
-        forwards[0] += rows.numel()
+        plan, state_rows = plan_states(objective, rows, V) if spec.by_view else (None, rows[:0])
+        z = model(flat[torch.cat([rows, state_rows])])  # the states in the batch's forward
+        forwards[0] += rows.numel() + state_rows.numel()
         image = image_of[rows]
-        batch = view_batch(z, z, rows, image, local, view, V, spec.by_view, encode_candidates)
+        batch = view_batch(z[:rows.numel()], z[:rows.numel()], rows, image, local, view, V, spec.by_view,
+                           encode_candidates, plan, z[rows.numel():])
         out = objective(batch, args.beta)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -337,7 +348,9 @@ def gradient_bias(model: nn.Module, views: Tensor, specs: dict[str, Estimator], 
             pos += b
             rows = (img[:, None] * V + torch.arange(V, device=device)).flatten()
             image = image_of[rows]
-            batch = view_batch(leaf[rows], leaf[rows], rows, image, local, view, V, spec.by_view, encode)
+            plan, state_rows = plan_states(objective, rows, V) if spec.by_view else (None, rows[:0])
+            batch = view_batch(leaf[rows], leaf[rows], rows, image, local, view, V, spec.by_view, encode, plan,
+                               leaf[state_rows])
             (grad,) = torch.autograd.grad(objective(batch, args.beta).loss, [leaf])
             if it >= burn:
                 blocks[(it - burn) // per_block] += grad.double()

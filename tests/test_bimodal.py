@@ -245,6 +245,48 @@ def test_trainer_writes_checkpoints_metrics_and_retrieval_eval(shard_dir, tmp_pa
         assert got["metrics"][k] == pytest.approx(final[k], abs=1e-6), k
 
 
+def test_chain_states_are_the_views_the_chains_accepted_encoded_with_the_batch(shard_dir, tmp_path):
+    # images augmented per (epoch, sample): each x→y chain stands on a caption, each y→x chain on an image view of an
+    # earlier epoch; both go through their tower in the batch's own forward (train mode), the image bit for bit as
+    # the batch of its epoch saw it
+    trainer = Trainer(_cfg(shard_dir, tmp_path, "pairs.augment_images=true", "eval.enabled=false", "train.epochs=3",
+                           "objective.options={}"))  # the default EMC²
+    task = trainer.task
+    assert task.exact_states
+    forwards = {"x": [], "y": []}
+    for side, tower in (("x", trainer.core.x_tower), ("y", trainer.core.y_tower)):
+        tower.register_forward_hook(lambda m, inp, out, side=side: forwards[side].append((m.training, inp[0])))
+    requests, batches = [], []
+    request, loss = task.loss_fn.state_request, task.loss
+
+    def spy_request(index, *, epoch=0):
+        need = request(index, epoch=epoch)
+        requests.append((epoch, need))
+        return need
+
+    def spy_loss(model, item):
+        batches.append((item[0].clone(), task.epoch))
+        return loss(model, item)
+
+    task.loss_fn.state_request, task.loss = spy_request, spy_loss
+    trainer.fit()
+    assert len(batches) == len(requests) == len(forwards["x"]) == len(forwards["y"]) == 12
+    seen = {"x": {}, "y": {}}
+    used = 0
+    for (ids, epoch), (req_epoch, need), fx, fy in zip(batches, requests, forwards["x"], forwards["y"]):
+        b = ids.numel()
+        assert fx[0] and fy[0] and req_epoch == epoch
+        for side, inputs, states in (("x", fx[1], need.x), ("y", fy[1], need.y)):
+            assert inputs.shape[0] == b + len(states)
+            for k, (i, v, e) in enumerate(states):
+                assert v == 0 and e < epoch
+                assert torch.equal(inputs[b + k], seen[side][(i, e)]), (side, i, e)
+                used += 1
+            for k, i in enumerate(ids.tolist()):
+                seen[side][(i, epoch)] = inputs[k]
+    assert used > 0 and task.state_misses == 0
+
+
 class Crash(RuntimeError):
     pass
 

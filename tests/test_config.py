@@ -255,6 +255,7 @@ BOTH_MODES = [
     "data.spectral.dense_max=99", "data.spectral.n_init=2",
     "objective.name=infonce", "objective.beta=5",
     "objective.learnable_beta=true", "objective.options={k: v}", "objective.state_sharding=sharded",
+    "objective.state_views=unaugmented",
     "optim.name=sgd", "optim.lr=0.3",
     "optim.weight_decay=0", "optim.momentum=0.95", "optim.exclude_bias_and_norm=false",
     "optim.warmup_epochs=0.5", "optim.schedule=constant", "optim.min_lr_ratio=0.1", "train.batch_size=4",

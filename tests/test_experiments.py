@@ -223,7 +223,7 @@ def test_state_memory_counts_buffers() -> None:
     m, d = 50, 16
     emc2 = build_objective("emc2", num_keys=2 * m, num_candidates=m)
     mem = bench_step.state_memory(emc2, 2 * m)
-    assert mem["chain_bytes_per_anchor"] == 8.0  # int32 sample id + float32 score
+    assert mem["chain_bytes_per_anchor"] == 12.0  # int32 candidate key + float32 score + int32 view epoch
     cache = build_objective("negative_cache", num_keys=2 * m, num_candidates=m, options={"dim": d})
     mem = bench_step.state_memory(cache, 2 * m)
     assert mem["cache_floats"] == m * d and mem["cache_bytes"] == 4 * m * d
@@ -241,7 +241,7 @@ def test_bench_step_smoke(tmp_path: Path) -> None:
         assert r["median_ms"] > 0 and len(r["times_ms"]) == res["repeats"]
         assert r["ratio_vs_simclr"] == pytest.approx(r["median_ms"] / rows["simclr"]["median_ms"])
     case = res["cases"][0]
-    assert rows["emc2"]["chain_bytes_per_anchor"] == 8.0
+    assert rows["emc2"]["chain_bytes_per_anchor"] == 12.0
     assert rows["negative_cache"]["cache_floats"] == case["dataset"] * case["dim"]
     assert rows["simclr"]["state_bytes"] == 0 and rows["sogclr"]["state_bytes_per_anchor"] == 4.0
     (ov,) = res["trainer_overhead"]
@@ -257,7 +257,7 @@ def test_bench_state_smoke(tmp_path: Path) -> None:
     rows = {(r["layout"], r["protocol"]): r for r in res["rows"]}
     assert set(rows) == {("replicated", None), ("sharded", "gather"), ("sharded", "alltoall")}
     rep = rows["replicated", None]
-    assert rep["state_mib"] == pytest.approx(1e4 * 8 / 2**20) and rep["time_ratio"] == 1.0
+    assert rep["state_mib"] == pytest.approx(1e4 * 12 / 2**20) and rep["time_ratio"] == 1.0
     for key in (("sharded", "gather"), ("sharded", "alltoall")):
         assert rows[key]["state_ratio"] == pytest.approx(0.5, abs=1e-3) and rows[key]["round_ms"] > 0  # + layout
         assert rows[key]["time_ratio"] == pytest.approx(rows[key]["round_ms"] / rep["round_ms"])

@@ -98,7 +98,7 @@ def test_state_round_trips_and_two_directions_have_their_own(estimator, options)
     (lambda f, x, y, i: f(x, y, i + 95, 5.0), r"index values must lie in \[0, num_samples=100\)"),
     (lambda f, x, y, i: f(x, y, torch.zeros_like(i), 5.0), "repeated ids"),
     (lambda f, x, y, i: f(x, y, i, -1.0), "logit_scale"),
-    (lambda f, x, y, i: f(x, y, i, 5.0, encode_x=lambda j: x[j]), "pass encode_y"),
+    (lambda f, x, y, i: f(x, y, i, 5.0, state_y=y), "state_request"),
 ])
 def test_bad_calls_name_the_argument_and_the_fix(call, match):
     x, y = _features()

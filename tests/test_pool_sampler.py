@@ -81,37 +81,77 @@ def test_long_run_states_follow_the_global_softmax_with_pool_kernels_not_in_batc
     assert tv["batch"] > 2 * max(tv["pool"], tv["rao_blackwell_draw"]), tv
 
 
-def _exact_kernel(s: torch.Tensor, V: int, others: int, beta: float, whole_sample: bool) -> torch.Tensor:
-    """Exact next-state law of one Rao–Blackwell draw from every state, averaged over every batch of ``others``
-    samples (all V views each, uniformly drawn): the pool is the batch plus the state's V views (``whole_sample``)
-    or its one view."""
-    import itertools
+def _softmax_draw(into: torch.Tensor, entries: list[int], s: torch.Tensor, beta: float, weight: float) -> None:
+    """Add ``weight`` × one exact draw from softmax(β s) over ``entries`` (repeats allowed) into ``into``."""
+    idx = torch.tensor(entries)
+    into.index_add_(0, idx, torch.softmax(beta * s[idx], 0) * weight)
 
-    from dual_emc2.objectives.emc2 import state_group_keys
+
+def _fixed_view_kernel(s: torch.Tensor, V: int, others: int, beta: float, thin: bool) -> torch.Tensor:
+    """Exact next-state law of one default EMC² draw from every state z (a view), averaged over every batch of
+    ``others`` samples (V fixed views each, samples drawn without replacement) and every thinning: a state that is
+    a batch view leaves the pool the whole batch; otherwise the pool is one view per batch sample (each kept
+    uniformly) plus z (``thin``), or the whole batch plus the lone z (not thinned)."""
+    import itertools
 
     n = s.numel() // V
     K = torch.zeros(n * V, n * V, dtype=torch.float64)
     subsets = list(itertools.combinations(range(n), others))
     for z in range(n * V):
         for C in subsets:
-            cols = torch.tensor([i * V + v for i in C for v in range(V)])
-            keys = state_group_keys(torch.tensor([z]), V)[0] if whole_sample else torch.tensor([z])
-            outside = torch.tensor([not bool((cols == z).any())])
-            logits = pool_logits(s[cols][None], torch.ones(1, len(cols), dtype=torch.bool), s[keys][None], outside,
-                                 beta)[0]
-            p = torch.softmax(logits.double(), 0) / len(subsets)
-            K[z].index_add_(0, torch.cat([cols, keys]), p)
+            full = [m * V + v for m in C for v in range(V)]
+            if z // V in C:
+                _softmax_draw(K[z], full, s, beta, 1 / len(subsets))
+            elif not thin:
+                _softmax_draw(K[z], full + [z], s, beta, 1 / len(subsets))
+            else:
+                keeps = list(itertools.product(range(V), repeat=others))
+                for keep in keeps:
+                    pool = [m * V + v for m, v in zip(C, keep)] + [z]
+                    _softmax_draw(K[z], pool, s, beta, 1 / (len(subsets) * len(keeps)))
     return K
 
 
-def test_whole_sample_pool_is_invariant_with_several_views_per_sample_and_a_lone_view_is_not():
-    # a batch holds whole samples (V views each): a pool with the state's lone view tells the state apart, so
-    # p(z | A) is not proportional to the softmax and the kernel is not invariant; pooling all V views restores it
+def test_thinned_pool_kernel_is_exactly_invariant_with_several_views_per_sample_and_a_lone_view_is_not():
+    # a batch holds whole samples (V views each): a pool with the state's lone view beside whole samples tells the
+    # state apart, so the kernel is not invariant; thinning the batch to one view per sample restores it exactly
     g = torch.Generator().manual_seed(0)
-    for n, V, others in [(5, 2, 2), (6, 2, 1), (4, 3, 1)]:
+    for n, V, others in [(5, 2, 2), (6, 2, 1), (4, 3, 1), (4, 2, 3)]:
         s = torch.rand(n * V, generator=g, dtype=torch.float64) * 2 - 1
         pi = torch.softmax(5.0 * s, 0)
-        whole = _exact_kernel(s, V, others, 5.0, whole_sample=True)
-        lone = _exact_kernel(s, V, others, 5.0, whole_sample=False)
-        assert _tv(pi @ whole, pi) < 1e-6, (n, V, others)
-        assert _tv(pi @ lone, pi) > 0.01, (n, V, others)
+        thinned = _fixed_view_kernel(s, V, others, 5.0, thin=True)
+        lone = _fixed_view_kernel(s, V, others, 5.0, thin=False)
+        assert _tv(pi @ thinned, pi) < 1e-9, (n, V, others)
+        assert _tv(pi @ lone, pi) > 1e-3, (n, V, others, _tv(pi @ lone, pi))
+
+
+def _augmented_kernel(s: torch.Tensor, K: int, others: int, beta: float, restrict: bool) -> torch.Tensor:
+    """Infinite augmentation in miniature: sample m has K equally likely augmented views (m, k), the state z is one
+    of them, and a batch holds ``others`` samples (without replacement), each kept with one view drawn uniformly
+    (the thinned pool) — never the state's own draw, which was made in another epoch.  When the state's sample is
+    also in the batch, only that sample's two entries could have been the state (``restrict``)."""
+    import itertools
+
+    n = s.numel() // K
+    T = torch.zeros(n * K, n * K, dtype=torch.float64)
+    subsets = list(itertools.combinations(range(n), others))
+    for z in range(n * K):
+        for C in subsets:
+            draws = list(itertools.product(range(K), repeat=others))
+            for draw in draws:
+                pool = [m * K + k for m, k in zip(C, draw)]
+                if restrict and z // K in C:
+                    pool = [e for e in pool if e // K == z // K]
+                _softmax_draw(T[z], pool + [z], s, beta, 1 / (len(subsets) * len(draws)))
+    return T
+
+
+def test_a_state_whose_sample_is_in_the_batch_under_another_view_restricts_the_pool_to_that_sample():
+    g = torch.Generator().manual_seed(1)
+    for n, K, others in [(4, 2, 2), (5, 2, 2), (4, 3, 2)]:
+        s = torch.rand(n * K, generator=g, dtype=torch.float64) * 2 - 1
+        pi = torch.softmax(5.0 * s, 0)
+        exact = _augmented_kernel(s, K, others, 5.0, restrict=True)
+        loose = _augmented_kernel(s, K, others, 5.0, restrict=False)
+        assert _tv(pi @ exact, pi) < 1e-9, (n, K, others)
+        assert _tv(pi @ loose, pi) > 1e-4, (n, K, others, _tv(pi @ loose, pi))

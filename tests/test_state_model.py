@@ -27,7 +27,7 @@ def _table_bytes(t: KeyedState) -> int:
 
 @pytest.mark.parametrize("n", [1, 7, 1000])
 def test_state_bytes_equal_the_buffers(n):
-    assert _table_bytes(ChainState(n, sharding="replicated")) == sm.state_bytes(n, 1, "replicated", 2, 1) == 8 * n
+    assert _table_bytes(ChainState(n, sharding="replicated")) == sm.state_bytes(n, 1, "replicated", 3, 1) == 12 * n
     assert _table_bytes(AnchorScalarState(n, sharding="replicated")) == sm.state_bytes(n, 1, "replicated", 1, 1)
     for name, (columns, tables) in sm.ESTIMATORS.items():  # bimodal: one table per direction
         obj = build_objective(name, num_keys=n, num_candidates=n, symmetric=True, state_sharding="replicated")
@@ -72,7 +72,7 @@ def test_step_payloads_equal_the_collectives_of_a_read_and_write(monkeypatch, pr
     fake = FakeWorld(monkeypatch, world)
     layout = sm.layout_of(protocol)
     if table == "chains":
-        state, columns = ChainState(n, sharding=layout), 2
+        state, columns = ChainState(n, sharding=layout), 3
     else:
         state, columns = AnchorScalarState(n, sharding=layout), 1
     state.protocol = "gather" if protocol == "replicated" else protocol
@@ -81,7 +81,7 @@ def test_step_payloads_equal_the_collectives_of_a_read_and_write(monkeypatch, pr
     keys = torch.randperm(n)[:b]
     rows = state.read(keys)
     if table == "chains":
-        state.write(keys, rows[0], rows[1])
+        state.write(keys, rows[0], rows[1], rows[2])
     else:
         state.write(keys, rows)
     read, write = sm.protocol_messages(protocol, columns)
@@ -100,8 +100,8 @@ def test_wire_bytes_and_table():
     assert len(rows) == 2 * 3 * 3 * 3
     big = {r["protocol"]: r for r in rows if r["estimator"] == "emc2" and r["pairs"] == 2 * 10**9
            and r["processes"] == 512}
-    assert big["replicated"]["state_per_process"] == 32 * 10**9  # 2 directions × 2·10⁹ × 8 B on every process
-    assert big["gather"]["state_per_process"] == 2 * 8 * -(-2 * 10**9 // 512)
+    assert big["replicated"]["state_per_process"] == 48 * 10**9  # 2 directions × 2·10⁹ × 12 B on every process
+    assert big["gather"]["state_per_process"] == 2 * 12 * -(-2 * 10**9 // 512)
     assert big["alltoall"]["step"]["wire_per_process"] < big["replicated"]["step"]["wire_per_process"] / 100
     assert all(r["int32_keys_fit"] for r in rows)
 

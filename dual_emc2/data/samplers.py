@@ -7,10 +7,13 @@ generator seeded by ``(seed, epoch, sample id, draw)`` so views do not depend on
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 from torch.utils.data import Dataset, Sampler
+
+T = TypeVar("T")
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -75,9 +78,14 @@ class SeededViews(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
+        return self.at(index, self.epoch, lambda: self.dataset[index])
+
+    def at(self, index: int, epoch: int, draw: Callable[[], T]) -> T:
+        """``draw()`` with the RNG of item ``index`` in ``epoch``: regenerates what that epoch's item drew (an EMC²
+        chain state is such a view, :mod:`dual_emc2.data.state_slots`)."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index))
-            return self.dataset[index]
+            torch.manual_seed((self.seed * 1_000_003 + int(epoch)) * 10_000_019 + int(index))
+            return draw()
 
     def __getattr__(self, name: str):
         if name == "dataset":

@@ -107,6 +107,16 @@ class MultiViewDataset(Dataset):
         views = [_as_tensor(self.transform(img), "MultiViewDataset") for _ in range(self.n_views)]
         return i, torch.stack(views), int(label)
 
+    def view(self, index: int, view: int) -> Tensor:
+        """View ``view`` of sample ``index`` as :meth:`__getitem__` draws it from the same RNG state (the draws of
+        the views before it are made and dropped), so a seeded item's view is regenerated bit for bit."""
+        if not 0 <= int(view) < self.n_views:
+            raise IndexError(f"view {view} out of range for {self.n_views} views")
+        img, _ = self.base[_position(index, len(self.base))]
+        for _ in range(int(view)):
+            self.transform(img)
+        return _as_tensor(self.transform(img), "MultiViewDataset")
+
     def labels(self) -> np.ndarray:
         return self.base.labels()
 

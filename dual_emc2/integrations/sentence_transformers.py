@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -45,13 +46,14 @@ class GlobalContrastiveSTLoss(nn.Module):
         :class:`MultipleNegativesRankingLoss` (``symmetric=False``) or :class:`MultipleNegativesSymmetricRankingLoss`
         (``symmetric=True``) with the same ``scale``.
 
-        EMC² re-encodes each anchor's chain state (a positive elsewhere in the dataset) by its index: pass the
-        training texts as ``texts=(anchors, positives)``, indexed like ``labels``.  They are tokenised with the
-        model's tokenizer and encoded with the model in eval mode (dropout off) under the estimator's grad mode:
-        one extra forward (and backward) per anchor whose chain state is outside the batch
-        (``reencode_fraction=0.25`` re-encodes a random quarter, still unbiased).  Without ``texts``, build it not
-        to re-encode: ``weights="visits", proposal="batch", state_score="stale", out_of_batch="drop"`` (no extra
-        forwards; biased at small batch).
+        EMC² keeps one chain state per anchor (a positive elsewhere in the dataset), which it needs encoded every
+        step: pass the training texts as ``texts=(anchors, positives)``, indexed like ``labels``.  The loss asks
+        which states the step needs, tokenises those texts and runs them through the model *in the same forward
+        pass as the batch* (train mode, the batch's dropout), so a state is scored by the same function as the
+        batch's candidates: one extra row per anchor whose chain state is outside the batch
+        (``reencode_fraction=0.25`` encodes a random quarter, still unbiased).  Without ``texts``, build it not to
+        need them: ``weights="visits", proposal="batch", state_score="stale", out_of_batch="drop"`` (no extra rows;
+        biased at small batch).
 
         The estimator state (chains, iteration) lives in this module (``loss.objective`` in ``state_dict()``):
         save and load it with the model to resume.  Under ``torch.distributed`` the embeddings are gathered with
@@ -124,7 +126,7 @@ class GlobalContrastiveSTLoss(nn.Module):
                     raise ValueError(f"texts: {name} has {len(column)} texts, expected num_samples={num_samples} "
                                      "(one per dataset index)")
             texts = (list(texts[0]), list(texts[1]))
-        elif self.loss.objective.needs_candidate_encoder:
+        elif self.loss.objective.needs_candidate_encoder or self.loss.objective.needs_state_features:
             raise ValueError(
                 f"estimator {estimator!r} with these options re-encodes samples by dataset index: pass "
                 "texts=(anchors, positives), the training texts indexed like labels, or build it without "
@@ -150,7 +152,7 @@ class GlobalContrastiveSTLoss(nn.Module):
 
     def _encode_texts(self, column: int, ids: Tensor) -> Tensor:
         """Unit embeddings of ``texts[column]`` at dataset indices ``ids``, model in eval mode (grad mode: the
-        caller's)."""
+        caller's): the negative cache's re-encoding by index."""
         assert self.texts is not None
         features = self._tokenize([self.texts[column][i] for i in ids.tolist()])
         was = self.model.training
@@ -166,6 +168,26 @@ class GlobalContrastiveSTLoss(nn.Module):
     def encode_positives(self, ids: Tensor) -> Tensor:
         return self._encode_texts(1, ids)
 
+    def _with_texts(self, features: dict[str, Tensor], texts: list[str]) -> dict[str, Tensor]:
+        """The batch's tokenised ``features`` with ``texts`` appended as further rows (both padded to one length)."""
+        if not texts:
+            return features
+        extra = self._tokenize(texts)
+        pad_id = getattr(getattr(self.model, "tokenizer", None), "pad_token_id", None) or 0
+        out = dict(features)
+        for key, value in features.items():
+            if not isinstance(value, Tensor) or key not in extra or value.dim() != 2:
+                continue
+            more = extra[key].to(value.device)
+            width = max(value.shape[1], more.shape[1])
+            fill = pad_id if key == "input_ids" else 0
+            grow = [F.pad(t, (0, width - t.shape[1]), value=fill) for t in (value, more)]
+            out[key] = torch.cat(grow)
+        return out
+
+    def _embed(self, features: dict[str, Tensor]) -> Tensor:
+        return F.normalize(self.model(features)["sentence_embedding"].float(), dim=-1)
+
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> Tensor:
         features = list(sentence_features)
         if len(features) != 2:
@@ -175,10 +197,17 @@ class GlobalContrastiveSTLoss(nn.Module):
         if labels is None:
             raise ValueError("GlobalContrastiveSTLoss needs each pair's dataset index as labels: add an integer "
                              "column named 'label' holding the row index in [0, num_samples)")
-        x = F.normalize(self.model(features[0])["sentence_embedding"].float(), dim=-1)
-        y = F.normalize(self.model(features[1])["sentence_embedding"].float(), dim=-1)
+        b = labels.shape[0]
+        if self.texts is not None and self.loss.objective.needs_state_features:
+            # the chain states this step needs, in the batch's own forward (train mode, the batch's dropout)
+            need = self.loss.state_request(labels)
+            x = self._embed(self._with_texts(features[0], [self.texts[0][i] for i in need.x.ids.tolist()]))
+            y = self._embed(self._with_texts(features[1], [self.texts[1][i] for i in need.y.ids.tolist()]))
+            return self.loss(x[:b], y[:b], labels.to(x.device), self.scale, state_x=x[b:], state_y=y[b:])
+        x = self._embed(features[0])
+        y = self._embed(features[1])
         encoders = {}
-        if self.texts is not None:
+        if self.texts is not None and self.loss.objective.needs_candidate_encoder:
             encoders = {"encode_x": self.encode_anchors, "encode_y": self.encode_positives}
         return self.loss(x, y, labels.to(x.device), self.scale, **encoders)
 

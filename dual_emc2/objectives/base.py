@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,12 +36,16 @@ class ContrastiveBatch:
                    ``candidate_ids``.  Unimodal: ``id * n_views + view``, so a stored state re-enters the batch at the
                    column of the *same* view.  ``candidate_keys // views_per_id`` must equal ``candidate_ids``.
     views_per_id:  candidate keys per sample id (1 bimodal, n_views unimodal); ``encode_candidates`` gets ids.
+    epoch:         the epoch whose augmentation drew the candidates' views (0 where views do not change between
+                   epochs): with the key it names a view exactly, so a stored EMC² state is a batch column only when
+                   both agree.
     row_offset, total_rows: position of these anchors in the global batch (rank-invariant random numbers).
-    encode_candidates: maps global ids to candidate features ψ(z) of the *un-augmented* samples, under the caller's
-                   grad mode; used by estimators that need out-of-batch candidates (EMC² refresh/re-encode, negative
-                   cache).  ``None`` where no such access exists.
-    encode_candidate_keys: optional map from candidate keys to features of exactly those candidates (e.g. fixed,
-                   pre-computed views), under the caller's grad mode; EMC² prefers it to ``encode_candidates``.
+    encode_candidates: maps global ids to candidate features ψ(z) by sample id, under the caller's grad mode; used by
+                   estimators that need out-of-batch candidates the batch did not encode (the negative cache; EMC²
+                   when no ``state_features`` are given).  ``None`` where no such access exists.
+    state_plan, state_features: an estimator's plan of the states this step needs (:meth:`EMC2.plan`, made before
+                   the forward pass) and the features of those states, [n, d], one row per planned view, encoded in
+                   the batch's own forward (same transform and mode as the candidates).
     extra_negative_mask: optional [B, C] bool, False removes further candidates (e.g. known false negatives).
     labels, candidate_labels: optional [B] and [C] int64 class labels of the anchors and candidates, for supervised
                    estimators (``needs_labels``; SCL/HSCL of Jiang et al.).  Both or neither.
@@ -54,10 +59,12 @@ class ContrastiveBatch:
     anchor_keys: Tensor | None = None
     candidate_keys: Tensor | None = None
     views_per_id: int = 1
+    epoch: int = 0
     row_offset: int = 0
     total_rows: int | None = None
     encode_candidates: EncodeFn | None = None
-    encode_candidate_keys: EncodeFn | None = None
+    state_plan: Any = None
+    state_features: Tensor | None = None
     extra_negative_mask: Tensor | None = None
     labels: Tensor | None = None
     candidate_labels: Tensor | None = None
@@ -121,14 +128,22 @@ class ContrastiveObjective(nn.Module):
     """Base class: subclasses implement :meth:`forward` and keep any state in registered buffers."""
 
     name: str = "base"
-    #: True when the estimator calls ``batch.encode_candidates`` (the trainer then supplies it).
+    #: True when the estimator calls ``batch.encode_candidates`` whatever else it is given (the negative cache).
     needs_candidate_encoder: bool = False
+    #: True when the estimator plans per-anchor states whose features it needs each step (:meth:`plan`; EMC²): the
+    #: caller encodes them with the batch (``batch.state_features``), or supplies ``encode_candidates``.
+    needs_state_features: bool = False
     #: True when the estimator reads ``batch.labels`` / ``batch.candidate_labels`` (supervised; the trainer supplies
     #: them).
     needs_labels: bool = False
 
     def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:  # pragma: no cover
         raise NotImplementedError
+
+    def plan(self, anchor_keys: Tensor, candidate_keys: Tensor, *, views_per_id: int = 1, epoch: int = 0,
+             row_offset: int = 0, total_rows: int | None = None) -> Any:
+        """The states the next call needs (``needs_state_features`` estimators); None for the others."""
+        return None
 
     def check_batch_shape(self, negatives_per_anchor: int) -> None:
         """Fail early (at build time, before any training) if the estimator's options cannot work with batches whose

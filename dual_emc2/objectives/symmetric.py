@@ -18,6 +18,7 @@ class SymmetricObjective(ContrastiveObjective):
         self.x_to_y = make()
         self.y_to_x = make()
         self.needs_candidate_encoder = self.x_to_y.needs_candidate_encoder
+        self.needs_state_features = self.x_to_y.needs_state_features
         self.needs_labels = self.x_to_y.needs_labels
 
     def check_batch_shape(self, negatives_per_anchor: int) -> None:

@@ -8,6 +8,11 @@ directions (:class:`~dual_emc2.losses.GlobalContrastiveLoss`, ``mode="bimodal"``
 
 Known false negatives — another pair with the identical x (a WordNet lemma list shared by several synsets) or the
 identical y — are removed from D_neg (``pairs.mask_duplicates``) and count as relevant in retrieval evaluation.
+
+EMC²'s chain states (a y sample for each x→y chain, an x sample for each y→x chain) are fetched by the loader's
+workers with the batch (:class:`~dual_emc2.data.state_slots.PairStateViews`, images augmented as the batch that drew
+them was) and go through each tower in the batch's own forward pass, so text states see the batch's dropout and
+image states its augmentation and normalisation (``objective.state_views=exact``).
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ from dual_emc2.data.pair_sources import load_pair_sets
 from dual_emc2.data.pairs import PairCollator, PairDataset, PairSet, decode_rgb
 from dual_emc2.data.samplers import SeededViews
 from dual_emc2.data.shards import ShardStream, read_manifest, read_shards
+from dual_emc2.data.state_slots import PairStateCollator, PairStateViews, match_slots, select_rows
 from dual_emc2.errors import UsageError
-from dual_emc2.losses import GlobalContrastiveLoss
+from dual_emc2.losses import GlobalContrastiveLoss, StateViews
 from dual_emc2.metrics.retrieval_report import retrieval_report
 from dual_emc2.objectives import build_objective, options_for
 from dual_emc2.towers.two_tower import TwoTowerModel, check_modalities, modality_fix
@@ -59,8 +65,16 @@ class PairsTask(Task):
             raise ValueError(f"PairsTask needs mode: bimodal, got mode: {cfg.mode}")
         super().__init__(cfg, accelerator)
         self.model = build_two_tower_model(cfg) if model is None else model
+        self.epoch = 0
+        self.state_misses = 0  # states the workers' snapshot did not hold, prepared in this process
         self._build_data(cfg)
         self._build_objective(cfg)
+        self.exact_states = self.objective.needs_state_features and cfg.objective.state_views == "exact"
+        if self.exact_states:  # the workers fetch each pair's chain states with it
+            self.train_set = PairStateViews(self.train_set, self.train_pairs)
+            self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=PairStateCollator(
+                self.model.tower("x").prepare, self.model.tower("y").prepare), num_workers=cfg.data.num_workers,
+                pin_memory=self.device.type == "cuda")
 
     # ------------------------------------------------------------------------------------------------ building
     def _build_data(self, cfg: Config) -> None:
@@ -140,7 +154,7 @@ class PairsTask(Task):
         if self.objective.needs_labels:
             raise ValueError(f"objective {cfg.objective.name} is supervised (needs class labels); pairs have none, use "
                              "it in mode: unimodal on a labelled image set")
-        if self.objective.needs_candidate_encoder and self.train_pairs is None:
+        if (self.objective.needs_candidate_encoder or self.objective.needs_state_features) and self.train_pairs is None:
             raise ValueError(f"objective {cfg.objective.name} with these options re-encodes samples by index, which "
                              "streaming shards cannot serve; use pairs.streaming=false or options that do not "
                              "(e.g. emc2 out_of_batch=drop, state_score=stale)")
@@ -154,9 +168,18 @@ class PairsTask(Task):
         super().start_epoch(epoch, batch_in_epoch)
         if isinstance(self.train_set, ShardStream):
             self.train_set.set_position(epoch * self.stream_epoch_batches + batch_in_epoch, self.cfg.train.batch_size)
+        # the views change between epochs only where an image side is augmented; elsewhere a state is the same input
+        augmented = self.cfg.pairs.augment_images and "image" in (self.model.tower("x").modality,
+                                                                  self.model.tower("y").modality)
+        self.epoch = epoch if augmented else 0
+        if self.exact_states:
+            o = self.objective
+            self.train_set.set_states(x=o.y_to_x.state_views(), y=o.x_to_y.state_views())
 
     def encode_by_id(self, core: TwoTowerModel, side: str, ids: Tensor) -> Tensor:
-        """Tower ``side`` on the un-augmented samples of global indices ``ids`` (caller's grad mode, eval mode)."""
+        """Tower ``side`` on the un-augmented samples of global indices ``ids`` (caller's grad mode, eval mode): the
+        spectral sampler's embeddings, the negative cache, and EMC²'s states with
+        ``objective.state_views=unaugmented``."""
         pairs = self.train_pairs
         raw = pairs.x if side == "x" else pairs.y
         decode = self.lookup_tf[0 if side == "x" else 1]
@@ -165,13 +188,32 @@ class PairsTask(Task):
                                 non_blocking=True)
         return forward_in_eval_mode(self.acc, tower, inputs)
 
+    def _with_states(self, side: str, need: StateViews, b: int, inputs: Any, slots: dict[str, Any]) -> Any:
+        """Side ``side``'s inputs for the forward: the batch's b rows, then the requested states in request order
+        (rows the workers prepared; a side whose snapshot missed one is prepared again here)."""
+        keys, epochs, values = slots[side]
+        pos = match_slots(need.ids, need.epochs, keys, epochs)
+        if bool((pos >= 0).all()):
+            return select_rows(inputs, torch.cat([torch.arange(b), b + pos]))
+        self.state_misses += int((pos < 0).sum())
+        tower = self.model.tower(side)
+        extra = [values[b + int(p)] if p >= 0 else self.train_set.state_value(side, int(k), int(e))
+                 for p, k, e in zip(pos.tolist(), need.ids.tolist(), need.epochs.tolist())]
+        return tower.prepare(list(values[:b]) + extra)
+
     def loss(self, model: nn.Module, item: Any) -> tuple[Tensor, int]:
-        ids, x_inputs, y_inputs = item
+        ids, x_inputs, y_inputs = item[:3]
+        b = int(ids.numel())
+        states: dict[str, Any] = {}
+        if self.exact_states:  # the chains' states, through each tower with the batch (one forward)
+            need = self.loss_fn.state_request(ids, epoch=self.epoch)
+            x_inputs = self._with_states("x", need.x, b, x_inputs, item[3])
+            y_inputs = self._with_states("y", need.y, b, y_inputs, item[3])
         ids = ids.to(self.device)
         x_inputs, y_inputs = send_to_device((x_inputs, y_inputs), self.device, non_blocking=True)
         core = self.unwrap(model)
         encoders = {}
-        if self.objective.needs_candidate_encoder:
+        if self.objective.needs_candidate_encoder or (self.objective.needs_state_features and not self.exact_states):
             encoders = {"encode_x": lambda i: self.encode_by_id(core, "x", i),
                         "encode_y": lambda i: self.encode_by_id(core, "y", i)}
         groups = {}
@@ -180,8 +222,13 @@ class PairsTask(Task):
                       "y_groups": self.group_of[1][ids.cpu()].to(self.device)}
         with self.acc.autocast():
             zx, zy = model(x_inputs, y_inputs)
-        loss = self.loss_fn(zx.float(), zy.float(), ids, core.temperature(), **encoders, **groups)
-        return loss, int(ids.numel())
+        zx, zy = zx.float(), zy.float()
+        if self.exact_states:
+            states = {"state_x": zx[b:], "state_y": zy[b:]}
+        loss = self.loss_fn(zx[:b], zy[:b], ids, core.temperature(), **encoders, **groups, epoch=self.epoch, **states)
+        if self.exact_states:
+            self.loss_fn.last_stats["state_views"] = torch.tensor(float(len(need)))
+        return loss, b
 
     def spectral_embeddings(self, core: nn.Module, positions: Tensor) -> tuple[Tensor, Tensor | None]:
         """(φ(x), ψ(y)) of the training pairs at sampler positions (the spectral sampler's u and v)."""

@@ -25,6 +25,7 @@ __all__ = [
     "PRETRAINED_TOWER_CHOICES",
     "SCHEDULE_CHOICES",
     "STATE_SHARDING_CHOICES",
+    "STATE_VIEW_CHOICES",
     "TOWER_KIND_CHOICES",
     "AugmentConfig",
     "Config",
@@ -45,6 +46,7 @@ TOWER_KIND_CHOICES = TOWER_KINDS
 PRETRAINED_TOWER_CHOICES = PRETRAINED_TOWERS
 SCHEDULE_CHOICES = SCHEDULES
 STATE_SHARDING_CHOICES = SHARDING_MODES
+STATE_VIEW_CHOICES = ("exact", "unaugmented")  # how the trainer encodes EMC²'s chain states (ObjectiveConfig)
 # no torch-free implementing module holds these as a tuple: listed here
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")  # Accelerate's mixed_precision
 MODE_CHOICES = ("unimodal", "bimodal")  # the two trainers of dual_emc2.train
@@ -179,13 +181,17 @@ class ObjectiveConfig:
     """Estimator of the global contrastive loss; ``options`` are validated by the estimator registry.
     ``state_sharding``: whether every process holds the whole per-anchor state (EMC² chains, SogCLR's u) or the rows
     of its 1/W of the keys; ``auto`` shards tables of 256 MiB and more (:mod:`dual_emc2.sharding`).  Results are
-    identical either way; a resumed run may change it."""
+    identical either way; a resumed run may change it.  ``state_views``: how EMC²'s chain states reach the
+    estimator: ``exact`` (the augmented view the chain accepted, regenerated in the loader's workers and encoded in
+    the batch's own forward pass, train mode) or ``unaugmented`` (the un-augmented sample re-encoded by id with norm
+    layers and dropout in eval mode, a second forward: the earlier behaviour, kept to measure the difference)."""
 
     name: str = "emc2"
     beta: float = field(default=14.28, metadata=_check(gt=0.0))
     learnable_beta: bool = False
     options: dict = field(default_factory=dict)
     state_sharding: str = field(default="auto", metadata=_check(choices=STATE_SHARDING_CHOICES))
+    state_views: str = field(default="exact", metadata=_check(choices=STATE_VIEW_CHOICES))
 
 
 @dataclass
