@@ -36,6 +36,27 @@ Rows (estimator, options):
 
     python experiments/mean_field_bias.py --threads 1   # ~22 min wall on a shared 2-core CPU (3,200 epochs: emc2 only)
     python experiments/mean_field_bias.py --smoke         # seconds (CI)
+
+Augmented setting (``--setting augmented``): unimodal, every image i has K augmented views, a fixed table
+F[i, k] = normalize(X_i + ``--view-noise`` · ε_ik / √d) (the clean features X_i stand for the un-augmented image).
+D_neg(x) is every view of every other image (each image's K views equally likely), so with the anchor a = F[i, k_a]
+and its positive another independent view k_p,
+
+    L = mean_(i, k_a) [ −β mean_(k_p) s(a, F[i, k_p]) + log Σ_(j ≠ i, k) exp(β s(a, F[j, k])) ],
+
+exact in float64.  A step draws b images, each with two views whose draws are a function of (seed, epoch, image,
+view): the views "regenerated from stored seeds".  ``GlobalContrastiveLoss(..., mode="unimodal")`` gets
+``F[idx, k_0]``, ``F[idx, k_1]``; EMC²'s states are requested before the call and read from the table at the view
+their (id, view, epoch) names (``state_request``), exactly as the trainer regenerates them.  Rows:
+  emc2               the default, states as their exact views
+  emc2_q0.25         reencode_fraction = 0.25
+  emc2_unaugmented   states re-encoded by id from the clean X_i (the trainer's earlier feeding): not members of
+                     D_neg, and their gradient goes to X, not to the views
+  infonce, sogclr    library defaults
+What remains for EMC² is what the theory does not cover: the anchor's own view changes every epoch, so a chain
+tracks a target that moves (its state was drawn for the anchor's previous view).
+
+    python experiments/mean_field_bias.py --setting augmented --threads 1
 """
 from __future__ import annotations
 
@@ -65,6 +86,74 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "negative_cache": ("negative_cache", {"dim": 16}),
     "hcl": ("hcl", {}),
 }
+
+
+AUGMENTED_ROWS: dict[str, tuple[str, dict[str, Any], str | None]] = {  # label → (estimator, options, state feeding)
+    "emc2": ("emc2", {}, "views"),
+    "emc2_q0.25": ("emc2", {"reencode_fraction": 0.25}, "views"),
+    "emc2_unaugmented": ("emc2", {}, "clean"),
+    "infonce": ("infonce", {}, None),
+    "sogclr": ("sogclr", {}, None),
+}
+
+
+def augmented_tables(n: int, k: int, d: int, view_noise: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(clean X [n, d], views F [n, k, d]): unit features of n images and of k augmented views of each."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, d, generator=g), dim=1)
+    views = F.normalize(x[:, None, :] + view_noise * torch.randn(n, k, d, generator=g) / math.sqrt(d), dim=2)
+    return x, views
+
+
+def view_draws(seed: int, epoch: int, n: int, k: int) -> Tensor:
+    """[n, 2] which of the k views image i shows as its view 0 and view 1 in ``epoch`` (a function of the seed, the
+    epoch, the image and the view, so a stored state's view is drawn again exactly)."""
+    return torch.randint(k, (n, 2), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def exact_augmented_loss(views: Tensor, beta: float) -> Tensor:
+    """L of the augmented setting (module docstring) for views [n, k, d], in their dtype."""
+    n, k, d = views.shape
+    flat = views.reshape(n * k, d)
+    s = beta * flat @ flat.t()  # [nk, nk]
+    image = torch.arange(n).repeat_interleave(k)
+    same = image[:, None] == image[None, :]
+    pos = -(s.masked_fill(~same, 0.0).sum(1) / k)
+    neg = torch.logsumexp(s.masked_fill(same, float("-inf")), dim=1)
+    return (pos + neg).mean()
+
+
+def run_augmented_row(estimator: str, options: dict[str, Any], feeding: str | None, clean: Tensor, views: Tensor, *,
+                      batch: int, beta: float, epochs: int, warmup: int, seed: int) -> tuple[Tensor, float]:
+    """Per-epoch mean of ĝ with respect to the view table, [epochs, n·k·d] float64 (warm-up dropped), and seconds."""
+    n, k, _ = views.shape
+    loss_fn = GlobalContrastiveLoss(estimator, n, mode="unimodal", check_inputs=False, **options)
+    table = views.clone().requires_grad_()
+    x_clean = clean.clone().requires_grad_()  # the un-augmented images' features: not part of L
+    draws = torch.stack([view_draws(seed, e, n, k) for e in range(warmup + epochs)])  # [E, n, 2]
+    g = torch.Generator().manual_seed(seed)
+    steps = n // batch
+    per_epoch = torch.zeros(epochs, table.numel(), dtype=torch.float64)
+    t0 = time.perf_counter()
+    for e in range(warmup + epochs):
+        perm = torch.randperm(n, generator=g)
+        acc = torch.zeros(table.numel(), dtype=torch.float64)
+        for step in range(steps):
+            idx = perm[step * batch:(step + 1) * batch]
+            v0, v1 = table[idx, draws[e, idx, 0]], table[idx, draws[e, idx, 1]]
+            if feeding == "views":
+                need = loss_fn.state_request(idx, epoch=e).y
+                state = table[need.ids, draws[need.epochs, need.ids, need.views]]
+                loss = loss_fn(v0, v1, idx, beta, epoch=e, state_y=state)
+            elif feeding == "clean":
+                loss = loss_fn(v0, v1, idx, beta, encode_x=lambda i: x_clean[i])
+            else:
+                loss = loss_fn(v0, v1, idx, beta)
+            (grad,) = torch.autograd.grad(loss, table, allow_unused=True, materialize_grads=True)
+            acc += grad.flatten().double()
+        if e >= warmup:
+            per_epoch[e - warmup] = acc / steps
+    return per_epoch, time.perf_counter() - t0
 
 
 def feature_tables(n: int, d: int, noise: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -153,7 +242,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     cfg = result["config"]
     ax.set_xlabel("epochs averaged (N / b steps each)")
     ax.set_ylabel("‖Ê ĝ − ∇L‖ / ‖∇L‖   (dotted: MC noise)")
-    ax.set_title(f"Mean-field bias at fixed θ: N = {cfg['n']}, d = {cfg['dim']}, b = {cfg['batch']}, "
+    where = (f"augmented ({cfg['views']} views per image), " if cfg.get("setting") == "augmented" else "")
+    ax.set_title(f"Mean-field bias at fixed θ, {where}N = {cfg['n']}, d = {cfg['dim']}, b = {cfg['batch']}, "
                  f"β = {cfg['beta']:g}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -173,19 +263,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--long-rows", default="emc2", help="rows run to --long-epochs")
     ap.add_argument("--warmup-epochs", type=int, default=20, help="epochs at fixed θ not counted (state burn-in)")
     ap.add_argument("--blocks", type=int, default=20, help="K, contiguous blocks of the batch-means noise estimate")
-    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {','.join(ROWS)}")
+    ap.add_argument("--setting", choices=("fixed", "augmented"), default="fixed",
+                    help="fixed: bimodal tables X, Y; augmented: unimodal, K views per image (module docstring)")
+    ap.add_argument("--views", type=int, default=8, help="K, augmented views per image (--setting augmented)")
+    ap.add_argument("--view-noise", type=float, default=0.5, help="F[i, k] = normalize(X_i + view_noise · ε / √d)")
+    ap.add_argument("--rows", default=None, help=f"comma-separated; fixed: {','.join(ROWS)}; augmented: "
+                    f"{','.join(AUGMENTED_ROWS)} (default: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--smoke", action="store_true", help="tiny run for CI (seconds)")
     ap.add_argument("--out", default=None, help="JSON path (default experiments/results/mean_field_bias[_smoke].json)")
     args = ap.parse_args(argv)
+    table = ROWS if args.setting == "fixed" else AUGMENTED_ROWS
     if args.smoke:
         args.epochs, args.long_epochs, args.warmup_epochs, args.rows, args.blocks = "30", 0, 5, "emc2,infonce", 10
     args.epoch_list = sorted({int(e) for e in args.epochs.split(",") if e})
-    args.row_list = [r for r in args.rows.split(",") if r]
+    args.row_list = [r for r in (args.rows or ",".join(table)).split(",") if r]
     args.long_list = [r for r in args.long_rows.split(",") if r] if args.long_epochs > 0 else []
-    if any(r not in ROWS for r in args.row_list) or not args.row_list:
-        ap.error(f"--rows: choose from {', '.join(ROWS)}")
+    if any(r not in table for r in args.row_list) or not args.row_list:
+        ap.error(f"--rows: choose from {', '.join(table)} (--setting {args.setting})")
     if args.n % args.batch or args.batch < 2:
         ap.error("--batch must be >= 2 and divide --n")
     if args.blocks < 2 or min(args.epoch_list) < args.blocks:
@@ -197,16 +293,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else default_out("mean_field_bias", args.smoke)
-    x, y = feature_tables(args.n, args.dim, args.noise, args.seed)
-    loss_value, grad = exact_gradient(x, y, args.beta)
-    # self-check: b = N puts every negative in the batch; the default EMC² is then exact
-    check, _ = run_row("emc2", {}, x, y, batch=args.n, beta=args.beta, epochs=2, warmup=1, seed=args.seed)
-    check_err = float((check.mean(0) - grad).norm() / grad.norm())
-    config = {"n": args.n, "dim": args.dim, "noise": args.noise, "batch": args.batch, "beta": args.beta,
+    augmented = args.setting == "augmented"
+    name = "mean_field_bias_augmented" if augmented else "mean_field_bias"
+    out = Path(args.out) if args.out else default_out(name, args.smoke)
+    check_err = None
+    if augmented:
+        clean, views = augmented_tables(args.n, args.views, args.dim, args.view_noise, args.seed)
+        v64 = views.double().requires_grad_()
+        exact = exact_augmented_loss(v64, args.beta)
+        loss_value, grad = float(exact.detach()), torch.autograd.grad(exact, v64)[0].flatten()
+    else:
+        x, y = feature_tables(args.n, args.dim, args.noise, args.seed)
+        loss_value, grad = exact_gradient(x, y, args.beta)
+        # self-check: b = N puts every negative in the batch; the default EMC² is then exact
+        check, _ = run_row("emc2", {}, x, y, batch=args.n, beta=args.beta, epochs=2, warmup=1, seed=args.seed)
+        check_err = float((check.mean(0) - grad).norm() / grad.norm())
+    config = {"setting": args.setting, "n": args.n, "dim": args.dim, "noise": args.noise, "batch": args.batch,
+              "beta": args.beta,
               "epochs": args.epoch_list, "long_epochs": args.long_epochs, "long_rows": args.long_list,
               "warmup_epochs": args.warmup_epochs, "blocks": args.blocks, "seed": args.seed, "smoke": args.smoke,
-              "steps_per_epoch": args.n // args.batch}
+              "steps_per_epoch": args.n // args.batch,
+              **({"views": args.views, "view_noise": args.view_noise} if augmented else {})}
     result: dict[str, Any] = {
         "protocol": "mean-field bias at fixed θ through GlobalContrastiveLoss: ‖Ê ĝ − ∇L‖ / ‖∇L‖ with batch-means "
                     "noise",
@@ -215,15 +322,19 @@ def main(argv: list[str] | None = None) -> int:
         "check_full_batch_emc2_rel_error": check_err, "rows": {},
     }
     print(f"machine: {describe_machine(result['machine'])}", flush=True)
-    print(f"L = {loss_value:.5f}, ‖∇L‖ = {float(grad.norm()):.4e}; self-check (emc2 at b = N): relative error "
-          f"{check_err:.2e}", flush=True)
+    print(f"L = {loss_value:.5f}, ‖∇L‖ = {float(grad.norm()):.4e}" + (
+        f"; self-check (emc2 at b = N): relative error {check_err:.2e}" if check_err is not None else ""), flush=True)
     for label in args.row_list:
-        estimator, options = ROWS[label]
         report = list(args.epoch_list)
         if label in args.long_list and args.long_epochs > max(report):
             report.append(args.long_epochs)
-        per_epoch, secs = run_row(estimator, options, x, y, batch=args.batch, beta=args.beta, epochs=max(report),
-                                  warmup=args.warmup_epochs, seed=args.seed)
+        common = dict(batch=args.batch, beta=args.beta, epochs=max(report), warmup=args.warmup_epochs, seed=args.seed)
+        if augmented:
+            estimator, options, feeding = AUGMENTED_ROWS[label]
+            per_epoch, secs = run_augmented_row(estimator, options, feeding, clean, views, **common)
+        else:
+            estimator, options = ROWS[label]
+            per_epoch, secs = run_row(estimator, options, x, y, **common)
         pts = [error_and_noise(per_epoch, e, grad, args.blocks) for e in report]
         n_steps = (max(report) + args.warmup_epochs) * (args.n // args.batch)
         result["rows"][label] = {"estimator": estimator, "options": options, "seconds": secs,

@@ -84,7 +84,9 @@ class SeededViews(Dataset):
         """``draw()`` with the RNG of item ``index`` in ``epoch``: regenerates what that epoch's item drew (an EMC²
         chain state is such a view, :mod:`dual_emc2.data.state_slots`)."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + int(epoch)) * 10_000_019 + int(index))
+            # the CPU generator only (what the transforms draw from): torch.manual_seed would also queue a lazy CUDA
+            # seeding, with a stack trace, on every item of a CUDA build
+            torch.default_generator.manual_seed((self.seed * 1_000_003 + int(epoch)) * 10_000_019 + int(index))
             return draw()
 
     def __getattr__(self, name: str):
