@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dual_emc2.data.offline_sets import EMOJI_DIR, emoji_pairs
-from dual_emc2.losses import GlobalContrastiveLoss
+from dual_emc2.loss.global_loss import GlobalContrastiveLoss
 
 MODEL_NAME = "dual-emc2-tiny-clip"
 

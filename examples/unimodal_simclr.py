@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dual_emc2.data.augment import simclr_transform
 from dual_emc2.data.image_sets import build_image_dataset, dataset_stats
-from dual_emc2.losses import GlobalContrastiveLoss
+from dual_emc2.loss.global_loss import GlobalContrastiveLoss
 
 
 class TwoViews(Dataset):

@@ -3,11 +3,14 @@
 For each batch of ``B = 2b`` views (unimodal: each view's candidates are the other ``B - 2`` views, self and positive
 excluded) and ``R = B - 2`` M-H steps, times in one run:
 
-  (i)   the chains on the torch loop (:func:`dual_emc2.sampling.mh_chains_torch`, proposals pre-drawn),
-  (ii)  the same chains on the fused Triton kernel (:func:`dual_emc2.kernels.mh_triton.mh_chains_triton`) where
-        usable, and checks that both give bit-identical results,
+  (i)   the chains on the torch loop (:func:`dual_emc2.loss.estimators.emc2.chain.mh_chains_torch`, proposals
+        pre-drawn),
+  (ii)  the same chains on the fused Triton kernel
+        (:func:`dual_emc2.loss.estimators.emc2.chain_triton.mh_chains_triton`) where usable, and checks that both give
+        bit-identical results,
   (iii) an InfoNCE loss forward + backward (``F.cross_entropy`` over ``B × B`` logits of d=128 normalised features),
-  (iv)  the full :func:`dual_emc2.sampling.mh_visit_counts` call (proposal drawing + chains, backend ``auto``),
+  (iv)  the full :func:`dual_emc2.loss.estimators.emc2.chain.mh_visit_counts` call (proposal drawing + chains,
+        backend ``auto``),
 
 reporting medians over repeats after warm-up (CUDA events on GPU, ``time.perf_counter`` on CPU).
 
@@ -29,8 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dual_emc2.kernels import mh_triton
-from dual_emc2.sampling import MHResult, draw_mh_proposals, mh_chains_torch, mh_visit_counts
+from dual_emc2.loss.estimators.emc2 import chain_triton as mh_triton
+from dual_emc2.loss.estimators.emc2.chain import MHResult, draw_mh_proposals, mh_chains_torch, mh_visit_counts
 
 DEFAULT_SIZES = {"cuda": [64, 256, 512, 2048, 8192], "cpu": [64, 256, 512]}
 SMOKE_SIZES = [16]

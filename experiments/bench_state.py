@@ -1,15 +1,15 @@
 #!/usr/bin/env python
-"""Replicated against sharded per-anchor state (``objective.state_sharding``), measured with W gloo processes on this
+"""Replicated against sharded per-anchor state (``loss.state_sharding``), measured with W gloo processes on this
 machine's CPU: memory per process and the time of one state round (read + write of a global batch's keys).
 
 For each table size N (EMC² chains: int32 key + float32 score + int32 view epoch, 12 bytes a key) and each
 layout/protocol (``replicated``; ``sharded`` with the ``gather`` and the ``alltoall`` exchange of
-:mod:`dual_emc2.state_exchange`), every process builds a :class:`dual_emc2.state.ChainState` alone to measure its
-memory: the state's bytes (its buffers) and the peak resident growth while building it (VmHWM after resetting it, minus
-the resident memory before). Then the three tables run rounds side by side, interleaved: each round draws a global batch
-of ``--batch`` distinct keys (the same on every process), each process reads the states of its slice and writes new
-ones; the time of a round is the slowest process's, and the median over rounds is reported. Ratios are against the
-replicated table of the same N, measured in the same run.
+:mod:`dual_emc2.loss.state.exchange`), every process builds a :class:`dual_emc2.loss.state.keyed.ChainState` alone to
+measure its memory: the state's bytes (its buffers) and the peak resident growth while building it (VmHWM after
+resetting it, minus the resident memory before). Then the three tables run rounds side by side, interleaved: each round
+draws a global batch of ``--batch`` distinct keys (the same on every process), each process reads the states of its
+slice and writes new ones; the time of a round is the slowest process's, and the median over rounds is reported. Ratios
+are against the replicated table of the same N, measured in the same run.
 
     python experiments/bench_state.py [--world 4] [--keys 1e6,1e7] [--batch 256] [--rounds 200]
         [--out experiments/results/bench_state.json] [--smoke]
@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from _common import default_out, describe_machine, format_table, machine_info, median, write_json
 
-from dual_emc2.state import ChainState
+from dual_emc2.loss.state.keyed import ChainState
 
 VARIANTS = (("replicated", "gather"), ("sharded", "gather"), ("sharded", "alltoall"))
 

@@ -3,7 +3,7 @@
 the trainer's own overhead.
 
 Table 1 (estimators). One model, one optimiser (Adam) and one synthetic batch of 2b views already on the device; each
-step is forward → ContrastiveBatch (:func:`dual_emc2.objectives.batches.unimodal_contrastive_batch`) → estimator →
+step is forward → ContrastiveBatch (:func:`dual_emc2.loss.batches.unimodal_contrastive_batch`) → estimator →
 backward → optimiser step, with fresh global ids every step (so chain states and caches are read and written as in
 training, and nearly every EMC² state lies outside the batch). EMC² (``emc2``, ``emc2_q025``) plans its states before
 the forward and encodes them in the batch's own forward pass, as the trainer does (stand-in images already on the
@@ -52,8 +52,8 @@ from _common import (
 )
 from torch import Tensor, nn
 
-from dual_emc2.objectives import build_objective
-from dual_emc2.objectives.batches import unimodal_contrastive_batch, unimodal_layout
+from dual_emc2.loss.batches import unimodal_contrastive_batch, unimodal_layout
+from dual_emc2.loss.registry import build_estimator
 from dual_emc2.towers.heads import build_image_encoder
 
 ESTIMATORS = ("simclr", "emc2", "emc2_q025", "emc2_unaugmented", "emc2_stale_drop", "sogclr", "hcl",
@@ -165,7 +165,7 @@ class Bench:
         self.objectives = {}
         for n in names:
             reg, opts = estimator_options(n, case)
-            self.objectives[n] = build_objective(reg, num_keys=case.dataset * VIEWS, num_candidates=case.dataset,
+            self.objectives[n] = build_estimator(reg, num_keys=case.dataset * VIEWS, num_candidates=case.dataset,
                                                  options=opts, defaults={"seed": seed}).to(device)
             self.objectives[n].check_batch_shape((case.batch - 1) * VIEWS)
         self.counter = 0
@@ -247,8 +247,8 @@ def trainer_overhead(case: Case, device: torch.device, repeats: int, warmup: int
         "data.name=digits", "data.num_workers=0", f"data.image_size={case.size}", f"train.batch_size={b}",
         f"model.arch={case.arch}", f"model.cifar_stem={str(case.cifar_stem).lower()}",
         f"model.proj_hidden={2048 if case.arch == 'resnet50' else 512}", f"model.proj_dim={case.dim}",
-        f"model.channels_last={str(device.type == 'cuda').lower()}", f"objective.beta={case.beta}",
-        "objective.name=emc2", "eval.enabled=false",
+        f"model.channels_last={str(device.type == 'cuda').lower()}", f"loss.beta={case.beta}",
+        "loss.estimator=emc2", "eval.enabled=false",
         f"train.mixed_precision={'bf16' if case.amp == 'bf16' else 'no'}", f"output_dir={out_dir}"])
     trainer = Trainer(cfg)
     if trainer.device.type != device.type:
@@ -266,7 +266,7 @@ def trainer_overhead(case: Case, device: torch.device, repeats: int, warmup: int
         """What the loader's workers deliver (not timed): ids, views, labels and the anchors' state views, read from
         the chains as they stand now."""
         ids = next(it)
-        dataset.set_states(*task.objective.state_views())
+        dataset.set_states(*task.estimator.state_views())
         slots = [dataset[int(i)][3] for i in ids]
         return ids, views, None, tuple(torch.stack([s[k] for s in slots]) for k in range(3))
 

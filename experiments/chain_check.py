@@ -1,18 +1,19 @@
 #!/usr/bin/env python
 """Chain check at fixed scores: does each EMC² state update sample softmax(β s) over all of D_neg?
 
-No network.  One anchor with N fixed negative scores s (default N = 1,000, s ~ N(0, 0.3²) clipped to [−1, 1],
-seeded), target π = softmax(β s) over the N negatives.  ``--chains`` independent chains (one row each in
-:func:`dual_emc2.sampling.mh_visit_counts`, vectorised) keep a state z that persists across visits.  Every visit
-draws, per chain, a batch C of c candidates uniformly without replacement from the N (independent of z) and runs one
-update from the stored state:
+No network.  One anchor with N fixed negative scores s (default N = 1,000, s ~ N(0, 0.3²) clipped to [−1, 1], seeded),
+target π = softmax(β s) over the N negatives.  ``--chains`` independent chains (one row each in
+:func:`dual_emc2.loss.estimators.emc2.chain.mh_visit_counts`, vectorised) keep a state z that persists across visits.
+Every visit draws, per chain, a batch C of c candidates uniformly without replacement from the N (independent of z) and
+runs one update from the stored state:
 
   batch          R = c M-H steps proposing uniformly from C only (Algorithm 1 of Yau et al.), P = c // 2 burn-in,
                  exact score of the stored state; once the chain leaves z it cannot return within the visit.
   pool           the same with proposals uniform over A = C ∪ {z} (z proposable: column −1).  Exact.
   permuted_scan  the same with the valid columns in a fresh random order per sweep (not exactly invariant).
   rao_blackwell  weights softmax(β s) over A (the state's term included), next state one exact draw from it
-                 (:func:`dual_emc2.objectives.emc2.pool_logits`, :func:`~dual_emc2.objectives.emc2.gumbel_argmax`).
+                 (:func:`dual_emc2.loss.estimators.emc2.pool_logits`,
+                 :func:`~dual_emc2.loss.estimators.emc2.gumbel_argmax`).
 
 The counted distribution of a visit is, for the M-H variants, its post-burn-in visit counts / (R − P) (in-batch
 columns mapped back to negative ids, ``stay`` to the state's id) and, for Rao–Blackwell, its weight vector over A.
@@ -53,8 +54,8 @@ import torch
 from _common import default_out, describe_machine, format_table, machine_info, pyplot, save_figure, write_json
 from torch import Tensor
 
-from dual_emc2.objectives.emc2 import gumbel_argmax, pool_logits
-from dual_emc2.sampling import mh_visit_counts
+from dual_emc2.loss.estimators.emc2 import gumbel_argmax, pool_logits
+from dual_emc2.loss.estimators.emc2.chain import mh_visit_counts
 
 VARIANTS = ("batch", "pool", "permuted_scan", "rao_blackwell")
 MH_VARIANTS = ("batch", "pool", "permuted_scan")

@@ -44,6 +44,9 @@ from dual_emc2.data.augment import eval_transform, simclr_transform
 from dual_emc2.data.image_sets import build_image_dataset, dataset_stats
 from dual_emc2.data.samplers import GlobalBatchSampler
 from dual_emc2.data.spectral import SpectralBatchSampler
+from dual_emc2.loss.estimators.base import ContrastiveBatch
+from dual_emc2.loss.estimators.scl import normalize_features
+from dual_emc2.loss.registry import build_estimator
 from dual_emc2.metrics.geometry import (
     alignment,
     class_means,
@@ -53,9 +56,6 @@ from dual_emc2.metrics.geometry import (
     uniformity,
 )
 from dual_emc2.metrics.knn import knn_accuracy
-from dual_emc2.objectives import build_objective
-from dual_emc2.objectives.base import ContrastiveBatch
-from dual_emc2.objectives.scl import normalize_features
 
 # run label -> (registry name, options; "normalize" is the feature normalisation the loss sees)
 RUNS: dict[str, tuple[str, dict]] = {
@@ -135,7 +135,7 @@ def train_run(label: str, views: Tensor, labels: Tensor, test_x: Tensor, test_y:
     torch.manual_seed(args.seed)
     model = SmallEncoder(args.dim)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    objective = build_objective(name, num_keys=2 * n, num_candidates=n, options=options, defaults={"seed": args.seed})
+    objective = build_estimator(name, num_keys=2 * n, num_candidates=n, options=options, defaults={"seed": args.seed})
     b, V = args.batch, 2
     objective.check_batch_shape(2 * b - 2)
     cols = torch.arange(b * V)
@@ -298,12 +298,12 @@ def checkpoint_geometry(path: str, args: argparse.Namespace) -> dict:
                            cfg.data.image_size, batch_size=256, max_train=1, max_test=args.test_images)
     (h, z), y = encode_all(model.encoder.encode, test, "cpu")
     sv = {"z": singular_values(z), "h": singular_values(h)}
-    out = {"checkpoint": str(path), "step": payload.get("step"), "objective": cfg.objective.name,
+    out = {"checkpoint": str(path), "step": payload.get("step"), "estimator": cfg.loss.estimator,
            "z": geometry_metrics(z, y, unit=True), "h": geometry_metrics(h, y),
            "spectrum_z": sv["z"].tolist(), "spectrum_h": sv["h"].tolist()}
     stem = Path(args.out).with_suffix("")
     for k, s in sv.items():
-        plot_spectra({cfg.objective.name: s}, f"{stem}_spectrum_{k}.png", title=f"{path}: {k}")
+        plot_spectra({cfg.loss.estimator: s}, f"{stem}_spectrum_{k}.png", title=f"{path}: {k}")
     return out
 
 

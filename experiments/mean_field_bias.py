@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from _common import default_out, describe_machine, format_table, machine_info, pyplot, save_figure, write_json
 from torch import Tensor
 
-from dual_emc2.losses import GlobalContrastiveLoss
+from dual_emc2.loss.global_loss import GlobalContrastiveLoss
 
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "emc2": ("emc2", {}),

@@ -76,19 +76,19 @@ def config_for(args: argparse.Namespace, b: int) -> str:
     return FMNIST_CONFIG
 
 
-# rows that are an estimator fed or set up another way: label → (objective.name, extra overrides)
+# rows that are an estimator fed or set up another way: label → (loss.estimator, extra overrides)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     # the default EMC² with its states fed the earlier way: the un-augmented image re-encoded by id, eval mode
-    "emc2_unaugmented": ("emc2", ["objective.state_views=unaugmented"]),
+    "emc2_unaugmented": ("emc2", ["loss.state_views=unaugmented"]),
 }
 
 
 def run_overrides(args: argparse.Namespace, name: str, b: int, seed: int, out: Path) -> list[str]:
     # EMC² runs its default estimator (Rao–Blackwell weights over the thinned batch plus the chain state, encoded in
-    # the batch's forward): it has no steps / burn-in to set (objective.options.emc2.burn_in only matters for
+    # the batch's forward): it has no steps / burn-in to set (loss.options.emc2.burn_in only matters for
     # weights=visits).  A VARIANTS label runs its estimator with its overrides.
     registry, extra = VARIANTS.get(name, (name, []))
-    o = [f"objective.name={registry}", *extra, f"train.batch_size={b}", f"train.epochs={args.epochs}", f"seed={seed}",
+    o = [f"loss.estimator={registry}", *extra, f"train.batch_size={b}", f"train.epochs={args.epochs}", f"seed={seed}",
          f"eval.every_epochs={args.eval_every}", f"output_dir={out}",
          f"data.num_workers={args.workers}", "train.ckpt_every=1000000", "train.max_steps=null",
          f"eval.probe_epochs={args.probe_epochs}"]
@@ -267,8 +267,9 @@ def plot_bands(runs: list[dict], path: Path, title: str, clock: str = "epoch") -
     plt = pyplot()
     batches = sorted({r["batch"] for r in runs})
     names = list(dict.fromkeys(r["estimator"] for r in runs))
-    label = {"emc2": "EMC² (states in the batch's forward)", "emc2_unaugmented": "EMC² (states un-augmented, eval mode)",
-             "infonce": "SimCLR (InfoNCE)", "sogclr": "SogCLR", "hcl": "HCL"}
+    label = {"emc2": "EMC² (states in the batch's forward)",
+             "emc2_unaugmented": "EMC² (states un-augmented, eval mode)", "infonce": "SimCLR (InfoNCE)",
+             "sogclr": "SogCLR", "hcl": "HCL"}
     fig, axes = plt.subplots(len(METRICS), len(batches), figsize=(5.5 * len(batches), 7), squeeze=False,
                              sharey="row")
     for row, metric in enumerate(METRICS):

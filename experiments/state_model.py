@@ -3,9 +3,10 @@
 
 A bimodal run keeps one state table per direction (x→y, y→x), ``N`` rows each (one per pair), each row ``C`` words of 4
 bytes: EMC² an int32 candidate key, a float32 score and an int32 view epoch (C = 3, 12 bytes), SogCLR a float32 u (C =
-1). Layouts (:mod:`dual_emc2.sharding`): ``replicated`` (every process holds every row) or ``sharded`` (process r holds
+1). Layouts (:mod:`dual_emc2.loss.state.layout`): ``replicated`` (every process holds every row) or ``sharded``
+(process r holds
 the keys k ≡ r mod W, ⌈N / W⌉ rows). Per step every process reads and writes the rows of its b anchors; the collectives
-are those of :mod:`dual_emc2.state_exchange` (``PROTOCOLS`` below, each message a parameter):
+are those of :mod:`dual_emc2.loss.state.exchange` (``PROTOCOLS`` below, each message a parameter):
 * replicated: read local; write all-gathers (int64 key, C words widened to int64) per anchor, after an all-gather of
   the row counts;
 * sharded ``gather``: read all-gathers the row counts and the global batch's int64 keys, then all-reduces the

@@ -4,7 +4,7 @@
 Protocol (paper: first 500 STL-10 images; here Fashion-MNIST, on disk everywhere): the first ``--images`` training
 images, each with ``--views`` augmentations drawn once with a fixed seed, so D_pos (the view pairs of an image) and
 D_neg(x) (every view of every other image) are finite and the exact L(θ) of eq. (1) and ‖∇L(θ)‖² are computable.
-The exact values come from :func:`dual_emc2.metrics.exact.exact_objective` (φ = ψ on all views, float64 loss,
+The exact values come from :func:`dual_emc2.loss.exact.exact_objective` (φ = ψ on all views, float64 loss,
 two-pass chunked backprop), evaluated every ``--eval-every`` epochs.  The network has no batch norm (a small CNN, or
 ResNet-18 with GroupNorm), so training and evaluation compute the same function.
 
@@ -17,7 +17,7 @@ Defaults follow Table 3's "STL-10 subset" row: SGD, b = 4 images (8 views, 2b �
 anchor), β = 5, negative-cache refresh ρ = 0.1; weight decay is 0 here (with weight decay the iterates approach a
 stationary point of L + λ‖θ‖²/2, not of L).
 
-Estimators (``--estimators``), all through :func:`dual_emc2.objectives.build_objective`:
+Estimators (``--estimators``), all through :func:`dual_emc2.loss.registry.build_estimator`:
   emc2             the default EMC² (no options): Rao–Blackwell weights = softmax over batch ∪ {chain state}, the
                    out-of-batch state's score exact (re-encoded without grad) and its gradient term re-encoded with
                    grad, the state moved by one exact draw from that softmax (~15 forwards a step at b = 4).
@@ -70,9 +70,9 @@ from torch import Tensor, nn
 
 from dual_emc2.data.augment import simclr_transform
 from dual_emc2.data.image_sets import build_image_dataset, dataset_stats
-from dual_emc2.metrics.exact import exact_objective
-from dual_emc2.objectives import build_objective
-from dual_emc2.objectives.base import ContrastiveBatch
+from dual_emc2.loss.estimators.base import ContrastiveBatch
+from dual_emc2.loss.exact import exact_objective
+from dual_emc2.loss.registry import build_estimator
 from dual_emc2.towers.heads import build_image_encoder
 
 DEFAULT_ESTIMATORS = ("emc2", "simclr", "sogclr", "negative_cache")
@@ -223,7 +223,7 @@ def run_one(label: str, spec: Estimator, views: Tensor, args: argparse.Namespace
     gap = args.eval_every * steps_per_epoch * b * V
     flat = views.flatten(0, 1).to(device)  # [n·V, 1, 28, 28], view v of image k at row k·V + v
     image_of, positive_of = view_pairs(n, V, device)
-    objective = build_objective(spec.registry, num_keys=n * V, num_candidates=n * V if spec.by_view else n,
+    objective = build_estimator(spec.registry, num_keys=n * V, num_candidates=n * V if spec.by_view else n,
                                 options=spec.options, defaults={"seed": seed}).to(device)
     objective.check_batch_shape((b - 1) * V)
     forwards = [0]  # views encoded, including the estimator's extra encodes
@@ -308,7 +308,7 @@ def gradient_bias(model: nn.Module, views: Tensor, specs: dict[str, Estimator], 
     biased one settles where its own mean field vanishes, at ‖∇L‖ ≈ its bias there.  Batch means assume the blocks
     are long compared with the estimator state's memory (``--bias-iters`` / K steps ≫ n / b).
     """
-    from dual_emc2.metrics.exact import global_contrastive_loss
+    from dual_emc2.loss.exact import global_contrastive_loss
 
     n, V = views.shape[:2]
     b = args.batch
@@ -328,7 +328,7 @@ def gradient_bias(model: nn.Module, views: Tensor, specs: dict[str, Estimator], 
     out = {}
     for label in labels:
         spec = specs[label]
-        objective = build_objective(spec.registry, num_keys=n * V, num_candidates=n * V if spec.by_view else n,
+        objective = build_estimator(spec.registry, num_keys=n * V, num_candidates=n * V if spec.by_view else n,
                                     options=spec.options, defaults={"seed": 0}).to(device)
         objective.check_batch_shape((b - 1) * V)
         leaf = feats.clone().requires_grad_(True)
@@ -395,13 +395,14 @@ def chain_target_check(settings: list[tuple[int, int]], *, images: int, views: i
 
     One anchor with fixed scores s over the (images − 1)·views negatives (image scores ~ N(0, ``spread``), views
     jittered around them), ``reps`` independent copies of its chain.  Each iteration draws for every copy a batch of
-    b − 1 other images (their views are the in-batch candidates), runs :func:`dual_emc2.sampling.mh_visit_counts`
+    b − 1 other images (their views are the in-batch candidates), runs
+    :func:`dual_emc2.loss.estimators.emc2.chain.mh_visit_counts`
     (R steps, burn-in P, exact score of the stored state, as ``state_score=refresh``) and counts the post-burn-in
     visits, the steps spent on the out-of-batch state included (as ``out_of_batch=reencode``).  Returns, per (R, P),
     the total variation between the counted samples (after the first third of the iterations) and softmax(β s),
     beside the TV of as many exact draws (the Monte-Carlo floor), and the mass on the hardest 1 % of negatives.
     """
-    from dual_emc2.sampling import mh_visit_counts
+    from dual_emc2.loss.estimators.emc2.chain import mh_visit_counts
 
     g = torch.Generator().manual_seed(seed)
     n_img = images - 1

@@ -30,9 +30,9 @@ def main() -> None:
     t.losses, t.batches = [], []
     t.fit()
     rank = t.acc.process_index
-    state = {k: v.cpu() for k, v in t.objective.state_dict().items()}
+    state = {k: v.cpu() for k, v in t.estimator.state_dict().items()}
     assignment = getattr(t.sampler, "assignment", None)
-    torch.save({"losses": t.losses, "objective": state, "model": t.core.state_dict(), "batches": t.batches,
+    torch.save({"losses": t.losses, "estimator": state, "model": t.core.state_dict(), "batches": t.batches,
                 "assignment": assignment, "world": t.acc.num_processes}, Path(out_dir) / f"rank{rank}.pt")
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"losses": t.losses}))
 

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dual_emc2.state import ChainState, assemble_state_dict  # noqa: E402
+from dual_emc2.loss.state.keyed import ChainState, assemble_state_dict  # noqa: E402
 
 N = 101
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-import dual_emc2.objectives.batches as batches
+import dual_emc2.loss.batches as batches
 from dual_emc2.data.pairs import PairSet, relevant_sets
 from dual_emc2.data.shards import write_shards
-from dual_emc2.metrics.retrieval_report import retrieval_both_directions
-from dual_emc2.objectives import build_objective
-from dual_emc2.objectives.batches import bimodal_contrastive_batches
+from dual_emc2.loss.batches import bimodal_contrastive_batches
+from dual_emc2.loss.registry import build_estimator
 from dual_emc2.train.checkpoint import find_latest_valid, load_checkpoint
 from dual_emc2.train.config import load_config
+from dual_emc2.train.retrieval_report import retrieval_both_directions
 from dual_emc2.train.trainer import Trainer
 
 torch.set_num_threads(1)
@@ -80,7 +80,7 @@ def test_two_processes_compute_what_one_process_does(monkeypatch, name):
     groups = torch.arange(N) % 10  # some duplicates: masked false negatives
     table_x, table_y = _unit(N, 6, 30), _unit(N, 6, 31)  # un-augmented features by id, for EMC²'s re-encodes
     enc = {"encode_x": lambda i: table_x[i], "encode_y": lambda i: table_y[i]}
-    ref = build_objective(name, num_keys=N, num_candidates=N, symmetric=True, options={},
+    ref = build_estimator(name, num_keys=N, num_candidates=N, symmetric=True, options={},
                           defaults={"seed": 3, "dim": 6})
     copies = [copy.deepcopy(ref) for _ in range(W)]
     for step, ids in enumerate(ids_steps):
@@ -208,7 +208,7 @@ def _cfg(root: Path, out: Path, *extra: str):
 
 
 def _flat_state(payload: dict) -> dict:
-    out = {f"{part}.{k}": v for part in ("model", "objective") for k, v in payload[part].items()}
+    out = {f"{part}.{k}": v for part in ("model", "estimator") for k, v in payload[part].items()}
     for i, st in payload["optimizer"]["state"].items():
         out |= {f"opt.{i}.{k}": v for k, v in st.items()}
     return out
@@ -216,7 +216,7 @@ def _flat_state(payload: dict) -> dict:
 
 @pytest.mark.parametrize("name", ["emc2", "infonce"])
 def test_trainer_writes_checkpoints_metrics_and_retrieval_eval(shard_dir, tmp_path, name):
-    trainer = Trainer(_cfg(shard_dir, tmp_path, f"objective.name={name}"))
+    trainer = Trainer(_cfg(shard_dir, tmp_path, f"loss.estimator={name}"))
     assert len(trainer.task.train_pairs) == 36 and len(trainer.task.eval_pairs) == 12 and trainer.task.num_keys == 1048
     final = trainer.fit()
     assert final["step"] == 8
@@ -228,10 +228,10 @@ def test_trainer_writes_checkpoints_metrics_and_retrieval_eval(shard_dir, tmp_pa
     assert "pairs_per_s" in csv_text and "batch_objective" in csv_text
     assert ("x2y/state_weight" in csv_text) == (name == "emc2")
     if name == "emc2":  # chain states hold shard indices of training pairs, one table per direction
-        states = ckpt["objective"]["x_to_y.chains.candidate_key"]
+        states = ckpt["estimator"]["x_to_y.chains.candidate_key"]
         visited = set(states[states >= 0].tolist())
         assert visited and visited <= set(trainer.task.train_pairs.ids.tolist())
-        assert "y_to_x.chains.candidate_key" in ckpt["objective"]
+        assert "y_to_x.chains.candidate_key" in ckpt["estimator"]
 
     # eval/retrieval.py on the checkpoint rebuilds the same held-out split and reproduces the trainer's metrics
     from eval.retrieval import main as retrieval_main
@@ -250,7 +250,7 @@ def test_chain_states_are_the_views_the_chains_accepted_encoded_with_the_batch(s
     # earlier epoch; both go through their tower in the batch's own forward (train mode), the image bit for bit as
     # the batch of its epoch saw it
     trainer = Trainer(_cfg(shard_dir, tmp_path, "pairs.augment_images=true", "eval.enabled=false", "train.epochs=3",
-                           "objective.options={}"))  # the default EMC²
+                           "loss.options={}"))  # the default EMC²
     task = trainer.task
     assert task.exact_states
     forwards = {"x": [], "y": []}
@@ -356,11 +356,11 @@ def test_streaming_shards_train_with_their_indices(shard_dir, tmp_path):
     assert trainer.task.train_pairs is None and trainer.steps_per_epoch == 6 and trainer.task.num_keys == 1048
     final = trainer.fit()
     assert final["step"] == 3 and len(trainer.task.eval_pairs) == 48
-    states = trainer.objective.x_to_y.chains.candidate_key
+    states = trainer.estimator.x_to_y.chains.candidate_key
     assert set(states[states >= 0].tolist()) <= set(range(1000, 1048))
     with pytest.raises(ValueError, match="streaming shards cannot serve"):
         Trainer(_cfg(shard_dir, tmp_path / "x", "pairs.streaming=true", "pairs.mask_duplicates=false",
-                            "objective.options.emc2.out_of_batch=reencode"))
+                            "loss.options.emc2.out_of_batch=reencode"))
 
 
 def test_bad_bimodal_configs_name_the_problem(shard_dir, tmp_path):

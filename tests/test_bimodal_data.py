@@ -20,7 +20,7 @@ from dual_emc2.data.pairs import (
     relevant_sets,
     split_pairs,
 )
-from dual_emc2.objectives.batches import same_group_mask
+from dual_emc2.loss.batches import same_group_mask
 
 LICENSE = ["  1 This software and database is being provided to you, the LICENSEE, by  ",
            "  2 Princeton University under the following license.  ",

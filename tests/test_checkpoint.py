@@ -42,7 +42,7 @@ def _payload(step: int, seed: int = 0) -> dict:
         "step": step,
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
-        "objective": {"chain_idx": torch.randint(0, 100, (50,), generator=g),
+        "estimator": {"chain_idx": torch.randint(0, 100, (50,), generator=g),
                       "chain_score": torch.randn(50, generator=g).to(torch.bfloat16),
                       "valid": torch.rand(50, generator=g) > 0.5,
                       "beta": torch.tensor(14.28, dtype=torch.float64)},
@@ -320,17 +320,17 @@ def test_checkpoint_summary(tmp_path):
     path = save_checkpoint(tmp_path, 42, payload)
     s = checkpoint_summary(load_checkpoint(path))
     assert s["step"] == 42
-    assert set(s["tensors"]) == {"model", "optimizer", "objective", "rng"}
+    assert set(s["tensors"]) == {"model", "optimizer", "estimator", "rng"}
     model = payload["model"]
     m = s["tensors"]["model"]
     assert m["num_tensors"] == len(model)
     assert m["numel"] == sum(v.numel() for v in model.values())
     assert m["nbytes"] == sum(v.numel() * v.element_size() for v in model.values())
     assert m["shapes"]["0.weight"] == {"shape": [5, 6], "dtype": "float32"}
-    assert s["tensors"]["objective"]["shapes"]["chain_score"]["dtype"] == "bfloat16"
+    assert s["tensors"]["estimator"]["shapes"]["chain_score"]["dtype"] == "bfloat16"
     # Adam moments are hashed too: state.<param>.exp_avg ...
     assert s["tensors"]["optimizer"]["num_tensors"] == 3 * len(list(payload["optimizer"]["state"]))
     assert m["sha256"] == checkpoint_summary(payload)["tensors"]["model"]["sha256"]  # survives the file
     other = _payload(42, seed=1)
     assert checkpoint_summary(other)["tensors"]["model"]["sha256"] != m["sha256"]
-    assert np.isclose(float(load_checkpoint(path)["objective"]["beta"]), 14.28)
+    assert np.isclose(float(load_checkpoint(path)["estimator"]["beta"]), 14.28)

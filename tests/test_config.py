@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dual_emc2.sharding import SHARDING_MODES
+from dual_emc2.loss.state.layout import SHARDING_MODES
 from dual_emc2.towers.heads import IMAGE_ARCHS, NORMS
 from dual_emc2.towers.two_tower import PRETRAINED_TOWERS, TOWER_KINDS
 from dual_emc2.train.config import (
@@ -34,8 +34,8 @@ def _write(path: Path, data: dict | str) -> Path:
 def test_defaults_match_schema():
     cfg = load_config(None)
     assert cfg == Config()
-    assert cfg.objective.beta == 14.28 and cfg.optim.lr == 1e-3 and cfg.eval.knn_k == [1, 20]
-    assert cfg.data.augment.blur is None and cfg.train.resume is None and cfg.objective.options == {}
+    assert cfg.loss.beta == 14.28 and cfg.optim.lr == 1e-3 and cfg.eval.knn_k == [1, 20]
+    assert cfg.data.augment.blur is None and cfg.train.resume is None and cfg.loss.options == {}
 
 
 def test_yaml_round_trip(tmp_path):
@@ -44,16 +44,16 @@ seed: 7
 output_dir: runs/x
 data: {name: mnist, subset: 500, augment: {blur: true, crop_scale_min: 0.2}}
 model: {arch: resnet50, proj_dim: 64}
-objective: {name: sogclr, beta: 5, options: {gamma: 0.9, policy: stale, nested: {a: [1, 2]}}}
+loss: {estimator: sogclr, beta: 5, options: {gamma: 0.9, policy: stale, nested: {a: [1, 2]}}}
 optim: {name: lars, lr: 1.2, weight_decay: 1e-6, warmup_epochs: 10}
 train: {batch_size: 256, epochs: 3, mixed_precision: bf16, resume: latest, max_steps: 100}
 eval: {knn_k: [1, 5, 200], max_test: 1000, enabled: false}
 """)
     cfg = load_config(src)
     assert cfg.seed == 7 and cfg.data.augment.blur is True and cfg.data.augment.crop_scale_min == 0.2
-    assert cfg.objective.beta == 5.0 and isinstance(cfg.objective.beta, float)  # int accepted for float
+    assert cfg.loss.beta == 5.0 and isinstance(cfg.loss.beta, float)  # int accepted for float
     assert cfg.optim.weight_decay == pytest.approx(1e-6) and isinstance(cfg.optim.weight_decay, float)
-    assert cfg.objective.options == {"gamma": 0.9, "policy": "stale", "nested": {"a": [1, 2]}}
+    assert cfg.loss.options == {"gamma": 0.9, "policy": "stale", "nested": {"a": [1, 2]}}
     assert cfg.train.resume == "latest" and cfg.eval.knn_k == [1, 5, 200]
 
     out = save_config(cfg, tmp_path / "sub" / "saved.yaml")
@@ -67,14 +67,14 @@ eval: {knn_k: [1, 5, 200], max_test: 1000, enabled: false}
 def test_base_inheritance_relative_to_file(tmp_path):
     (tmp_path / "common").mkdir()
     _write(tmp_path / "common" / "base.yaml", {"seed": 1, "optim": {"lr": 0.5, "name": "sgd"},
-                                                 "objective": {"options": {"a": 1, "b": 2}}})
+                                                 "loss": {"options": {"a": 1, "b": 2}}})
     _write(tmp_path / "common" / "mid.yaml", {"base": "base.yaml", "train": {"epochs": 4}, "optim": {"lr": 0.25}})
     (tmp_path / "exp").mkdir()
-    leaf = _write(tmp_path / "exp" / "leaf.yaml", {"base": "../common/mid.yaml", "objective": {"options": {"b": 3}}})
+    leaf = _write(tmp_path / "exp" / "leaf.yaml", {"base": "../common/mid.yaml", "loss": {"options": {"b": 3}}})
     cfg = load_config(leaf)
     assert cfg.seed == 1 and cfg.optim.name == "sgd"  # from base
     assert cfg.optim.lr == 0.25 and cfg.train.epochs == 4  # mid overrides base
-    assert cfg.objective.options == {"a": 1, "b": 3}  # mappings merge key by key
+    assert cfg.loss.options == {"a": 1, "b": 3}  # mappings merge key by key
     assert cfg.train.batch_size == 32  # untouched default
 
 
@@ -94,22 +94,22 @@ def test_base_cycle_and_missing_base(tmp_path):
         ("optim.lr=1e-3", lambda c: c.optim.lr, 1e-3, float),
         ("optim.lr=5E-4", lambda c: c.optim.lr, 5e-4, float),
         ("optim.lr=2", lambda c: c.optim.lr, 2.0, float),
-        ("objective.beta=-.5e1", None, None, None),  # parses as -5.0: rejected by beta > 0 below
+        ("loss.beta=-.5e1", None, None, None),  # parses as -5.0: rejected by beta > 0 below
         ("train.batch_size=64", lambda c: c.train.batch_size, 64, int),
         ("model.channels_last=true", lambda c: c.model.channels_last, True, bool),
         ("data.augment.flip=false", lambda c: c.data.augment.flip, False, bool),
         ("data.augment.blur=null", lambda c: c.data.augment.blur, None, type(None)),
         ("train.resume=latest", lambda c: c.train.resume, "latest", str),
         ("eval.knn_k=[1,5]", lambda c: c.eval.knn_k, [1, 5], list),
-        ("objective.options.tau=1e-2", lambda c: c.objective.options["tau"], 0.01, float),
-        ("objective.options.scan.order=random", lambda c: c.objective.options["scan"]["order"], "random", str),
+        ("loss.options.tau=1e-2", lambda c: c.loss.options["tau"], 0.01, float),
+        ("loss.options.scan.order=random", lambda c: c.loss.options["scan"]["order"], "random", str),
         ("data.subset=100", lambda c: c.data.subset, 100, int),
         ("seed=3", lambda c: c.seed, 3, int),
     ],
 )
 def test_overrides_of_nested_keys(override, getter, expected, typ):
     if getter is None:
-        with pytest.raises(ConfigError, match=r"objective\.beta: must be > 0.0, got -5\.0"):
+        with pytest.raises(ConfigError, match=r"loss\.beta: must be > 0.0, got -5\.0"):
             load_config(None, [override])
         return
     cfg = load_config(None, [override])
@@ -162,7 +162,7 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
         ("data.subset=many", "data.subset: expected int or null, got str 'many'"),
         ("eval.knn_k=[1,x]", "eval.knn_k[1]: expected int, got str 'x'"),
         ("eval.knn_k=5", "eval.knn_k: expected list of int, got int 5"),
-        ("objective.options=3", "objective.options: expected a mapping, got int 3"),
+        ("loss.options=3", "loss.options: expected a mapping, got int 3"),
         ("data.root=5", "data.root: expected str or null, got int 5"),
         ("train=5", "train: expected a mapping of TrainConfig keys, got int 5"),
     ],
@@ -196,7 +196,7 @@ IMPLEMENTED = [  # (key, what the implementing module builds, mode) : the config
     ("model.norm", NORMS, "unimodal"),
     ("optim.schedule", SCHEDULES, "unimodal"),
     ("train.mixed_precision", MIXED_PRECISION_CHOICES, "unimodal"),
-    ("objective.state_sharding", SHARDING_MODES, "bimodal"),  # a state layout of dual_emc2.state
+    ("loss.state_sharding", SHARDING_MODES, "bimodal"),  # a state layout of dual_emc2.loss.state.keyed
     ("towers.kind", TOWER_KINDS, "bimodal"),
     ("towers.x", PRETRAINED_TOWERS, "bimodal"),
     ("towers.y", PRETRAINED_TOWERS, "bimodal"),
@@ -253,9 +253,9 @@ BOTH_MODES = [
     "data.batch_sampler=spectral", "data.spectral.refresh_every=5", "data.spectral.num_clusters=3",
     "data.spectral.beta=2", "data.spectral.n_components=4", "data.spectral.n_neighbors=7",
     "data.spectral.dense_max=99", "data.spectral.n_init=2",
-    "objective.name=infonce", "objective.beta=5",
-    "objective.learnable_beta=true", "objective.options={k: v}", "objective.state_sharding=sharded",
-    "objective.state_views=unaugmented",
+    "loss.estimator=infonce", "loss.beta=5",
+    "loss.learnable_beta=true", "loss.options={k: v}", "loss.state_sharding=sharded",
+    "loss.state_views=unaugmented",
     "optim.name=sgd", "optim.lr=0.3",
     "optim.weight_decay=0", "optim.momentum=0.95", "optim.exclude_bias_and_norm=false",
     "optim.warmup_epochs=0.5", "optim.schedule=constant", "optim.min_lr_ratio=0.1", "train.batch_size=4",
@@ -312,7 +312,7 @@ def test_every_schema_field_round_trips_through_overrides(tmp_path):
     assert changed == set(default)  # the lists above cover the whole schema
     assert sorted(_keys(BOTH_MODES + UNIMODAL_ONLY + BIMODAL_ONLY) + ["mode"]) == sorted(default)  # each key once
     assert [f.name for f in dataclasses.fields(Config)] == [
-        "seed", "output_dir", "mode", "data", "pairs", "model", "towers", "objective", "optim", "train", "eval"]
+        "seed", "output_dir", "mode", "data", "pairs", "model", "towers", "loss", "optim", "train", "eval"]
 
 
 def test_bimodal_run_rejects_model_keys():
@@ -395,11 +395,11 @@ def test_errors_name_their_origin_and_overrides_can_fix_a_file(tmp_path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_round_trips_and_builds_its_estimator(path, tmp_path):
-    from dual_emc2.objectives import build_objective, options_for
+    from dual_emc2.loss.registry import build_estimator, options_for
 
     cfg = load_config(path)
     assert load_config(save_config(cfg, tmp_path / "config.yaml")) == cfg  # what a run saves in its output_dir
-    obj = build_objective(cfg.objective.name, num_keys=4096, num_candidates=4096,
-                          options=options_for(cfg.objective.name, cfg.objective.options),
+    obj = build_estimator(cfg.loss.estimator, num_keys=4096, num_candidates=4096,
+                          options=options_for(cfg.loss.estimator, cfg.loss.options),
                           symmetric=cfg.mode == "bimodal", defaults={"dim": 16, "seed": 0})
     assert obj is not None

@@ -40,7 +40,7 @@ def _launch_two(out, overrides):
 @pytest.mark.dist
 @pytest.mark.parametrize("name", ["emc2", "sogclr", "infonce", "negative_cache", "hcl", "scl", "emc2+spectral"])
 def test_two_processes_equal_one(tmp_path, name):
-    est = [f"objective.name={name.split('+')[0]}", "objective.options.negative_cache.refresh=0.1"]
+    est = [f"loss.estimator={name.split('+')[0]}", "loss.options.negative_cache.refresh=0.1"]
     if name.endswith("+spectral"):
         # clustered before step 0 from embeddings computed on both ranks, gathered, clustered on rank 0 and
         # broadcast.  Only that refresh: a later one sees parameters that differ from the single process's by float
@@ -63,10 +63,10 @@ def test_two_processes_equal_one(tmp_path, name):
         got = 0.5 * (ranks[0]["losses"][step] + ranks[1]["losses"][step])
         assert abs(got - ref) < 1e-4 * max(1.0, abs(ref)), (step, got, ref)
     for r in ranks:  # estimator state is identical on every rank and equal to the single-process state
-        for k, v in single["objective"].items():
+        for k, v in single["estimator"].items():
             if v.is_floating_point():
-                assert torch.allclose(r["objective"][k], v, atol=1e-4, equal_nan=True), k
+                assert torch.allclose(r["estimator"][k], v, atol=1e-4, equal_nan=True), k
             else:
-                assert torch.equal(r["objective"][k], v), k
+                assert torch.equal(r["estimator"][k], v), k
         for k, v in single["model"].items():
             assert torch.allclose(r["model"][k], v, atol=1e-4), k

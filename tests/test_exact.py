@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dual_emc2.metrics.exact import exact_objective, global_contrastive_loss
+from dual_emc2.loss.exact import exact_objective, global_contrastive_loss
 
 
 def _naive_loss(a, c, positive, aid, cid, beta):

@@ -218,13 +218,13 @@ def test_small_batch_merge_mean_std_over_seeds(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ step benchmark
 def test_state_memory_counts_buffers() -> None:
-    from dual_emc2.objectives import build_objective
+    from dual_emc2.loss.registry import build_estimator
 
     m, d = 50, 16
-    emc2 = build_objective("emc2", num_keys=2 * m, num_candidates=m)
+    emc2 = build_estimator("emc2", num_keys=2 * m, num_candidates=m)
     mem = bench_step.state_memory(emc2, 2 * m)
     assert mem["chain_bytes_per_anchor"] == 12.0  # int32 candidate key + float32 score + int32 view epoch
-    cache = build_objective("negative_cache", num_keys=2 * m, num_candidates=m, options={"dim": d})
+    cache = build_estimator("negative_cache", num_keys=2 * m, num_candidates=m, options={"dim": d})
     mem = bench_step.state_memory(cache, 2 * m)
     assert mem["cache_floats"] == m * d and mem["cache_bytes"] == 4 * m * d
     assert mem["state_bytes"] >= mem["cache_bytes"] + 8 * m  # plus the per-entry refresh step (int64)

@@ -84,7 +84,7 @@ def test_emc2_trains_with_texts_and_keeps_its_chains_in_state_dict(minilm):
     torch.manual_seed(0)
     model = copy.deepcopy(minilm).train()
     loss_fn = GlobalContrastiveSTLoss(model, num_samples=len(ANCHORS), texts=(ANCHORS, POSITIVES))
-    chains = loss_fn.objective.chains.candidate_key
+    chains = loss_fn.estimator.chains.candidate_key
     assert bool((chains == -1).all())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     before = _global_objective(model)
@@ -102,10 +102,10 @@ def test_emc2_trains_with_texts_and_keeps_its_chains_in_state_dict(minilm):
     assert max(reencoded) > 0, reencoded  # some chain states lay outside the batch and were re-encoded from texts
     assert bool((chains >= 0).all())  # every anchor's chain has a state
     state = loss_fn.state_dict()
-    assert torch.equal(state["loss.objective.chains.candidate_key"], chains)
+    assert torch.equal(state["loss.estimator.chains.candidate_key"], chains)
     fresh = GlobalContrastiveSTLoss(model, num_samples=len(ANCHORS), texts=(ANCHORS, POSITIVES))
     fresh.load_state_dict(state)
-    assert torch.equal(fresh.objective.chains.candidate_key, chains)
+    assert torch.equal(fresh.estimator.chains.candidate_key, chains)
 
 
 def test_reencoding_without_texts_names_the_fix(minilm):

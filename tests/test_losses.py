@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from dual_emc2.losses import GlobalContrastiveLoss
+from dual_emc2.loss.global_loss import GlobalContrastiveLoss
 
 
 def _features(b=6, d=8, seed=0, dtype=torch.float32):
@@ -87,7 +87,7 @@ def test_state_round_trips_and_two_directions_have_their_own(estimator, options)
     idx = torch.tensor([1, 8, 15, 22, 29])
     assert torch.equal(a(table_x[idx], table_y[idx], idx, 3.0, **enc), b(table_x[idx], table_y[idx], idx, 3.0, **enc))
     sd = a.state_dict()
-    assert any(k.startswith("objective.x_to_y.") for k in sd) and any(k.startswith("objective.y_to_x.") for k in sd)
+    assert any(k.startswith("estimator.x_to_y.") for k in sd) and any(k.startswith("estimator.y_to_x.") for k in sd)
     assert set(a.last_stats) >= {"loss", "batch_objective"}
 
 
@@ -131,4 +131,4 @@ def test_one_direction_is_the_x_to_y_cross_entropy():
     assert torch.allclose(ours, F.cross_entropy(7.0 * x @ y.t(), torch.arange(6)), atol=1e-6)
     loss_fn = GlobalContrastiveLoss("emc2", num_samples=10, symmetric=False)
     assert torch.isfinite(loss_fn(x, y, torch.arange(6), 7.0, encode_y=lambda i: y[i % 6]))
-    assert not any(k.startswith("objective.y_to_x") for k in loss_fn.state_dict())
+    assert not any(k.startswith("estimator.y_to_x") for k in loss_fn.state_dict())

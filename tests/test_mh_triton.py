@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dual_emc2.kernels import mh_triton
-from dual_emc2.sampling import MHResult, draw_mh_proposals, mh_chains_torch, mh_visit_counts
+from dual_emc2.loss.estimators.emc2 import chain_triton as mh_triton
+from dual_emc2.loss.estimators.emc2.chain import MHResult, draw_mh_proposals, mh_chains_torch, mh_visit_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -41,8 +41,8 @@ _RUNNER = textwrap.dedent(
     import sys
     import torch
     torch.set_num_threads(1)
-    from dual_emc2.kernels import mh_triton
-    from dual_emc2.sampling import mh_visit_counts
+    from dual_emc2.loss.estimators.emc2 import chain_triton as mh_triton
+    from dual_emc2.loss.estimators.emc2.chain import mh_visit_counts
     assert mh_triton.is_usable(torch.device("cpu")), "the Triton interpreter is not active"
     data = torch.load(sys.argv[1])
     out = {"chains": [tuple(mh_triton.mh_chains_triton(*args)) for args in data["chains"]], "visit": []}
@@ -190,7 +190,7 @@ def test_import_and_probe_without_triton(tmp_path):
         import sys
         sys.modules["triton"] = None  # makes `import triton` raise ImportError
         import torch
-        from dual_emc2.kernels import mh_triton
+        from dual_emc2.loss.estimators.emc2 import chain_triton as mh_triton
         assert not mh_triton.is_usable(torch.device("cpu"))
         assert not mh_triton.is_usable(torch.device("cuda"))
         z = torch.zeros(3, 2, dtype=torch.int64)

@@ -3,8 +3,8 @@ batch, and the global softmax over all negatives when the batch is redrawn every
 docs/DESIGN.md); Algorithm 1's in-batch proposals miss the latter by a margin the test resolves."""
 import torch
 
-from dual_emc2.objectives.emc2 import gumbel_argmax, pool_logits
-from dual_emc2.sampling import draw_mh_proposals, mh_visit_counts
+from dual_emc2.loss.estimators.emc2 import gumbel_argmax, pool_logits
+from dual_emc2.loss.estimators.emc2.chain import draw_mh_proposals, mh_visit_counts
 
 
 def _tv(p: torch.Tensor, q: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""The retrieval picture (dual_emc2.metrics.retrieval_figure): exact top-k, seeded queries, PNGs for text–text and
+"""The retrieval picture (dual_emc2.train.retrieval_figure): exact top-k, seeded queries, PNGs for text–text and
 image–text pairs; and the README flow "pairs file → text shards → text_webdataset.yaml → retrieval --png"."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dual_emc2.data.pairs import PairSet
-from dual_emc2.metrics.retrieval_figure import pick_queries, plot_retrieval_examples, top_k
+from dual_emc2.train.retrieval_figure import pick_queries, plot_retrieval_examples, top_k
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

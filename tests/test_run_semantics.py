@@ -41,9 +41,9 @@ def snapshot(out: Path) -> dict[str, bytes]:
 
 
 def test_config_differences_lists_every_leaf():
-    old = {"optim": {"lr": 1e-3, "name": "adam"}, "objective": {"options": {}}, "train": {"epochs": 1}}
-    new = {"optim": {"lr": 5e-4, "name": "adam"}, "objective": {"options": {"emc2": {"seed": 1}}}, "train": {}}
-    assert config_differences(old, new) == [("objective.options.emc2.seed", "<unset>", 1),
+    old = {"optim": {"lr": 1e-3, "name": "adam"}, "loss": {"options": {}}, "train": {"epochs": 1}}
+    new = {"optim": {"lr": 5e-4, "name": "adam"}, "loss": {"options": {"emc2": {"seed": 1}}}, "train": {}}
+    assert config_differences(old, new) == [("loss.options.emc2.seed", "<unset>", 1),
                                             ("optim.lr", 1e-3, 5e-4), ("train.epochs", 1, "<unset>")]
 
 
@@ -68,10 +68,10 @@ def test_resume_refuses_changes_that_make_another_run_and_lists_them(tmp_path):
     Trainer(cfg(tmp_path)).fit()
     before = snapshot(tmp_path)
     with pytest.raises(CheckpointError) as e:
-        Trainer(cfg(tmp_path, "train.resume=latest", "objective.name=infonce", "train.batch_size=8",
+        Trainer(cfg(tmp_path, "train.resume=latest", "loss.estimator=infonce", "train.batch_size=8",
                     "model.proj_dim=24")).fit()
     msg = str(e.value)
-    assert "objective.name: 'emc2' → 'infonce'" in msg and "train.batch_size: 16 → 8" in msg
+    assert "loss.estimator: 'emc2' → 'infonce'" in msg and "train.batch_size: 16 → 8" in msg
     assert "model.proj_dim: 16 → 24" in msg and "another output_dir" in msg
     with pytest.raises(CheckpointError, match=r"optim\.lr: 0\.001 → 0\.0005.*--allow-changes"):
         Trainer(cfg(tmp_path, "train.resume=latest", "optim.lr=5e-4")).fit()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dual_emc2.sampling import draw_mh_proposals, mh_chains_torch, mh_visit_counts
+from dual_emc2.loss.estimators.emc2.chain import draw_mh_proposals, mh_chains_torch, mh_visit_counts
 
 
 def _tv(counts: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dual_emc2.objectives import REGISTRY, build_objective
-from dual_emc2.objectives.base import ContrastiveBatch
-from dual_emc2.objectives.infonce import InfoNCE
-from dual_emc2.objectives.scl import HSCL, HUCL, SCL, normalize_features
+from dual_emc2.loss.estimators.base import ContrastiveBatch
+from dual_emc2.loss.estimators.infonce import InfoNCE
+from dual_emc2.loss.estimators.scl import HSCL, HUCL, SCL, normalize_features
+from dual_emc2.loss.registry import REGISTRY, build_estimator
 
 
 def unimodal_batch(n_images: int = 6, n_views: int = 2, dim: int = 5, n_classes: int = 3, seed: int = 0,
@@ -188,9 +188,9 @@ def test_errors_name_the_problem_and_a_single_class_batch_is_a_zero_step() -> No
 
 def test_registry_builds_them_by_name() -> None:
     assert REGISTRY["scl"] is SCL and REGISTRY["hscl"] is HSCL and REGISTRY["hucl"] is HUCL
-    obj = build_objective("hscl", num_keys=10, num_candidates=10, options={"hardness": 2.0, "normalize": "ball"})
+    obj = build_estimator("hscl", num_keys=10, num_candidates=10, options={"hardness": 2.0, "normalize": "ball"})
     assert isinstance(obj, HSCL) and obj.hardness == 2.0 and obj.normalize == "ball" and obj.needs_labels
-    assert not build_objective("hucl", num_keys=1, num_candidates=1).needs_labels
+    assert not build_estimator("hucl", num_keys=1, num_candidates=1).needs_labels
     assert not InfoNCE().needs_labels
-    with pytest.raises(ValueError, match="objective.options.scl.hardnes"):
-        build_objective("scl", num_keys=1, num_candidates=1, options={"hardnes": 1.0})
+    with pytest.raises(ValueError, match="loss.options.scl.hardnes"):
+        build_estimator("scl", num_keys=1, num_candidates=1, options={"hardnes": 1.0})

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dual_emc2.train.checkpoint import load_checkpoint
-from dual_emc2.train.checkpoint_shards import load_objective_state
+from dual_emc2.train.checkpoint_shards import load_estimator_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]  # starts processes: `make test-fast` skips it
 
@@ -52,7 +52,7 @@ def runs(tmp_path_factory):
             return done[name]
         world, estimator, layout, resume = RUNS[name]
         out = root / name
-        extra = [f"objective.name={estimator}", f"objective.state_sharding={layout}",
+        extra = [f"loss.estimator={estimator}", f"loss.state_sharding={layout}",
                  f"train.batch_size={GLOBAL_BATCH // world}"]
         if resume is not None:
             extra.append(f"train.resume={get(resume[0]) / 'checkpoints' / f'ckpt-{resume[1]:08d}.pt'}")
@@ -101,11 +101,11 @@ def test_sharded_state_trains_bit_identically_to_replicated(runs, estimator, wor
         assert b["state"]["layout"] == "sharded" and b["state"]["world_size"] == world
     shards = sorted(p.name for p in (sharded / "checkpoints").glob("ckpt-00000006.shard-*"))
     assert shards == [f"ckpt-00000006.shard-{r:05d}-of-{world:05d}.pt" for r in range(world)]
-    state = load_objective_state(_ckpt(sharded, 6), load_checkpoint(_ckpt(sharded, 6)))
+    state = load_estimator_state(_ckpt(sharded, 6), load_checkpoint(_ckpt(sharded, 6)))
     table = state["chains.candidate_key"] if estimator == "emc2" else state["u.value"]
     visited = (table >= 0) if estimator == "emc2" else torch.isfinite(table)
     assert int(visited.sum()) >= 24  # the runs moved real state (every image's views were anchors)
-    own = torch.load(sharded / "rank0.pt")["objective"]  # a process holds its 1/W of the rows only
+    own = torch.load(sharded / "rank0.pt")["estimator"]  # a process holds its 1/W of the rows only
     key = "chains.candidate_key" if estimator == "emc2" else "u.value"
     assert own[key].numel() == -(-table.numel() // world)
 
@@ -137,7 +137,7 @@ def test_a_run_checkpointed_at_two_processes_resumes_at_another_size(runs, world
     # to float rounding: steps 1-4 ran on 2 processes, whose gradient all-reduce sums in another order
     for k, v in ref["model"].items():
         assert torch.allclose(got["model"][k], v, atol=1e-4), k
-    s_got, s_ref = (load_objective_state(_ckpt(r, 6), p) for r, p in ((elastic, got), (reference, ref)))
+    s_got, s_ref = (load_estimator_state(_ckpt(r, 6), p) for r, p in ((elastic, got), (reference, ref)))
     assert s_got.keys() == s_ref.keys()
     for k, v in s_ref.items():
         if v.is_floating_point():

@@ -16,9 +16,9 @@ if str(ROOT / "experiments") not in sys.path:
 
 import state_model as sm  # noqa: E402
 
-from dual_emc2.objectives import build_objective  # noqa: E402
-from dual_emc2.sharding import KeyLayout  # noqa: E402
-from dual_emc2.state import AnchorScalarState, ChainState, KeyedState  # noqa: E402
+from dual_emc2.loss.registry import build_estimator  # noqa: E402
+from dual_emc2.loss.state.keyed import AnchorScalarState, ChainState, KeyedState  # noqa: E402
+from dual_emc2.loss.state.layout import KeyLayout  # noqa: E402
 
 
 def _table_bytes(t: KeyedState) -> int:
@@ -30,7 +30,7 @@ def test_state_bytes_equal_the_buffers(n):
     assert _table_bytes(ChainState(n, sharding="replicated")) == sm.state_bytes(n, 1, "replicated", 3, 1) == 12 * n
     assert _table_bytes(AnchorScalarState(n, sharding="replicated")) == sm.state_bytes(n, 1, "replicated", 1, 1)
     for name, (columns, tables) in sm.ESTIMATORS.items():  # bimodal: one table per direction
-        obj = build_objective(name, num_keys=n, num_candidates=n, symmetric=True, state_sharding="replicated")
+        obj = build_estimator(name, num_keys=n, num_candidates=n, symmetric=True, state_sharding="replicated")
         held = [m for m in obj.modules() if isinstance(m, KeyedState)]
         assert len(held) == tables and sum(map(_table_bytes, held)) == sm.state_bytes(n, 1, "replicated", columns,
                                                                                         tables)

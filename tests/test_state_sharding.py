@@ -11,23 +11,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dual_emc2.state as state_mod
-from dual_emc2.errors import CheckpointError, UsageError
-from dual_emc2.losses import GlobalContrastiveLoss
-from dual_emc2.objectives import EMC2, SogCLR, build_objective
-from dual_emc2.objectives.base import ContrastiveBatch
-from dual_emc2.sharding import AUTO_SHARD_BYTES, KeyLayout, resolve_sharding
-from dual_emc2.state import (
+import dual_emc2.loss.state.keyed as state_mod
+from dual_emc2.errors import CheckpointError
+from dual_emc2.loss.errors import OptionError
+from dual_emc2.loss.estimators import EMC2, SogCLR
+from dual_emc2.loss.estimators.base import ContrastiveBatch
+from dual_emc2.loss.global_loss import GlobalContrastiveLoss
+from dual_emc2.loss.registry import build_estimator
+from dual_emc2.loss.state.exchange import owner_apply, owner_fill, pack, unpack
+from dual_emc2.loss.state.keyed import (
     ChainState,
     assemble_state_dict,
     load_state_shards,
     split_sharded_state,
 )
-from dual_emc2.state_exchange import owner_apply, owner_fill, pack, unpack
+from dual_emc2.loss.state.layout import AUTO_SHARD_BYTES, KeyLayout, resolve_sharding
 from dual_emc2.train.checkpoint import CheckpointCorrupt, find_latest_valid, load_checkpoint, save_checkpoint
 from dual_emc2.train.checkpoint_shards import (
-    load_objective_state,
-    restore_objective,
+    load_estimator_state,
+    restore_estimator,
     save_state_shard,
     shard_manifest,
 )
@@ -174,16 +176,16 @@ def test_layout_errors_are_clear(monkeypatch):
 
 
 def test_sharding_is_one_config_key_and_a_loss_option():
-    with pytest.raises(UsageError, match="objective.state_sharding"):
-        build_objective("emc2", num_keys=4, num_candidates=2, options={"state_sharding": "sharded"})
-    with pytest.raises(UsageError, match="must be one of auto, replicated, sharded"):
-        build_objective("emc2", num_keys=4, num_candidates=2, state_sharding="yes")
-    sym = build_objective("sogclr", num_keys=4, num_candidates=4, symmetric=True, state_sharding="sharded")
+    with pytest.raises(OptionError, match="loss.state_sharding"):
+        build_estimator("emc2", num_keys=4, num_candidates=2, options={"state_sharding": "sharded"})
+    with pytest.raises(OptionError, match="must be one of auto, replicated, sharded"):
+        build_estimator("emc2", num_keys=4, num_candidates=2, state_sharding="yes")
+    sym = build_estimator("sogclr", num_keys=4, num_candidates=4, symmetric=True, state_sharding="sharded")
     assert sym.x_to_y.u.sharding == sym.y_to_x.u.sharding == "sharded"
-    assert build_objective("infonce", num_keys=4, num_candidates=4, state_sharding="sharded") is not None
+    assert build_estimator("infonce", num_keys=4, num_candidates=4, state_sharding="sharded") is not None
     loss = GlobalContrastiveLoss("emc2", 10, state_sharding="sharded", state_score="stale", out_of_batch="drop")
-    assert loss.objective.x_to_y.chains.sharding == "sharded"
-    assert loss.state_dict()["objective.x_to_y.chains.shard"].tolist() == [0, 1, 10]  # rank, world, keys
+    assert loss.estimator.x_to_y.chains.sharding == "sharded"
+    assert loss.state_dict()["estimator.x_to_y.chains.shard"].tolist() == [0, 1, 10]  # rank, world, keys
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -199,7 +201,7 @@ def _save_sharded(monkeypatch, folder, step, W, full, extra_common=None):
             est.chains.load_state_dict({"candidate_key": full[0], "score": full[1]})
         _, sharded = split_sharded_state(est, est.state_dict())
         save_state_shard(folder, step, r, W, sharded)
-    payload = {"step": step, "model": {"w": torch.ones(3)}, "objective": common, "world_size": W}
+    payload = {"step": step, "model": {"w": torch.ones(3)}, "estimator": common, "world_size": W}
     return save_checkpoint(folder, step, payload, keep_last=2, manifest=shard_manifest(folder, step, W))
 
 
@@ -211,8 +213,8 @@ def test_sharded_checkpoint_layout_loads_whole_and_at_any_size(monkeypatch, tmp_
                      "ckpt-00000005.shard-00001-of-00002.pt", "latest"]
     payload = load_checkpoint(path)
     assert payload["state_shards"]["world_size"] == 2 and len(payload["state_shards"]["files"]) == 2
-    assert set(payload["objective"]) == {"iteration"}  # the rows live in the shards only
-    whole = load_objective_state(path, payload)
+    assert set(payload["estimator"]) == {"iteration"}  # the rows live in the shards only
+    whole = load_estimator_state(path, payload)
     ref = EMC2(num_keys=N, state_sharding="replicated")
     ref.chains.load_state_dict({"candidate_key": full[0], "score": full[1]})
     ref.iteration.fill_(5)
@@ -223,11 +225,11 @@ def test_sharded_checkpoint_layout_loads_whole_and_at_any_size(monkeypatch, tmp_
         with monkeypatch.context() as m:
             _as_rank(m, r, W_new)
             est = EMC2(num_keys=N, state_sharding="sharded")
-        restore_objective(est, path, payload)
+        restore_estimator(est, path, payload)
         assert int(est.iteration) == 5 and est._iteration == 5
         assert torch.equal(est.chains.candidate_key, full[0][r::W_new])
     replicated = EMC2(num_keys=N, state_sharding="replicated")
-    restore_objective(replicated, path, payload)
+    restore_estimator(replicated, path, payload)
     assert torch.equal(replicated.chains.candidate_key, full[0])
 
 
@@ -242,7 +244,7 @@ def test_checkpoint_info_hashes_a_sharded_checkpoint_as_the_whole_state(monkeypa
     ref.chains.load_state_dict({"candidate_key": full[0], "score": full[1]})
     ref.iteration.fill_(2)
     replicated = save_checkpoint(tmp_path / "replicated", 2, {"step": 2, "model": {"w": torch.ones(3)},
-                                                              "objective": ref.state_dict(), "world_size": 2})
+                                                              "estimator": ref.state_dict(), "world_size": 2})
     infos = []
     for path in (sharded, replicated):
         assert checkpoint_info.main([str(path), "--json"]) == 0
@@ -269,10 +271,10 @@ def test_a_missing_or_damaged_shard_is_a_checkpoint_error_naming_it(monkeypatch,
     else:  # a valid shard, but not the one this checkpoint was saved with
         shard.write_bytes((tmp_path / "ckpt-00000001.shard-00001-of-00002.pt").read_bytes())
     with pytest.raises(CheckpointCorrupt, match=str(shard)) as e:
-        load_objective_state(bad, load_checkpoint(bad))
+        load_estimator_state(bad, load_checkpoint(bad))
     assert isinstance(e.value, CheckpointError)
     with pytest.raises(CheckpointCorrupt, match=str(shard)):
-        restore_objective(EMC2(num_keys=N, state_sharding="replicated"), bad, load_checkpoint(bad))
+        restore_estimator(EMC2(num_keys=N, state_sharding="replicated"), bad, load_checkpoint(bad))
     with pytest.warns(UserWarning, match=str(shard)):
         assert find_latest_valid(tmp_path) == good
 
@@ -288,12 +290,12 @@ def test_pruning_removes_the_shards_of_pruned_checkpoints_and_orphans(monkeypatc
 
 
 def test_elastic_resume_keeps_the_global_batch():
-    cfg = {"train": {"batch_size": 4}, "objective": {"state_sharding": "sharded"}}
+    cfg = {"train": {"batch_size": 4}, "loss": {"state_sharding": "sharded"}}
     same = copy.deepcopy(cfg)
     assert check_resume_config(cfg, same, "ck", False, 2, 2) == []
     four = copy.deepcopy(cfg)
     four["train"]["batch_size"] = 2
-    four["objective"]["state_sharding"] = "replicated"  # a free key: the layout changes nothing
+    four["loss"]["state_sharding"] = "replicated"  # a free key: the layout changes nothing
     assert check_resume_config(cfg, four, "ck", False, 2, 4) == [("processes", 2, 4), ("train.batch_size", 4, 2)]
     with pytest.raises(CheckpointError, match=r"processes: 2 → 4 changes the global batch .* from 8 to 16; resume "
                                               r"on 4 processes with train.batch_size=2"):

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dual_emc2.losses import GlobalContrastiveLoss
-from dual_emc2.objectives import EMC2
-from dual_emc2.objectives.base import ContrastiveBatch
-from dual_emc2.objectives.emc2_pool import thinned_pool_weights, view_rotations
-from dual_emc2.state import ChainState
+from dual_emc2.loss.estimators import EMC2
+from dual_emc2.loss.estimators.base import ContrastiveBatch
+from dual_emc2.loss.estimators.emc2.pool import thinned_pool_weights, view_rotations
+from dual_emc2.loss.global_loss import GlobalContrastiveLoss
+from dual_emc2.loss.state.keyed import ChainState
 from dual_emc2.train.config import load_config
 from dual_emc2.train.trainer import Trainer
 
@@ -118,7 +118,7 @@ def test_state_request_features_give_what_the_callback_gives_for_the_same_featur
 def test_state_request_names_the_out_of_batch_states_with_their_views_and_epochs():
     N = 10
     loss_fn = GlobalContrastiveLoss("emc2", num_samples=N, mode="unimodal")
-    chains = loss_fn.objective.chains
+    chains = loss_fn.estimator.chains
     chains.candidate_key[:] = torch.arange(20, dtype=torch.int32).flip(0)  # anchor key k stands on key 19 − k
     chains.epoch[:] = torch.arange(20, dtype=torch.int32) % 3
     idx = torch.tensor([0, 1])
@@ -140,12 +140,12 @@ def test_state_request_names_the_out_of_batch_states_with_their_views_and_epochs
 def test_missing_or_mismatched_state_features_name_the_fix(call, match):
     N = 12
     loss_fn = GlobalContrastiveLoss("emc2", num_samples=N, mode="unimodal")
-    loss_fn.objective.chains.candidate_key[:] = 20  # every anchor stands on view 0 of sample 10
+    loss_fn.estimator.chains.candidate_key[:] = 20  # every anchor stands on view 0 of sample 10
     x, y = _table(4, seed=6), _table(4, seed=7)
     idx = torch.arange(4)
     need = loss_fn.state_request(idx)
     assert len(need.y) == 1
-    loss_fn.objective.chains.candidate_key[:] = torch.arange(24, dtype=torch.int32) % 4 + 16  # 4 distinct states
+    loss_fn.estimator.chains.candidate_key[:] = torch.arange(24, dtype=torch.int32) % 4 + 16  # 4 distinct states
     need = loss_fn.state_request(idx)
     assert len(need.y) == 4
     with pytest.raises(ValueError, match=match):
@@ -249,7 +249,7 @@ def test_unimodal_states_are_the_views_the_chains_accepted_encoded_in_the_batchs
                 seen[(i, v, epoch)] = views[k, v]
     assert used > 0 and trainer.task.state_misses == 0
     # what the chains hold after training is what a resumed run regenerates: keys and view epochs of past batches
-    chains = trainer.objective.chains
+    chains = trainer.estimator.chains
     held = chains.candidate_key >= 0
     for key, ep in zip(chains.candidate_key[held].tolist(), chains.epoch[held].tolist()):
         assert (key // 2, key % 2, ep) in seen
@@ -257,7 +257,7 @@ def test_unimodal_states_are_the_views_the_chains_accepted_encoded_in_the_batchs
 
 def test_unaugmented_state_views_option_reencodes_by_id_in_eval_mode(tmp_path):
     cfg = load_config(ROOT / "configs/fmnist_unimodal.yaml",
-                      TINY + [f"output_dir={tmp_path}", "objective.state_views=unaugmented"])
+                      TINY + [f"output_dir={tmp_path}", "loss.state_views=unaugmented"])
     trainer = Trainer(cfg)
     spy = _Spy(trainer)
     trainer.fit()

@@ -30,7 +30,7 @@ def tiny_config(tmp_path, *extra):
 
 def _flat_state(payload):
     out = {}
-    for part in ("model", "objective"):
+    for part in ("model", "estimator"):
         for k, v in payload[part].items():
             out[f"{part}.{k}"] = v
     for i, st in payload["optimizer"]["state"].items():
@@ -41,7 +41,7 @@ def _flat_state(payload):
 
 @pytest.mark.parametrize("name", ["emc2", "sogclr", "infonce"])
 def test_run_writes_checkpoint_metrics_and_plots(tmp_path, name):
-    final = Trainer(tiny_config(tmp_path, f"objective.name={name}")).fit()
+    final = Trainer(tiny_config(tmp_path, f"loss.estimator={name}")).fit()
     assert final["step"] == 12
     assert 0.0 <= final["knn1_acc"] <= 1.0 and "linear_probe_acc" in final
     assert (tmp_path / "plots" / "train.png").stat().st_size > 1000
@@ -119,13 +119,13 @@ def test_stl10_config_runs_on_files_in_the_stl10_format(tmp_path):
 def test_config_errors_are_named(tmp_path):
     r = _train_cli("--config", "configs/fmnist_unimodal.yaml", "optim.learning_rate=0.1")
     assert r.returncode == 2 and "did you mean 'optim.lr'" in r.stderr and "Traceback" not in r.stderr
-    r = _train_cli("--config", "configs/fmnist_unimodal.yaml", "objective.options.emc2.burnin=3",
+    r = _train_cli("--config", "configs/fmnist_unimodal.yaml", "loss.options.emc2.burnin=3",
                    f"output_dir={tmp_path}", "data.subset=64")
     assert r.returncode == 2 and "burn_in" in r.stderr and "Traceback" not in r.stderr
-    r = _train_cli("--config", "configs/fmnist_unimodal.yaml", "objective.options.emc2.burn_in=62",
-                   "objective.options.emc2.weights=visits", f"output_dir={tmp_path}", "data.subset=64")
+    r = _train_cli("--config", "configs/fmnist_unimodal.yaml", "loss.options.emc2.burn_in=62",
+                   "loss.options.emc2.weights=visits", f"output_dir={tmp_path}", "data.subset=64")
     assert r.returncode == 2 and "burn_in (P = 62) must be smaller than steps (R = 62" in r.stderr
-    r = _train_cli("--config", "configs/fmnist_unimodal.yaml", "objective.options.emc2.burn_in=31",
+    r = _train_cli("--config", "configs/fmnist_unimodal.yaml", "loss.options.emc2.burn_in=31",
                    f"output_dir={tmp_path}", "data.subset=64")
     assert r.returncode == 2 and "no burn-in" in r.stderr and "Traceback" not in r.stderr
 
@@ -159,8 +159,8 @@ def test_checkpoint_info_hashes_match_between_identical_runs(tiny_run, tmp_path)
         return json.loads(r.stdout)
 
     a = info(find_latest_valid(tiny_run / "checkpoints"))
-    assert a["step"] == 12 and a["estimator"] == "emc2" and a["sizes"]["objective"]["bytes"] > 0
-    assert "objective/chains" in a["hash"]
+    assert a["step"] == 12 and a["estimator"] == "emc2" and a["sizes"]["estimator"]["bytes"] > 0
+    assert "estimator/chains" in a["hash"]
     Trainer(load_config(ROOT / "configs/fmnist_unimodal.yaml", TINY + [f"output_dir={tmp_path}"])).fit()
     b = info(find_latest_valid(tmp_path / "checkpoints"))
     assert a["hash"] == b["hash"], "same seed, same processes: the run must be reproducible"
@@ -169,7 +169,7 @@ def test_checkpoint_info_hashes_match_between_identical_runs(tiny_run, tmp_path)
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "eval.enabled=false", "train.max_nonfinite=3", "train.ckpt_every=2")
     trainer = Trainer(cfg)
-    real = trainer.objective.forward
+    real = trainer.estimator.forward
     calls = {"n": 0}
 
     def flaky(batch, beta):
@@ -179,7 +179,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(trainer.objective, "forward", flaky)
+    monkeypatch.setattr(trainer.estimator, "forward", flaky)
     from dual_emc2.train.trainer import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite"):
@@ -195,7 +195,7 @@ def test_gradient_accumulation_counts_optimizer_steps_and_estimator_calls(tmp_pa
     t = Trainer(tiny_config(tmp_path, "train.grad_accum=2", "eval.enabled=false"))
     t.fit()
     assert t.pos.step == 6 and t.total_steps == 6
-    assert int(t.objective.iteration) == 12
+    assert int(t.estimator.iteration) == 12
     assert t.scheduler.last_epoch == 6
 
 
@@ -221,8 +221,8 @@ def test_a_users_own_model_trains_in_the_one_loop(tmp_path):
     from dual_emc2.train.factory import build_accelerator
     from dual_emc2.train.unimodal import ImageViewsTask
 
-    cfg = tiny_config(tmp_path, "objective.name=emc2", "model.proj_dim=16", "train.plots=false")
-    model = ContrastiveModel(_MLPEncoder(), InverseTemperature(cfg.objective.beta))
+    cfg = tiny_config(tmp_path, "loss.estimator=emc2", "model.proj_dim=16", "train.plots=false")
+    model = ContrastiveModel(_MLPEncoder(), InverseTemperature(cfg.loss.beta))
     before = [p.detach().clone() for p in model.parameters()]
     acc = build_accelerator(cfg)
     trainer = Trainer(cfg, ImageViewsTask(cfg, acc, model=model), acc)

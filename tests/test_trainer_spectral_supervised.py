@@ -89,18 +89,18 @@ def test_resuming_a_shuffle_checkpoint_with_spectral_batches_is_refused(tmp_path
 
 @pytest.mark.parametrize("name", ["scl", "hscl"])
 def test_supervised_estimators_get_the_labels_of_their_images(tmp_path, name):
-    t = Trainer(tiny_config(tmp_path, f"objective.name={name}", "eval.enabled=false", "train.max_steps=3"))
+    t = Trainer(tiny_config(tmp_path, f"loss.estimator={name}", "eval.enabled=false", "train.max_steps=3"))
     base = t.task.train_set.dataset.base  # SeededViews → MultiViewDataset → the first 96 digits
     labels_of = torch.tensor([int(base[i][1]) for i in range(96)])
     seen = []
-    forward = t.objective.forward
+    forward = t.estimator.forward
 
     def spy(batch, beta, **kw):
         seen.append((batch.anchor_ids.clone(), batch.labels.clone(), batch.candidate_ids.clone(),
                      batch.candidate_labels.clone()))
         return forward(batch, beta, **kw)
 
-    t.objective.forward = spy
+    t.estimator.forward = spy
     final = t.fit()
     assert final["step"] == 3 and len(seen) == 3
     for aid, al, cid, cl in seen:
@@ -111,8 +111,8 @@ def test_supervised_estimators_get_the_labels_of_their_images(tmp_path, name):
 def test_unsupervised_estimator_is_not_handed_labels(tmp_path):
     t = Trainer(tiny_config(tmp_path, "eval.enabled=false", "train.max_steps=1"))
     seen = []
-    forward = t.objective.forward
-    t.objective.forward = lambda batch, beta, **kw: (seen.append(batch.labels), forward(batch, beta, **kw))[1]
+    forward = t.estimator.forward
+    t.estimator.forward = lambda batch, beta, **kw: (seen.append(batch.labels), forward(batch, beta, **kw))[1]
     t.fit()
     assert seen == [None]
 

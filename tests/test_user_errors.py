@@ -14,13 +14,14 @@ from dual_emc2.cli import make_shards
 from dual_emc2.data.augment import eval_transform
 from dual_emc2.data.data_errors import DataNotFound, UnreadableSample
 from dual_emc2.data.image_sets import build_image_dataset, load_class_list
-from dual_emc2.data.pair_sources import load_pair_sets
 from dual_emc2.data.pairs import PairSet, decode_rgb, read_pairs_file
 from dual_emc2.data.shards import ShardStream, write_shards
 from dual_emc2.data.views import MultiViewDataset
 from dual_emc2.errors import DataError, DualEMC2Error, UsageError, exit_code_of
-from dual_emc2.objectives import build_objective, options_for
+from dual_emc2.loss.errors import OptionError
+from dual_emc2.loss.registry import build_estimator, options_for
 from dual_emc2.train.config import ConfigError, PairsConfig, load_config
+from dual_emc2.train.pair_sources import load_pair_sets
 
 
 def _png(value: int) -> bytes:
@@ -111,14 +112,14 @@ def test_missing_eval_shards_name_pairs_eval_path(tmp_path: Path):
 
 # ---------------------------------------------------------------------------- A3: estimator option values
 @pytest.mark.parametrize(("options", "expected"), [
-    ({"emc2": {"burn_in": "abc"}}, r"objective\.options\.emc2\.burn_in: expected int or null, got str 'abc'"),
-    ({"emc2": {"reencode_fraction": "half"}}, r"objective\.options\.emc2\.reencode_fraction: expected float, got str"),
+    ({"emc2": {"burn_in": "abc"}}, r"loss\.options\.emc2\.burn_in: expected int or null, got str 'abc'"),
+    ({"emc2": {"reencode_fraction": "half"}}, r"loss\.options\.emc2\.reencode_fraction: expected float, got str"),
     ({"emc2": {"map_state_into_batch": 1}}, r"map_state_into_batch: expected bool, got int 1"),
-    ({"sogclr": {"gamma": [0.9]}}, r"objective\.options\.sogclr\.gamma: expected float, got list"),
-    ({"emc2": {"burnin": 3}}, r"unknown option 'objective\.options\.emc2\.burnin' \(did you mean 'burn_in'\?\)"),
+    ({"sogclr": {"gamma": [0.9]}}, r"loss\.options\.sogclr\.gamma: expected float, got list"),
+    ({"emc2": {"burnin": 3}}, r"unknown option 'loss\.options\.emc2\.burnin' \(did you mean 'burn_in'\?\)"),
 ])
 def test_estimator_option_of_the_wrong_type_is_a_usage_error(options, expected):
-    with pytest.raises(UsageError, match=expected) as e:
+    with pytest.raises(OptionError, match=expected) as e:
         options_for("emc2", options)
     assert exit_code_of(e.value) == 2 and isinstance(e.value, ValueError)
 
@@ -126,8 +127,8 @@ def test_estimator_option_of_the_wrong_type_is_a_usage_error(options, expected):
 def test_valid_option_values_still_pass():
     assert options_for("emc2", {"emc2": {"weights": "visits", "burn_in": 3, "steps": 8, "reencode_fraction": 1}}) \
         == {"weights": "visits", "burn_in": 3, "steps": 8, "reencode_fraction": 1}
-    with pytest.raises(UsageError, match="burn_in: expected int or null, got str"):
-        build_objective("emc2", num_keys=4, num_candidates=4, options={"burn_in": "abc"})
+    with pytest.raises(OptionError, match="burn_in: expected int or null, got str"):
+        build_estimator("emc2", num_keys=4, num_candidates=4, options={"burn_in": "abc"})
 
 
 # ----------------------------------------------------------------------------------- A4: files not in UTF-8

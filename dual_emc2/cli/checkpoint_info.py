@@ -6,7 +6,7 @@
     python scripts/checkpoint_info.py runs/x/checkpoints/ckpt-00000200.pt [--json]     # the same tool
 
 Two runs whose hashes agree have bit-identical parameters / optimiser / estimator states.  A checkpoint whose
-estimator state is sharded over processes (``objective.state_sharding``) is read with all its shard files and hashed
+estimator state is sharded over processes (``loss.state_sharding``) is read with all its shard files and hashed
 as the whole state, so a sharded and a replicated run of the same training print the same hashes.
 """
 from __future__ import annotations
@@ -23,27 +23,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
     from dual_emc2.train.checkpoint import checkpoint_summary, load_checkpoint, tensor_dict_sha256
-    from dual_emc2.train.checkpoint_shards import load_objective_state
+    from dual_emc2.train.checkpoint_shards import load_estimator_state
 
     try:
         path = resolve_checkpoint_arg(args.checkpoint)
         payload = load_checkpoint(path)
-        objective = load_objective_state(path, payload)
+        estimator = load_estimator_state(path, payload)
     except USER_ERRORS as e:
         return fail(e)
     shards = payload.pop("state_shards", None)
-    summary = checkpoint_summary({**payload, "objective": objective})
+    summary = checkpoint_summary({**payload, "estimator": estimator})
     groups: dict[str, dict] = {}
-    for k, v in objective.items():
+    for k, v in estimator.items():
         groups.setdefault(k.rsplit(".", 1)[0] if "." in k else k, {})[k] = v
     info = {
         "checkpoint": str(path), "step": payload.get("step"), "epoch": payload.get("epoch"),
         "batch_in_epoch": payload.get("batch_in_epoch"), "world_size": payload.get("world_size"),
-        "estimator": payload.get("config", {}).get("objective", {}).get("name"),
+        "estimator": payload.get("config", {}).get("loss", {}).get("estimator"),
         "hash": {"model": tensor_dict_sha256(payload.get("model", {})),
                  "optimizer": tensor_dict_sha256(payload.get("optimizer", {})),
-                 "objective": tensor_dict_sha256(objective),
-                 **{f"objective/{g}": tensor_dict_sha256(t) for g, t in sorted(groups.items())}},
+                 "estimator": tensor_dict_sha256(estimator),
+                 **{f"estimator/{g}": tensor_dict_sha256(t) for g, t in sorted(groups.items())}},
         "sizes": {k: {"tensors": v["num_tensors"], "elements": v["numel"], "bytes": v["nbytes"]}
                   for k, v in summary["tensors"].items()},
         "state": {"layout": "replicated"} if shards is None else {

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'metric':<26}{'value':>10}")
     for k, v in metrics.items():
         print(f"{k:<26}{v:>10.4f}")
-    print(f"checkpoint step {payload['step']} ({cfg.objective.name}), {result['n_train']} train / "
+    print(f"checkpoint step {payload['step']} ({cfg.loss.estimator}), {result['n_train']} train / "
           f"{result['n_test']} test images; JSON: {out}")
     return 0
 

@@ -101,12 +101,11 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Path | None]:
     """(model, config, pairs, checkpoint path) of the command line."""
     import torch
 
-    from dual_emc2.data.pair_sources import load_pair_sets, read_pair_source
     from dual_emc2.data.pairs import PairSet, split_pairs
-    from dual_emc2.towers.two_tower import build_two_tower
     from dual_emc2.train.checkpoint import load_checkpoint
     from dual_emc2.train.config import ConfigError, apply_overrides, config_from_dict, load_config
-    from dual_emc2.train.models import checkpoint_model
+    from dual_emc2.train.models import build_two_tower_model, checkpoint_model
+    from dual_emc2.train.pair_sources import load_pair_sets, read_pair_source
 
     extra = list(args.overrides) + (_data_overrides(args.data) if args.data else [])
     ckpt = None
@@ -124,7 +123,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Path | None]:
         if cfg.mode != "bimodal":
             raise ConfigError(f"{args.config}: mode must be bimodal for retrieval (two towers), got {cfg.mode}")
         torch.manual_seed(cfg.seed)  # the same (random) projections as step 0 of training with this seed
-        model = build_two_tower(cfg.towers, cfg.objective.beta, cfg.objective.learnable_beta)
+        model = build_two_tower_model(cfg)
     if args.split == "all":
         pairs: PairSet = read_pair_source(cfg.pairs, cfg.pairs.path)
     else:
@@ -167,9 +166,9 @@ def _evaluate(args: argparse.Namespace, model: Any, cfg: Any, pairs: Any, ckpt: 
     import torch
 
     from dual_emc2.data.pairs import relevant_sets
-    from dual_emc2.metrics.retrieval_report import retrieval_both_directions
     from dual_emc2.towers.two_tower import check_modalities
     from dual_emc2.train.config import config_to_dict
+    from dual_emc2.train.retrieval_report import retrieval_both_directions
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
@@ -201,7 +200,7 @@ def _evaluate(args: argparse.Namespace, model: Any, cfg: Any, pairs: Any, ckpt: 
         out.write_text(json.dumps(result, indent=2))
         print(f"wrote {_shown(out)}")
     if args.png:
-        from dual_emc2.metrics.retrieval_figure import plot_retrieval_examples
+        from dual_emc2.train.retrieval_figure import plot_retrieval_examples
 
         what = f"{run_folder_of(ckpt).name if ckpt else 'zero-shot'} on {pairs.source}"
         png = plot_retrieval_examples(pairs, zx, zy, args.png, direction=args.png_direction,

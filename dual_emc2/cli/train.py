@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint path (same as train.resume=...)")
     p.add_argument("--allow-changes", action="store_true",
-                   help="let a resumed run apply changed optim.*, objective.options.*, mixed precision or compile "
+                   help="let a resumed run apply changed optim.*, loss.options.*, mixed precision or compile "
                         "(same as train.allow_changes=true)")
     p.add_argument("overrides", nargs="*", help="config overrides as key.sub=value")
     args = p.parse_intermixed_args(argv)  # overrides may sit before and after --resume

@@ -2,12 +2,12 @@
 
 Each anchor of the training set is visited once per epoch, and only its own visit moves its chain, so the state every
 anchor will need in an epoch is fixed when the epoch starts. The task hands a snapshot of the chains (candidate key and
-view epoch per anchor key, :meth:`dual_emc2.state.ChainState.views`) to these wrappers at every epoch start; item i then
-carries, beside the batch inputs, the views its anchors' chains stand on, regenerated exactly: the augmentation is
-seeded by (seed, state's epoch, sample), as the batch that drew the view was
+view epoch per anchor key, :meth:`dual_emc2.loss.state.keyed.ChainState.views`) to these wrappers at every epoch start;
+item i then carries, beside the batch inputs, the views its anchors' chains stand on, regenerated exactly: the
+augmentation is seeded by (seed, state's epoch, sample), as the batch that drew the view was
 (:class:`~dual_emc2.data.samplers.SeededViews`). The loss's
-:meth:`~dual_emc2.losses.GlobalContrastiveLoss.state_request` stays the truth: the task takes from the item only the
-states the step asks for and regenerates any the snapshot did not foresee (:func:`match_slots`).
+:meth:`~dual_emc2.loss.global_loss.GlobalContrastiveLoss.state_request` stays the truth: the task takes from the item
+only the states the step asks for and regenerates any the snapshot did not foresee (:func:`match_slots`).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Adapters of :class:`dual_emc2.losses.GlobalContrastiveLoss` to other libraries' training conventions.
+"""Adapters of :class:`dual_emc2.loss.global_loss.GlobalContrastiveLoss` to other libraries' training conventions.
 
 * :mod:`dual_emc2.integrations.sentence_transformers`: :class:`GlobalContrastiveSTLoss`, a sentence-transformers loss
   (``loss(sentence_features, labels)`` with the dataset index as ``labels``).  Needs the ``st`` extra

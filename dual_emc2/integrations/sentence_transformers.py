@@ -1,5 +1,5 @@
-"""The global contrastive loss with EMC² (or any estimator of :mod:`dual_emc2.losses`) as a sentence-transformers
-loss: ``GlobalContrastiveSTLoss(model, num_samples, texts=(anchors, positives))``.
+"""The global contrastive loss with EMC² (or any estimator of :mod:`dual_emc2.loss.global_loss`) as a
+sentence-transformers loss: ``GlobalContrastiveSTLoss(model, num_samples, texts=(anchors, positives))``.
 
 The loss follows sentence-transformers' convention (``model`` first, ``forward(sentence_features, labels)``,
 ``get_config_dict``, ``citation``), so it drops into ``SentenceTransformerTrainer`` or a plain torch loop.  It needs
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dual_emc2.losses import GlobalContrastiveLoss
+from dual_emc2.loss.global_loss import GlobalContrastiveLoss
 
 try:
     from sentence_transformers import SentenceTransformer
@@ -55,7 +55,7 @@ class GlobalContrastiveSTLoss(nn.Module):
         need them: ``weights="visits", proposal="batch", state_score="stale", out_of_batch="drop"`` (no extra rows;
         biased at small batch).
 
-        The estimator state (chains, iteration) lives in this module (``loss.objective`` in ``state_dict()``):
+        The estimator state (chains, iteration) lives in this module (``loss.estimator`` in ``state_dict()``):
         save and load it with the model to resume.  Under ``torch.distributed`` the embeddings are gathered with
         gradient over processes (like ``gather_across_devices=True``); each process passes its own rows and indices.
 
@@ -63,7 +63,7 @@ class GlobalContrastiveSTLoss(nn.Module):
             model: SentenceTransformer model.
             num_samples: size of the training set; ``labels`` lie in [0, num_samples).
             estimator: ``"emc2"`` (default), ``"infonce"``, ``"sogclr"``, ``"negative_cache"``, ``"hcl"``, ...
-                (:class:`dual_emc2.losses.GlobalContrastiveLoss`).
+                (:class:`dual_emc2.loss.global_loss.GlobalContrastiveLoss`).
             scale: β, the inverse temperature on cosine similarities (``scale=20`` is temperature 0.05).
             texts: ``(anchors, positives)``, the training texts by dataset index, for re-encoding chain states.
             symmetric: also the positive → anchor direction, with its own chains (the loss is the mean of both).
@@ -111,7 +111,7 @@ class GlobalContrastiveSTLoss(nn.Module):
         super().__init__()
         self.model = model
         self.num_samples = num_samples
-        self.estimator = estimator
+        self.estimator_name = estimator
         self.scale = float(scale)
         self.symmetric = bool(symmetric)
         self.options = dict(options)
@@ -126,7 +126,7 @@ class GlobalContrastiveSTLoss(nn.Module):
                     raise ValueError(f"texts: {name} has {len(column)} texts, expected num_samples={num_samples} "
                                      "(one per dataset index)")
             texts = (list(texts[0]), list(texts[1]))
-        elif self.loss.objective.needs_candidate_encoder or self.loss.objective.needs_state_features:
+        elif self.loss.estimator.needs_candidate_encoder or self.loss.estimator.needs_state_features:
             raise ValueError(
                 f"estimator {estimator!r} with these options re-encodes samples by dataset index: pass "
                 "texts=(anchors, positives), the training texts indexed like labels, or build it without "
@@ -134,9 +134,9 @@ class GlobalContrastiveSTLoss(nn.Module):
         self.texts = texts
 
     @property
-    def objective(self) -> nn.Module:
+    def estimator(self) -> nn.Module:
         """The estimator (its state: chains, iteration, ...)."""
-        return self.loss.objective
+        return self.loss.estimator
 
     @property
     def last_stats(self) -> dict[str, Tensor]:
@@ -198,7 +198,7 @@ class GlobalContrastiveSTLoss(nn.Module):
             raise ValueError("GlobalContrastiveSTLoss needs each pair's dataset index as labels: add an integer "
                              "column named 'label' holding the row index in [0, num_samples)")
         b = labels.shape[0]
-        if self.texts is not None and self.loss.objective.needs_state_features:
+        if self.texts is not None and self.loss.estimator.needs_state_features:
             # the chain states this step needs, in the batch's own forward (train mode, the batch's dropout)
             need = self.loss.state_request(labels)
             x = self._embed(self._with_texts(features[0], [self.texts[0][i] for i in need.x.ids.tolist()]))
@@ -207,12 +207,12 @@ class GlobalContrastiveSTLoss(nn.Module):
         x = self._embed(features[0])
         y = self._embed(features[1])
         encoders = {}
-        if self.texts is not None and self.loss.objective.needs_candidate_encoder:
+        if self.texts is not None and self.loss.estimator.needs_candidate_encoder:
             encoders = {"encode_x": self.encode_anchors, "encode_y": self.encode_positives}
         return self.loss(x, y, labels.to(x.device), self.scale, **encoders)
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {"num_samples": self.num_samples, "estimator": self.estimator, "scale": self.scale,
+        return {"num_samples": self.num_samples, "estimator": self.estimator_name, "scale": self.scale,
                 "symmetric": self.symmetric, **self.options}
 
     @property

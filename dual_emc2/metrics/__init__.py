@@ -1,2 +1,2 @@
-"""Evaluation metrics: the exact objective (exact.py), linear probe / k-NN (probe.py, knn.py), FAISS search and
-retrieval metrics (faiss_search.py, retrieval.py)."""
+"""Evaluation metrics on plain arrays and tensors: linear probe and k-NN (probe.py, knn.py), FAISS search and
+retrieval metrics (faiss_search.py, retrieval.py), representation geometry (geometry.py)."""

@@ -14,7 +14,7 @@ class InverseTemperature(nn.Module):
     def __init__(self, beta: float, learnable: bool = False, max_beta: float = 100.0) -> None:
         super().__init__()
         if not math.isfinite(beta) or beta <= 0:
-            raise ValueError(f"objective.beta must be a finite positive number, got {beta}")
+            raise ValueError(f"loss.beta must be a finite positive number, got {beta}")
         log_beta = torch.tensor(math.log(beta), dtype=torch.float32)
         if learnable:
             self.log_beta = nn.Parameter(log_beta)

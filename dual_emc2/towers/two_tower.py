@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,6 @@ from dual_emc2.towers.pretrained_image import (
 )
 from dual_emc2.towers.temperature import InverseTemperature
 from dual_emc2.towers.text import HFTextBackbone, OpenCLIPTextBackbone, minilm_path
-
-if TYPE_CHECKING:
-    from dual_emc2.train.config import TowersConfig
 
 __all__ = ["PRETRAINED_TOWERS", "TOWER_KINDS", "Tower", "TwoTowerModel", "build_backbone", "build_open_clip_towers",
            "build_two_tower", "check_modalities"]
@@ -231,29 +228,39 @@ def build_open_clip_towers(model: str, checkpoint: str | None = None, proj_dim: 
     return Tower(image, proj, freeze_image), Tower(text, proj, freeze_text), tokenizer
 
 
-def build_two_tower(spec: TowersConfig, beta: float, learnable_beta: bool = False) -> TwoTowerModel:
-    """The :class:`TwoTowerModel` described by a ``towers`` config section."""
+def build_two_tower(*, kind: str = "pretrained", x: str = "minilm", y: str = "minilm", shared: bool = False,
+                    proj_dim: int | None = 256, freeze_x: bool = False, freeze_y: bool = False, max_length: int = 32,
+                    open_clip_model: str = "RN50", open_clip_checkpoint: str | None = None, beta: float = 14.28,
+                    learnable_beta: bool = False) -> TwoTowerModel:
+    """A :class:`TwoTowerModel`: pretrained backbones ``x`` / ``y`` by name (:data:`PRETRAINED_TOWERS`) each with a
+    projection to ``proj_dim`` (``kind="pretrained"``; ``shared``: one tower for both sides), or the image and text
+    towers of an open_clip model (``kind="open_clip"``), and β (``beta``, ``learnable_beta``).  The keywords are the
+    ``towers.*`` config keys (their names are kept in the messages).
+
+    Example::
+
+        model = build_two_tower(kind="pretrained", x="minilm", y="minilm", shared=True, proj_dim=None, beta=20.0)
+        zx, zy = model(model.x_tower.prepare(["dog"]), model.y_tower.prepare(["a domestic canine"]))
+    """
     temperature = InverseTemperature(beta, learnable_beta)
-    if spec.kind == "open_clip":
-        if spec.shared:
+    if kind == "open_clip":
+        if shared:
             raise ValueError("towers.shared=true needs towers.kind=pretrained (open_clip has an image and a text "
                              "tower)")
-        x, y, _ = build_open_clip_towers(spec.open_clip_model, spec.open_clip_checkpoint, spec.proj_dim,
-                                         freeze_image=spec.freeze_x, freeze_text=spec.freeze_y)
-        return TwoTowerModel(x, y, temperature)
-    if spec.kind != "pretrained":
-        raise ValueError(f"towers.kind: expected one of {TOWER_KINDS}, got {spec.kind!r}")
-    if spec.shared:
-        if spec.x != spec.y:
-            raise ValueError(f"towers.shared=true needs towers.x == towers.y, got {spec.x!r} and {spec.y!r}")
-        if spec.freeze_x != spec.freeze_y:
+        tx, ty, _ = build_open_clip_towers(open_clip_model, open_clip_checkpoint, proj_dim, freeze_image=freeze_x,
+                                           freeze_text=freeze_y)
+        return TwoTowerModel(tx, ty, temperature)
+    if kind != "pretrained":
+        raise ValueError(f"towers.kind: expected one of {TOWER_KINDS}, got {kind!r}")
+    if shared:
+        if x != y:
+            raise ValueError(f"towers.shared=true needs towers.x == towers.y, got {x!r} and {y!r}")
+        if freeze_x != freeze_y:
             raise ValueError("towers.shared=true: towers.freeze_x and towers.freeze_y must agree")
-        return TwoTowerModel(Tower(build_backbone(spec.x, spec.max_length), spec.proj_dim, spec.freeze_x), None,
-                             temperature)
-    x = Tower(build_backbone(spec.x, spec.max_length), spec.proj_dim, spec.freeze_x)
-    y = Tower(build_backbone(spec.y, spec.max_length), spec.proj_dim, spec.freeze_y)
-    if spec.proj_dim is None and x.out_dim != y.out_dim:
-        raise ValueError(f"towers.proj_dim=null needs equal backbone widths, got {spec.x}={x.out_dim} and "
-                         f"{spec.y}={y.out_dim}; set towers.proj_dim")
-    return TwoTowerModel(x, y, temperature)
-
+        return TwoTowerModel(Tower(build_backbone(x, max_length), proj_dim, freeze_x), None, temperature)
+    tx = Tower(build_backbone(x, max_length), proj_dim, freeze_x)
+    ty = Tower(build_backbone(y, max_length), proj_dim, freeze_y)
+    if proj_dim is None and tx.out_dim != ty.out_dim:
+        raise ValueError(f"towers.proj_dim=null needs equal backbone widths, got {x}={tx.out_dim} and "
+                         f"{y}={ty.out_dim}; set towers.proj_dim")
+    return TwoTowerModel(tx, ty, temperature)

@@ -4,7 +4,7 @@ Batches (docs/DESIGN.md, section 1): on each process the anchors of direction x�
 ψ(y_j) of the whole global batch, gathered over processes with gradient; anchor i's positive is its own column and
 D_neg(x_i) = every other candidate (global sample ids differ).  The reverse batch y→x swaps the roles.  Each
 direction has its own estimator state, keyed by the sample index, and the objective is the mean of the two
-directions (:class:`~dual_emc2.losses.GlobalContrastiveLoss`, ``mode="bimodal"``).
+directions (:class:`~dual_emc2.loss.global_loss.GlobalContrastiveLoss`, ``mode="bimodal"``).
 
 Known false negatives — another pair with the identical x (a WordNet lemma list shared by several synsets) or the
 identical y — are removed from D_neg (``pairs.mask_duplicates``) and count as relevant in retrieval evaluation.
@@ -12,7 +12,7 @@ identical y — are removed from D_neg (``pairs.mask_duplicates``) and count as 
 EMC²'s chain states (a y sample for each x→y chain, an x sample for each y→x chain) are fetched by the loader's
 workers with the batch (:class:`~dual_emc2.data.state_slots.PairStateViews`, images augmented as the batch that drew
 them was) and go through each tower in the batch's own forward pass, so text states see the batch's dropout and
-image states its augmentation and normalisation (``objective.state_views=exact``).
+image states its augmentation and normalisation (``loss.state_views=exact``).
 """
 from __future__ import annotations
 
@@ -27,18 +27,18 @@ from accelerate.utils import send_to_device
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from dual_emc2.data.pair_sources import load_pair_sets
 from dual_emc2.data.pairs import PairCollator, PairDataset, PairSet, decode_rgb
 from dual_emc2.data.samplers import SeededViews
 from dual_emc2.data.shards import ShardStream, read_manifest, read_shards
 from dual_emc2.data.state_slots import PairStateCollator, PairStateViews, match_slots, select_rows
 from dual_emc2.errors import UsageError
-from dual_emc2.losses import GlobalContrastiveLoss, StateViews
-from dual_emc2.metrics.retrieval_report import retrieval_report
-from dual_emc2.objectives import build_objective, options_for
+from dual_emc2.loss.global_loss import GlobalContrastiveLoss, StateViews
+from dual_emc2.loss.registry import build_estimator, options_for
 from dual_emc2.towers.two_tower import TwoTowerModel, check_modalities, modality_fix
 from dual_emc2.train.config import Config
 from dual_emc2.train.models import build_two_tower_model
+from dual_emc2.train.pair_sources import load_pair_sets
+from dual_emc2.train.retrieval_report import retrieval_report
 from dual_emc2.train.task import Task, forward_in_eval_mode
 
 __all__ = ["PairsTask"]
@@ -68,8 +68,8 @@ class PairsTask(Task):
         self.epoch = 0
         self.state_misses = 0  # states the workers' snapshot did not hold, prepared in this process
         self._build_data(cfg)
-        self._build_objective(cfg)
-        self.exact_states = self.objective.needs_state_features and cfg.objective.state_views == "exact"
+        self._build_estimator(cfg)
+        self.exact_states = self.estimator.needs_state_features and cfg.loss.state_views == "exact"
         if self.exact_states:  # the workers fetch each pair's chain states with it
             self.train_set = PairStateViews(self.train_set, self.train_pairs)
             self.loader = DataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=PairStateCollator(
@@ -141,25 +141,25 @@ class PairsTask(Task):
         # loader batches the trainer takes from an "epoch" of the stream: whole accumulation groups (Trainer.micro_used)
         self.stream_epoch_batches = self.batches_per_epoch - self.batches_per_epoch % cfg.train.grad_accum
 
-    def _build_objective(self, cfg: Config) -> None:
+    def _build_estimator(self, cfg: Config) -> None:
         # EMC²'s R defaults to the global batch's negatives per anchor on every row and process: with known false
         # negatives masked, rows differ in valid candidates, and R must not depend on which rows a process holds.
         negatives = cfg.train.batch_size * self.acc.num_processes - 1
-        self.objective = build_objective(
-            cfg.objective.name, num_keys=self.num_keys, num_candidates=self.num_keys,
-            options=options_for(cfg.objective.name, cfg.objective.options), symmetric=True,
+        self.estimator = build_estimator(
+            cfg.loss.estimator, num_keys=self.num_keys, num_candidates=self.num_keys,
+            options=options_for(cfg.loss.estimator, cfg.loss.options), symmetric=True,
             defaults={"dim": self.model.x_tower.out_dim, "seed": cfg.seed},
-            state_sharding=cfg.objective.state_sharding,
+            state_sharding=cfg.loss.state_sharding,
         ).to(self.device)
-        if self.objective.needs_labels:
-            raise ValueError(f"objective {cfg.objective.name} is supervised (needs class labels); pairs have none, use "
+        if self.estimator.needs_labels:
+            raise ValueError(f"estimator {cfg.loss.estimator} is supervised (needs class labels); pairs have none, use "
                              "it in mode: unimodal on a labelled image set")
-        if (self.objective.needs_candidate_encoder or self.objective.needs_state_features) and self.train_pairs is None:
-            raise ValueError(f"objective {cfg.objective.name} with these options re-encodes samples by index, which "
+        if (self.estimator.needs_candidate_encoder or self.estimator.needs_state_features) and self.train_pairs is None:
+            raise ValueError(f"estimator {cfg.loss.estimator} with these options re-encodes samples by index, which "
                              "streaming shards cannot serve; use pairs.streaming=false or options that do not "
                              "(e.g. emc2 out_of_batch=drop, state_score=stale)")
-        self.objective.check_batch_shape(negatives)
-        self.loss_fn = GlobalContrastiveLoss.wrap(self.objective, "bimodal", self.num_keys)
+        self.estimator.check_batch_shape(negatives)
+        self.loss_fn = GlobalContrastiveLoss.wrap(self.estimator, "bimodal", self.num_keys)
 
     # ------------------------------------------------------------------------------------------------ training
     def start_epoch(self, epoch: int, batch_in_epoch: int) -> None:
@@ -173,13 +173,13 @@ class PairsTask(Task):
                                                                   self.model.tower("y").modality)
         self.epoch = epoch if augmented else 0
         if self.exact_states:
-            o = self.objective
+            o = self.estimator
             self.train_set.set_states(x=o.y_to_x.state_views(), y=o.x_to_y.state_views())
 
     def encode_by_id(self, core: TwoTowerModel, side: str, ids: Tensor) -> Tensor:
         """Tower ``side`` on the un-augmented samples of global indices ``ids`` (caller's grad mode, eval mode): the
         spectral sampler's embeddings, the negative cache, and EMC²'s states with
-        ``objective.state_views=unaugmented``."""
+        ``loss.state_views=unaugmented``."""
         pairs = self.train_pairs
         raw = pairs.x if side == "x" else pairs.y
         decode = self.lookup_tf[0 if side == "x" else 1]
@@ -213,7 +213,7 @@ class PairsTask(Task):
         x_inputs, y_inputs = send_to_device((x_inputs, y_inputs), self.device, non_blocking=True)
         core = self.unwrap(model)
         encoders = {}
-        if self.objective.needs_candidate_encoder or (self.objective.needs_state_features and not self.exact_states):
+        if self.estimator.needs_candidate_encoder or (self.estimator.needs_state_features and not self.exact_states):
             encoders = {"encode_x": lambda i: self.encode_by_id(core, "x", i),
                         "encode_y": lambda i: self.encode_by_id(core, "y", i)}
         groups = {}

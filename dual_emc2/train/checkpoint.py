@@ -321,8 +321,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu",
 
     ``weights_only`` is passed to ``torch.load``: True (the default) unpickles only tensors, plain containers and
     numeric numpy arrays/scalars (RNG states); pass False for payloads holding other objects from a trusted source.
-    A checkpoint with state shards returns their manifest as ``payload["state_shards"]``; its ``objective`` holds
-    the entries common to every process (:func:`dual_emc2.train.checkpoint_shards.load_objective_state` adds the
+    A checkpoint with state shards returns their manifest as ``payload["state_shards"]``; its ``estimator`` holds
+    the entries common to every process (:func:`dual_emc2.train.checkpoint_shards.load_estimator_state` adds the
     shards).
     """
     p = Path(path)
@@ -431,7 +431,7 @@ def tensor_dict_sha256(tensors: Mapping[str, Any]) -> str:
 
 def checkpoint_summary(payload: Mapping[str, Any]) -> dict[str, Any]:
     """Describe a loaded checkpoint: ``step``, the other top-level keys, and for every top-level entry holding
-    tensors (model, objective, optimizer, ...) its tensor count, elements, bytes, per-tensor shape/dtype and
+    tensors (model, estimator, optimizer, ...) its tensor count, elements, bytes, per-tensor shape/dtype and
     :func:`tensor_dict_sha256`."""
     summary: dict[str, Any] = {"step": payload.get("step"), "keys": sorted(map(str, payload)), "tensors": {}}
     for name, value in payload.items():

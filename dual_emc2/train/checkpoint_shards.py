@@ -1,4 +1,4 @@
-"""Checkpoints of estimator state sharded over processes (``objective.state_sharding``), and loading them at any
+"""Checkpoints of estimator state sharded over processes (``loss.state_sharding``), and loading them at any
 number of processes.
 
 Layout of a checkpoint saved by ``W`` processes whose estimator state is sharded::
@@ -12,7 +12,7 @@ Saving: every process writes its shard, all wait, then the main process reads th
 (name, length, sha256 of each) and writes the main file last: a crash before it leaves no checkpoint (orphan shards
 are pruned by the next save), and a checkpoint whose shard is missing, damaged or replaced fails verification
 naming that file.  Loading: each process reads only the shards that hold rows of the keys it now owns
-(:meth:`dual_emc2.sharding.KeyLayout.sources`: its own at the same size, one when the size doubles, all when it
+(:meth:`dual_emc2.loss.state.layout.KeyLayout.sources`: its own at the same size, one when the size doubles, all when it
 holds every row).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from dual_emc2.errors import CheckpointError
-from dual_emc2.state import assemble_state_dict, keyed_states, load_state_shards
+from dual_emc2.loss.state.keyed import assemble_state_dict, keyed_states, load_state_shards
 from dual_emc2.train.checkpoint import (
     CheckpointCorrupt,
     check_shard_digest,
@@ -35,7 +35,7 @@ from dual_emc2.train.checkpoint import (
     write_checkpoint_file,
 )
 
-__all__ = ["load_objective_state", "restore_objective", "save_state_shard", "shard_manifest", "shard_name"]
+__all__ = ["load_estimator_state", "restore_estimator", "save_state_shard", "shard_manifest", "shard_name"]
 
 
 def shard_name(step: int, rank: int, world: int) -> str:
@@ -46,10 +46,10 @@ def shard_name(step: int, rank: int, world: int) -> str:
 def save_state_shard(directory: str | os.PathLike[str], step: int, rank: int, world: int,
                      state: Mapping[str, Tensor]) -> Path:
     """Atomically write this process's rows of the sharded tables (``state``: the sharded part of the estimator's
-    state dict, :func:`dual_emc2.state.split_sharded_state`)."""
+    state dict, :func:`dual_emc2.loss.state.keyed.split_sharded_state`)."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    payload = {"step": step, "rank": rank, "world_size": world, "objective": dict(state)}
+    payload = {"step": step, "rank": rank, "world_size": world, "estimator": dict(state)}
     return write_checkpoint_file(root / shard_name(step, rank, world), payload)
 
 
@@ -83,9 +83,9 @@ def _load_shard(main: Path, entry: Mapping[str, Any]) -> dict[str, Tensor]:
                                 "needs every shard file beside it)")
     check_shard_digest(main, entry, path)
     payload = load_checkpoint(path, map_location="cpu")
-    if payload.get("rank") != entry.get("rank") or not isinstance(payload.get("objective"), Mapping):
+    if payload.get("rank") != entry.get("rank") or not isinstance(payload.get("estimator"), Mapping):
         raise CheckpointCorrupt(f"{path}: not the shard of process {entry.get('rank')} of {main.name}")
-    return payload["objective"]
+    return payload["estimator"]
 
 
 def _pieces(main: Path, manifest: Mapping[str, Any], ranks: list[int]) -> Iterator[dict[str, Tensor]]:
@@ -94,11 +94,11 @@ def _pieces(main: Path, manifest: Mapping[str, Any], ranks: list[int]) -> Iterat
         yield _load_shard(main, entries[r])
 
 
-def load_objective_state(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> dict[str, Tensor]:
+def load_estimator_state(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> dict[str, Tensor]:
     """The whole estimator state of a loaded checkpoint in the replicated layout (every shard assembled; the
-    ``objective`` entry itself for a checkpoint without shards), e.g. to hash or inspect it."""
+    ``estimator`` entry itself for a checkpoint without shards), e.g. to hash or inspect it."""
     manifest = payload.get("state_shards")
-    common = dict(payload.get("objective", {}))
+    common = dict(payload.get("estimator", {}))
     if manifest is None:
         return common
     main = Path(path)
@@ -110,18 +110,18 @@ def load_objective_state(path: str | os.PathLike[str], payload: Mapping[str, Any
         raise CheckpointCorrupt(f"{main}: {exc}") from None
 
 
-def restore_objective(objective: nn.Module, path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
-    """Load the estimator state of checkpoint ``path`` (loaded as ``payload``) into ``objective``, whatever the
+def restore_estimator(estimator: nn.Module, path: str | os.PathLike[str], payload: Mapping[str, Any]) -> None:
+    """Load the estimator state of checkpoint ``path`` (loaded as ``payload``) into ``estimator``, whatever the
     layouts and numbers of processes of the saving and the loading run; reads only the shards it needs."""
     manifest = payload.get("state_shards")
     if manifest is None:
-        objective.load_state_dict(payload["objective"])
+        estimator.load_state_dict(payload["estimator"])
         return
     main = Path(path)
     world = int(manifest.get("world_size", 0))
-    ranks = sorted({r for table in keyed_states(objective).values() for r in table.layout.sources(world)})
+    ranks = sorted({r for table in keyed_states(estimator).values() for r in table.layout.sources(world)})
     try:
-        load_state_shards(objective, payload["objective"], _pieces(main, manifest, ranks))
+        load_state_shards(estimator, payload["estimator"], _pieces(main, manifest, ranks))
     except CheckpointError:
         raise
     except ValueError as exc:

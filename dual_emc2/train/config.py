@@ -46,8 +46,8 @@ from dual_emc2.train.schema import (
     Config,
     DataConfig,
     EvalConfig,
+    LossConfig,
     ModelConfig,
-    ObjectiveConfig,
     OptimConfig,
     PairsConfig,
     SpectralConfig,
@@ -72,7 +72,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
-    "ObjectiveConfig",
+    "LossConfig",
     "OptimConfig",
     "PairsConfig",
     "SpectralConfig",
@@ -367,7 +367,7 @@ _INSTEAD = {
 
 
 def _changed(value: Any, default: Any, key: str) -> list[str]:
-    """Dotted leaf keys under ``key`` whose value differs from ``default`` (``objective.options`` is one leaf)."""
+    """Dotted leaf keys under ``key`` whose value differs from ``default`` (``loss.options`` is one leaf)."""
     if dataclasses.is_dataclass(value):
         return [k for f in dataclasses.fields(value)
                 for k in _changed(getattr(value, f.name), getattr(default, f.name), _join(key, f.name))]

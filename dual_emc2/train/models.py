@@ -2,6 +2,7 @@
 (φ = ψ) and the two towers with β (φ, ψ)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from dual_emc2.towers.heads import build_image_encoder
@@ -18,12 +19,12 @@ def build_unimodal_model(cfg: Config) -> ContrastiveModel:
     m = cfg.model
     encoder = build_image_encoder(m.arch, m.cifar_stem, m.proj_hidden, m.proj_dim, m.proj_layers,
                                   channels_last=m.channels_last, batch_norm=m.head_batch_norm, norm=m.norm)
-    return ContrastiveModel(encoder, InverseTemperature(cfg.objective.beta, cfg.objective.learnable_beta))
+    return ContrastiveModel(encoder, InverseTemperature(cfg.loss.beta, cfg.loss.learnable_beta))
 
 
 def build_two_tower_model(cfg: Config) -> TwoTowerModel:
     """The x and y towers of ``cfg.towers`` and the inverse temperature."""
-    return build_two_tower(cfg.towers, cfg.objective.beta, cfg.objective.learnable_beta)
+    return build_two_tower(**dataclasses.asdict(cfg.towers), beta=cfg.loss.beta, learnable_beta=cfg.loss.learnable_beta)
 
 
 def checkpoint_model(path: str | Path, cfg: Config | None = None) -> tuple[TwoTowerModel, Config]:

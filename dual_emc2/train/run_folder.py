@@ -29,9 +29,9 @@ __all__ = ["FLAG_KEYS", "FREE_KEYS", "check_new_run", "check_resume_config", "co
 # keys a resumed run may change freely: how long it trains, how it logs, checkpoints and evaluates
 FREE_KEYS = ("output_dir", "train.resume", "train.epochs", "train.max_steps", "train.log_every", "train.ckpt_every",
              "train.keep_last", "train.plots", "train.dist_timeout_s", "train.max_nonfinite", "train.allow_changes",
-             "data.num_workers", "data.download", "eval.", "objective.state_sharding")
+             "data.num_workers", "data.download", "eval.", "loss.state_sharding")
 # keys that change the optimisation of the continued run: only with train.allow_changes=true
-FLAG_KEYS = ("optim.", "train.mixed_precision", "train.compile", "objective.options.")
+FLAG_KEYS = ("optim.", "train.mixed_precision", "train.compile", "loss.options.")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -3,7 +3,7 @@ constraints, and which keys each ``mode`` reads.  Loading, overrides and validat
 
 Choice tuples come from the modules that implement the choices (torch-free modules, so that importing the schema
 stays cheap): the backbones and towers from :mod:`dual_emc2.towers.names`, the schedules from
-:mod:`dual_emc2.train.schedules`, the state layouts from :mod:`dual_emc2.sharding`.
+:mod:`dual_emc2.train.schedules`, the state layouts from :mod:`dual_emc2.loss.state.layout`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dual_emc2.sharding import SHARDING_MODES
+from dual_emc2.loss.state.layout import SHARDING_MODES
 from dual_emc2.towers.names import IMAGE_ARCHS, NORMS, PRETRAINED_TOWERS, TOWER_KINDS
 from dual_emc2.train.schedules import SCHEDULES
 
@@ -32,7 +32,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
-    "ObjectiveConfig",
+    "LossConfig",
     "OptimConfig",
     "PairsConfig",
     "SpectralConfig",
@@ -46,7 +46,7 @@ TOWER_KIND_CHOICES = TOWER_KINDS
 PRETRAINED_TOWER_CHOICES = PRETRAINED_TOWERS
 SCHEDULE_CHOICES = SCHEDULES
 STATE_SHARDING_CHOICES = SHARDING_MODES
-STATE_VIEW_CHOICES = ("exact", "unaugmented")  # how the trainer encodes EMC²'s chain states (ObjectiveConfig)
+STATE_VIEW_CHOICES = ("exact", "unaugmented")  # how the trainer encodes EMC²'s chain states (LossConfig)
 # no torch-free implementing module holds these as a tuple: listed here
 MIXED_PRECISION_CHOICES = ("no", "bf16", "fp16")  # Accelerate's mixed_precision
 MODE_CHOICES = ("unimodal", "bimodal")  # the two trainers of dual_emc2.train
@@ -177,16 +177,19 @@ class TowersConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    """Estimator of the global contrastive loss; ``options`` are validated by the estimator registry.
-    ``state_sharding``: whether every process holds the whole per-anchor state (EMC² chains, SogCLR's u) or the rows
-    of its 1/W of the keys; ``auto`` shards tables of 256 MiB and more (:mod:`dual_emc2.sharding`).  Results are
-    identical either way; a resumed run may change it.  ``state_views``: how EMC²'s chain states reach the
-    estimator: ``exact`` (the augmented view the chain accepted, regenerated in the loader's workers and encoded in
-    the batch's own forward pass, train mode) or ``unaugmented`` (the un-augmented sample re-encoded by id with norm
-    layers and dropout in eval mode, a second forward: the earlier behaviour, kept to measure the difference)."""
+class LossConfig:
+    """The global contrastive loss (what :class:`~dual_emc2.loss.GlobalContrastiveLoss` takes): ``estimator``, the
+    estimator of
+    its gradient (registry name), β (``beta``, learnable or not), and the estimators' ``options`` (one mapping per
+    estimator name), validated by the estimator registry. ``state_sharding``: whether every process holds the whole
+    per-anchor state (EMC² chains, SogCLR's u) or the rows of its 1/W of the keys; ``auto`` shards tables of 256 MiB and
+    more (:mod:`dual_emc2.loss.state.layout`). Results are identical either way; a resumed run may change it.
+    ``state_views``: how EMC²'s chain states reach the estimator: ``exact`` (the augmented view the chain accepted,
+    regenerated in the loader's workers and encoded in the batch's own forward pass, train mode) or ``unaugmented`` (the
+    un-augmented sample re-encoded by id with norm layers and dropout in eval mode, a second forward: the earlier
+    behaviour, kept to measure the difference)."""
 
-    name: str = "emc2"
+    estimator: str = "emc2"
     beta: float = field(default=14.28, metadata=_check(gt=0.0))
     learnable_beta: bool = False
     options: dict = field(default_factory=dict)
@@ -221,7 +224,7 @@ class TrainConfig:
     ckpt_every: int = field(default=500, metadata=_check(ge=1))
     keep_last: int = field(default=3, metadata=_check(ge=1))
     resume: str | None = None  # "latest" or a checkpoint path
-    # a resume may apply changed optim.*, objective.options.*, mixed_precision, compile (dual_emc2.train.run_folder)
+    # a resume may apply changed optim.*, loss.options.*, mixed_precision, compile (dual_emc2.train.run_folder)
     allow_changes: bool = False
     max_nonfinite: int = field(default=5, metadata=_check(ge=0))
     compile: bool = False
@@ -258,7 +261,7 @@ class Config:
     pairs: PairsConfig = field(default_factory=PairsConfig, metadata=_check(mode=_BI))
     model: ModelConfig = field(default_factory=ModelConfig, metadata=_check(mode=_UNI))
     towers: TowersConfig = field(default_factory=TowersConfig, metadata=_check(mode=_BI))
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

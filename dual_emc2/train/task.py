@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 
 from dual_emc2.data.samplers import GlobalBatchSampler
 from dual_emc2.data.spectral import SpectralBatchSampler
-from dual_emc2.losses import GlobalContrastiveLoss
-from dual_emc2.objectives.base import ContrastiveObjective
+from dual_emc2.loss.estimators.base import Estimator
+from dual_emc2.loss.global_loss import GlobalContrastiveLoss
 from dual_emc2.train.config import Config
 
 __all__ = ["Task", "forward_in_eval_mode"]
@@ -44,12 +44,12 @@ class Task(ABC):
     and the evaluation.
 
     Attributes set by subclasses: ``model`` (an ``nn.Module`` with ``temperature()`` returning β; the trainer
-    prepares it), ``objective`` (the estimator), ``loss_fn`` (:class:`GlobalContrastiveLoss` around it), ``loader``,
+    prepares it), ``estimator``, ``loss_fn`` (:class:`GlobalContrastiveLoss` around it), ``loader``,
     ``sampler`` (the :class:`GlobalBatchSampler` of the loader, or None for streams), ``batches_per_epoch``
     (micro-batches per epoch on each process) and ``throughput_key`` (the name of the logged rate)."""
 
     model: nn.Module
-    objective: ContrastiveObjective
+    estimator: Estimator
     loss_fn: GlobalContrastiveLoss
     loader: DataLoader
     sampler: GlobalBatchSampler | None

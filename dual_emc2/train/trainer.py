@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dual_emc2.data.spectral import SpectralBatchSampler
-from dual_emc2.distributed import all_gather_rows
 from dual_emc2.errors import CheckpointError, DataError, Interrupted, RunStopped
-from dual_emc2.state import split_sharded_state
+from dual_emc2.loss.distributed import all_gather_rows
+from dual_emc2.loss.state.keyed import split_sharded_state
 from dual_emc2.train.checkpoint import find_latest_valid, load_checkpoint, resolve_resume, save_checkpoint
-from dual_emc2.train.checkpoint_shards import restore_objective, save_state_shard, shard_manifest
+from dual_emc2.train.checkpoint_shards import restore_estimator, save_state_shard, shard_manifest
 from dual_emc2.train.config import Config, config_to_dict, save_config
 from dual_emc2.train.factory import build_accelerator, build_task
 from dual_emc2.train.optim import build_optimizer, build_scheduler
@@ -85,7 +85,7 @@ class Trainer:
 
     Example::
 
-        cfg = load_config("configs/fmnist_unimodal.yaml", ["objective.name=emc2"])
+        cfg = load_config("configs/fmnist_unimodal.yaml", ["loss.estimator=emc2"])
         Trainer(cfg).fit()
         acc = build_accelerator(cfg)                                  # or: hand in your own model
         Trainer(cfg, ImageViewsTask(cfg, acc, model=my_model), acc).fit()
@@ -100,7 +100,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         seed_everything(cfg.seed)
         self.task = task or build_task(cfg, self.acc)
-        self.objective = self.task.objective
+        self.estimator = self.task.estimator
         self.loss_fn = self.task.loss_fn
         self.sampler = self.task.sampler
         micro = self.task.batches_per_epoch
@@ -136,14 +136,14 @@ class Trainer:
         return self.acc.unwrap_model(self.model)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
-    def state_payload(self, objective: dict[str, Tensor] | None = None) -> dict[str, Any]:
-        """What a checkpoint holds; ``objective``: the estimator entries to save (default: its whole state dict, on a
+    def state_payload(self, estimator: dict[str, Tensor] | None = None) -> dict[str, Any]:
+        """What a checkpoint holds; ``estimator``: the estimator entries to save (default: its whole state dict, on a
         sharded run this process's rows)."""
         return {
             "step": self.pos.step, "epoch": self.pos.epoch, "batch_in_epoch": self.pos.batch_in_epoch,
             "model": self.core.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "objective": self.objective.state_dict() if objective is None else objective,
+            "estimator": self.estimator.state_dict() if estimator is None else estimator,
             "rng": _rng_state(), "config": config_to_dict(self.cfg), "world_size": self.acc.num_processes,
             "nonfinite_total": self.nonfinite_total, "history": self.history,
             "sampler": self.sampler.state_dict() if isinstance(self.sampler, SpectralBatchSampler) else None,
@@ -153,7 +153,7 @@ class Trainer:
         """Write the checkpoint of the current step (the main process; with sharded estimator state every process
         first writes its shard, :mod:`dual_emc2.train.checkpoint_shards`); returns its path on the main process."""
         folder, step, world = self.out / "checkpoints", self.pos.step, self.acc.num_processes
-        common, sharded = split_sharded_state(self.objective, self.objective.state_dict())
+        common, sharded = split_sharded_state(self.estimator, self.estimator.state_dict())
         if sharded:
             save_state_shard(folder, step, self.acc.process_index, world, sharded)
             self.acc.wait_for_everyone()
@@ -176,7 +176,7 @@ class Trainer:
                                                   self.acc.num_processes)
         try:
             self.core.load_state_dict(payload["model"])
-            restore_objective(self.objective, path, payload)
+            restore_estimator(self.estimator, path, payload)
         except RuntimeError as exc:  # same config, different state layout: a checkpoint of another code version
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"{path}: its model or estimator state does not fit this run ({first}); resume it "
@@ -244,7 +244,7 @@ class Trainer:
                     f"no checkpoint was written yet (train.ckpt_every={self.cfg.train.ckpt_every})")
             raise NonFiniteLossError(
                 f"{self.nonfinite_streak} consecutive non-finite losses at step {self.pos.step}; stopping ({kept}). "
-                "Lower optim.lr or objective.beta, or check the data for NaNs")
+                "Lower optim.lr or loss.beta, or check the data for NaNs")
 
     def _refresh_due(self) -> bool:
         """A spectral re-clustering is due before the next optimiser step (never inside an accumulation group)."""
@@ -365,7 +365,7 @@ class Trainer:
         if resumed is None and cfg.eval.at_start:
             self._maybe_eval(0, logger, final=True)  # the network before training, in the same run
         bar = tqdm(total=self.total_steps, initial=self.pos.step, disable=not self.acc.is_main_process,
-                   desc=f"{cfg.objective.name} b={cfg.train.batch_size}x{self.acc.num_processes}", dynamic_ncols=True)
+                   desc=f"{cfg.loss.estimator} b={cfg.train.batch_size}x{self.acc.num_processes}", dynamic_ncols=True)
         self._bar = bar
         try:
             with self._stop_on_signals():

@@ -1,11 +1,11 @@
 """Unimodal task (φ = ψ): V augmented views of each image, one encoder, every view an anchor against every view
 (SimCLR's layout; EMC² section 4).
 
-The loss of a micro-batch is :meth:`GlobalContrastiveLoss.forward_views` on the encoder's [b, V, d] features.  EMC²'s
+The loss of a micro-batch is :meth:`GlobalContrastiveLoss.forward_views` on the encoder's [b, V, d] features. EMC²'s
 chain states are views too: the loader's workers regenerate the view each anchor's chain stands on
 (:class:`~dual_emc2.data.state_slots.ImageStateViews`), and the states the step asks for
-(:meth:`~dual_emc2.losses.GlobalContrastiveLoss.state_request`) go through the encoder in the batch's own forward
-pass (``objective.state_views=exact``; ``unaugmented`` re-encodes the un-augmented image by id in eval mode).
+(:meth:`~dual_emc2.loss.global_loss.GlobalContrastiveLoss.state_request`) go through the encoder in the batch's own
+forward pass (``loss.state_views=exact``; ``unaugmented`` re-encodes the un-augmented image by id in eval mode).
 Evaluation: linear probe and k-NN on the frozen backbone features (``eval.*``).
 """
 from __future__ import annotations
@@ -23,15 +23,14 @@ from dual_emc2.data.image_sets import build_image_dataset, dataset_info, dataset
 from dual_emc2.data.samplers import SeededViews
 from dual_emc2.data.state_slots import ImageStateViews, match_slots
 from dual_emc2.data.views import MultiViewDataset, UnaugmentedLookup
-from dual_emc2.losses import GlobalContrastiveLoss, StateViews
-from dual_emc2.objectives import build_objective, options_for
-from dual_emc2.objectives.batches import unimodal_contrastive_batch
+from dual_emc2.loss.global_loss import GlobalContrastiveLoss, StateViews
+from dual_emc2.loss.registry import build_estimator, options_for
 from dual_emc2.train.config import Config
 from dual_emc2.train.evaluate import eval_loaders, evaluate_features
 from dual_emc2.train.models import build_unimodal_model
 from dual_emc2.train.task import Task, forward_in_eval_mode
 
-__all__ = ["ImageViewsTask", "unimodal_contrastive_batch"]
+__all__ = ["ImageViewsTask"]
 
 
 class ImageViewsTask(Task):
@@ -59,16 +58,16 @@ class ImageViewsTask(Task):
         if cfg.model.sync_bn and accelerator.num_processes > 1 and self.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model
-        self.objective = build_objective(
-            cfg.objective.name, num_keys=num_samples * d.n_views, num_candidates=num_samples,
-            options=options_for(cfg.objective.name, cfg.objective.options),
-            defaults={"dim": cfg.model.proj_dim, "seed": cfg.seed}, state_sharding=cfg.objective.state_sharding,
+        self.estimator = build_estimator(
+            cfg.loss.estimator, num_keys=num_samples * d.n_views, num_candidates=num_samples,
+            options=options_for(cfg.loss.estimator, cfg.loss.options),
+            defaults={"dim": cfg.model.proj_dim, "seed": cfg.seed}, state_sharding=cfg.loss.state_sharding,
         ).to(self.device)
         global_views = cfg.train.batch_size * accelerator.num_processes * d.n_views
-        self.objective.check_batch_shape(global_views - d.n_views)
-        self.loss_fn = GlobalContrastiveLoss.wrap(self.objective, "unimodal", num_samples, views_per_sample=d.n_views)
+        self.estimator.check_batch_shape(global_views - d.n_views)
+        self.loss_fn = GlobalContrastiveLoss.wrap(self.estimator, "unimodal", num_samples, views_per_sample=d.n_views)
         # EMC²'s states as the batch sees them: fetched by the workers, encoded in the batch's forward
-        self.exact_states = self.objective.needs_state_features and cfg.objective.state_views == "exact"
+        self.exact_states = self.estimator.needs_state_features and cfg.loss.state_views == "exact"
         self.train_set = ImageStateViews(views, d.n_views) if self.exact_states else views
         self.epoch = 0
         self.state_misses = 0  # states the workers' snapshot did not hold, regenerated in this process
@@ -84,12 +83,12 @@ class ImageViewsTask(Task):
         super().start_epoch(epoch, batch_in_epoch)
         self.epoch = epoch
         if self.exact_states:
-            self.train_set.set_states(*self.objective.state_views())
+            self.train_set.set_states(*self.estimator.state_views())
 
     def encode_by_id(self, core: nn.Module, ids: Tensor) -> Tensor:
         """ψ of the un-augmented images of global ``ids`` under the caller's grad mode; batch norm in eval mode (the
         ids are few and not a batch): the spectral sampler's embeddings, the negative cache, and EMC²'s states with
-        ``objective.state_views=unaugmented``."""
+        ``loss.state_views=unaugmented``."""
         x = self.lookup(ids.cpu()).to(self.device)
         if self.cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -123,13 +122,13 @@ class ImageViewsTask(Task):
         if self.cfg.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         core = self.unwrap(model)
-        by_id = self.objective.needs_candidate_encoder or (self.objective.needs_state_features
+        by_id = self.estimator.needs_candidate_encoder or (self.estimator.needs_state_features
                                                            and not self.exact_states)
         encode = (lambda i: self.encode_by_id(core, i)) if by_id else None
         with self.acc.autocast():
             z = model(x)
         z = z.float()
-        supervised = torch.as_tensor(labels).long().to(self.device) if self.objective.needs_labels else None
+        supervised = torch.as_tensor(labels).long().to(self.device) if self.estimator.needs_labels else None
         loss = self.loss_fn.forward_views(z[:b * V].view(b, V, -1), ids.to(self.device), core.temperature(), encode,
                                           labels=supervised, epoch=self.epoch,
                                           state_features=z[b * V:] if self.exact_states else None)

@@ -1,7 +1,7 @@
 """One fused Triton launch for the sequential part of the EMC² Metropolis–Hastings sampler (Algorithm 1, eq. 9).
 
-:func:`mh_chains_triton` is a drop-in for :func:`dual_emc2.sampling.mh_chains_torch`: for the same pre-drawn
-proposals it returns bit-identical :class:`~dual_emc2.sampling.MHResult` tensors.
+:func:`mh_chains_triton` is a drop-in for :func:`dual_emc2.loss.estimators.emc2.chain.mh_chains_torch`: for the same
+pre-drawn proposals it returns bit-identical :class:`~dual_emc2.loss.estimators.emc2.chain.MHResult` tensors.
 
 Design (the step loop is latency-bound, not bandwidth-bound):
 
@@ -32,7 +32,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from dual_emc2.mh_types import MHResult
+from dual_emc2.loss.estimators.emc2.chain_types import MHResult
 
 try:  # a missing or broken Triton must not break importing the package
     import triton
@@ -161,7 +161,7 @@ def mh_chains_triton(
     check_indices: bool | None = None,
 ) -> MHResult:
     """Run ``R`` M-H steps for ``B`` chains in one launch; same arguments and bit-identical results as
-    :func:`dual_emc2.sampling.mh_chains_torch`.
+    :func:`dual_emc2.loss.estimators.emc2.chain.mh_chains_torch`.
 
     Step ``r`` accepts proposal ``j`` iff ``log u_r < β (S_ij − s_cur)``, i.e. with probability
     ``min(1, e^{β(S_ij − s_cur)})`` (EMC² eq. 9).
@@ -181,7 +181,8 @@ def mh_chains_triton(
             make the kernel write outside ``counts``.
 
     Returns:
-        :class:`~dual_emc2.sampling.MHResult` ``(counts [B, C], index [B], score [B], stay [B], accepted [B])``.
+        :class:`~dual_emc2.loss.estimators.emc2.chain.MHResult` ``(counts [B, C], index [B], score [B], stay [B],
+        accepted [B])``.
     """
     if not isinstance(prop_index, Tensor) or prop_index.dim() != 2:
         raise ValueError(f"prop_index must be an [R, B] tensor, got {getattr(prop_index, 'shape', type(prop_index))}")

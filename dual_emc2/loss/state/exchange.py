@@ -1,8 +1,9 @@
-"""How a step reads and writes the per-anchor state rows of its anchors across processes (:mod:`dual_emc2.state`).
+"""How a step reads and writes the per-anchor state rows of its anchors across processes
+(:mod:`dual_emc2.loss.state.keyed`).
 
 A table is a list of 1-D columns of 4-byte dtypes (int32, float32), moved as their int32 bit patterns, so every
 exchange is bit-exact (−0.0, NaN payloads and −inf included).  ``keys`` are this process's anchor keys; the state of a
-key lives on the processes its :class:`~dual_emc2.sharding.KeyLayout` says.
+key lives on the processes its :class:`~dual_emc2.loss.state.layout.KeyLayout` says.
 
 * Replicated (every process holds every row): a read is local; a write all-gathers (key, row) of every process and
   each process applies all of them, in rank order.
@@ -28,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dual_emc2.distributed import all_gather_rows, all_reduce_sum_, all_to_all_rows, gather_sizes, rank
-from dual_emc2.sharding import KeyLayout
+from dual_emc2.loss.distributed import all_gather_rows, all_reduce_sum_, all_to_all_rows, gather_sizes, rank
+from dual_emc2.loss.state.layout import KeyLayout
 
 __all__ = ["PROTOCOLS", "owner_apply", "owner_fill", "pack", "read_rows", "unpack", "write_rows"]
 

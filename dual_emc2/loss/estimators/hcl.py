@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput
+from dual_emc2.loss.estimators.base import ContrastiveBatch, Estimator, EstimatorOutput
 
 
 def hcl_loss(pos: Tensor, scores: Tensor, neg_mask: Tensor, beta: Tensor | float, hardness: float,
@@ -39,7 +39,7 @@ def hcl_loss(pos: Tensor, scores: Tensor, neg_mask: Tensor, beta: Tensor | float
     return (torch.logaddexp(bpos, log_ng) - bpos).mean()
 
 
-class HCL(ContrastiveObjective):
+class HCL(Estimator):
     """HCL estimator (no state).  Options: ``hardness`` (h, Robinson et al.'s β; 1.0 default), ``tau_plus`` (0.1)."""
 
     name = "hcl"
@@ -54,7 +54,7 @@ class HCL(ContrastiveObjective):
         self.hardness = hardness
         self.tau_plus = tau_plus
 
-    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:
+    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> EstimatorOutput:
         scores = batch.scores()
         loss = hcl_loss(batch.positive_scores(scores), scores, batch.negative_mask, beta, self.hardness, self.tau_plus)
-        return ObjectiveOutput(loss, {"hcl": loss.detach()})
+        return EstimatorOutput(loss, {"hcl": loss.detach()})

@@ -15,11 +15,11 @@ import math
 import torch
 from torch import Tensor
 
-from dual_emc2.distributed import all_gather_rows
-from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput, step_seed
+from dual_emc2.loss.distributed import all_gather_rows
+from dual_emc2.loss.estimators.base import ContrastiveBatch, Estimator, EstimatorOutput, step_seed
 
 
-class NegativeCache(ContrastiveObjective):
+class NegativeCache(Estimator):
     """Negative-cache estimator.
 
     Args:
@@ -68,12 +68,12 @@ class NegativeCache(ContrastiveObjective):
             if feats.shape != (chunk.numel(), self.features.shape[1]):
                 raise ValueError(
                     f"encode_candidates returned {tuple(feats.shape)}, expected ({chunk.numel()}, "
-                    f"{self.features.shape[1]}): set objective.options.dim to the projection dimension"
+                    f"{self.features.shape[1]}): set loss.options.dim to the projection dimension"
                 )
             self.features[chunk] = feats.to(self.features.device)
             self.written_at[chunk] = self.iteration
 
-    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:
+    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> EstimatorOutput:
         if batch.encode_candidates is None:
             raise RuntimeError("negative_cache needs batch.encode_candidates to fill and refresh its cache")
         b = self.beta_value(beta)
@@ -111,4 +111,4 @@ class NegativeCache(ContrastiveObjective):
             self.features[all_ids.to(self.features.device)] = all_feats.to(self.features.device)
             self.written_at[all_ids.to(self.written_at.device)] = self.iteration
             self._advance()
-        return ObjectiveOutput(loss, {"cache_staleness": staleness, "negative_score": s_neg.detach().mean()})
+        return EstimatorOutput(loss, {"cache_staleness": staleness, "negative_score": s_neg.detach().mean()})

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["draw_rows", "gumbel_argmax", "lookup_columns", "pool_logits", "thinned_pool_weights",
-           "view_rotations"]
+__all__ = ["control_variate", "draw_rows", "gumbel_argmax", "lookup_columns", "pool_columns", "pool_logits",
+           "rao_blackwell_weights", "thinned_pool_weights", "view_rotations"]
 
 
 def lookup_columns(keys: Tensor, candidate_keys: Tensor) -> Tensor:
@@ -77,3 +77,29 @@ def thinned_pool_weights(batch_logits: Tensor, rotation: Tensor, state_logits: T
     total = e_state.scatter_add(1, rotation, e)
     inv = torch.where(total > 0, 1.0 / total.clamp(min=1e-30), torch.zeros_like(total)) / V
     return e * inv.gather(1, rotation), (e_state * inv).sum(dim=1)
+
+
+def pool_columns(valid: Tensor, candidate_ids: Tensor, state_id: Tensor, in_pool: Tensor) -> Tensor:
+    """[B, C] the batch columns that can share a pool with the state: every valid negative, except where the
+    state's sample is in the batch under another view (another epoch) — batches hold distinct samples, so only that
+    sample's entries and the state can have been the state, and the pool is restricted to them."""
+    same_sample = candidate_ids[None, :] == state_id[:, None]
+    duplicate = in_pool & (same_sample & valid).any(dim=1)
+    return torch.where(duplicate[:, None], valid & same_sample, valid)
+
+
+def rao_blackwell_weights(batch_logits: Tensor, full_logits: Tensor, rotation: Tensor, state_logit: Tensor,
+                          in_pool: Tensor, views_per_id: int) -> tuple[Tensor, Tensor]:
+    """(w_batch [B, C], w_state [B]): for rows whose state is out of the batch (``in_pool``), the thinned pools'
+    weights with the state (:func:`thinned_pool_weights`; ``batch_logits`` restricted by :func:`pool_columns`); for
+    the others (no state, or a state that is a batch column) the softmax of ``full_logits`` over the whole batch."""
+    w_thin, w_state = thinned_pool_weights(batch_logits, rotation, state_logit[:, None].repeat(1, views_per_id))
+    w_batch = torch.where(in_pool[:, None], w_thin, torch.softmax(full_logits, dim=1))
+    return w_batch, torch.where(in_pool, w_state, torch.zeros_like(w_state))
+
+
+def control_variate(w_batch: Tensor, batch_softmax: Tensor, in_pool: Tensor, frozen: Tensor, q: float) -> Tensor:
+    """Weights with ``reencode_fraction`` q < 1: rows whose state was encoded (``in_pool``) use h + (w − h)/q, rows
+    that were not (``frozen``) the batch softmax h; E over the Bernoulli(q) choice is w, the unbiased weights."""
+    return torch.where(in_pool[:, None], batch_softmax + (w_batch - batch_softmax) / q,
+                       torch.where(frozen[:, None], batch_softmax, w_batch))

@@ -1,4 +1,5 @@
-"""Estimators of the global contrastive loss behind one interface, built by name from config."""
+"""The estimators by name: the registry, the checks of their options (names, types and values, one function for the
+config and for :class:`~dual_emc2.loss.GlobalContrastiveLoss`) and :func:`build_estimator`."""
 from __future__ import annotations
 
 import difflib
@@ -8,18 +9,18 @@ import types
 import typing
 from typing import Any, Union
 
-from dual_emc2.errors import UsageError
-from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput
-from dual_emc2.objectives.emc2 import EMC2
-from dual_emc2.objectives.hcl import HCL
-from dual_emc2.objectives.infonce import InfoNCE
-from dual_emc2.objectives.negative_cache import NegativeCache
-from dual_emc2.objectives.scl import HSCL, HUCL, SCL
-from dual_emc2.objectives.sogclr import SogCLR
-from dual_emc2.objectives.symmetric import SymmetricObjective
-from dual_emc2.sharding import SHARDING_MODES
+from dual_emc2.loss.errors import OptionError
+from dual_emc2.loss.estimators.base import Estimator
+from dual_emc2.loss.estimators.emc2 import EMC2
+from dual_emc2.loss.estimators.hcl import HCL
+from dual_emc2.loss.estimators.infonce import InfoNCE
+from dual_emc2.loss.estimators.negative_cache import NegativeCache
+from dual_emc2.loss.estimators.scl import HSCL, HUCL, SCL
+from dual_emc2.loss.estimators.sogclr import SogCLR
+from dual_emc2.loss.estimators.symmetric import SymmetricEstimator
+from dual_emc2.loss.state.layout import SHARDING_MODES
 
-REGISTRY: dict[str, type[ContrastiveObjective]] = {
+REGISTRY: dict[str, type[Estimator]] = {
     "infonce": InfoNCE,
     "simclr": InfoNCE,
     "clip": InfoNCE,
@@ -31,7 +32,7 @@ REGISTRY: dict[str, type[ContrastiveObjective]] = {
 }
 
 
-def register(name: str, cls: type[ContrastiveObjective]) -> None:
+def register(name: str, cls: type[Estimator]) -> None:
     """Add an estimator class to the registry (its ``__init__`` takes ``num_keys, num_candidates, **options``)."""
     REGISTRY[name] = cls
 
@@ -65,11 +66,11 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
-def _check_options(name: str, cls: type[ContrastiveObjective], options: dict[str, Any],
+def _check_options(name: str, cls: type[Estimator], options: dict[str, Any],
                    prefix: str | None = None) -> None:
-    """Unknown option names and values of the wrong type are a :class:`~dual_emc2.errors.UsageError` naming the
-    option as ``{prefix}.{key}`` (default ``objective.options.{name}``), what it takes and what it got."""
-    prefix = prefix or f"objective.options.{name}"
+    """Unknown option names and values of the wrong type are a :class:`~dual_emc2.errors.OptionError` naming the
+    option as ``{prefix}.{key}`` (default ``loss.options.{name}``), what it takes and what it got."""
+    prefix = prefix or f"loss.options.{name}"
     params = inspect.signature(cls.__init__).parameters
     allowed = [p for p in params if p not in ("self", "num_keys", "num_candidates", "state_sharding")]
     try:
@@ -78,20 +79,20 @@ def _check_options(name: str, cls: type[ContrastiveObjective], options: dict[str
         hints = {}
     for key, value in options.items():
         if key == "state_sharding":
-            raise UsageError(f"{prefix}.state_sharding: the state layout is set once for every estimator, as "
-                             f"objective.state_sharding ({', '.join(SHARDING_MODES)}); remove it here")
+            raise OptionError(f"{prefix}.state_sharding: the state layout is set once for every estimator, as "
+                             f"loss.state_sharding ({', '.join(SHARDING_MODES)}); remove it here")
         if key not in allowed:
             hint = difflib.get_close_matches(key, allowed, n=1)
             did = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise UsageError(f"unknown option '{prefix}.{key}'{did}; allowed: {', '.join(allowed) or 'none'}")
+            raise OptionError(f"unknown option '{prefix}.{key}'{did}; allowed: {', '.join(allowed) or 'none'}")
         if key in hints and not _fits(value, hints[key]):
-            raise UsageError(f"{prefix}.{key}: expected {_type_name(hints[key])}, got {_describe(value)} "
+            raise OptionError(f"{prefix}.{key}: expected {_type_name(hints[key])}, got {_describe(value)} "
                              f"(default: {params[key].default!r})")
 
 
 def options_for(name: str, options_by_estimator: dict[str, Any] | None) -> dict[str, Any]:
-    """The options of estimator ``name`` from the config's ``objective.options`` mapping, which holds one mapping per
-    estimator name (``{emc2: {reencode_fraction: 0.5}, sogclr: {gamma: 0.9}}``) so that ``objective.name=…``
+    """The options of estimator ``name`` from the config's ``loss.options`` mapping, which holds one mapping per
+    estimator name (``{emc2: {reencode_fraction: 0.5}, sogclr: {gamma: 0.9}}``) so that ``loss.estimator=…``
     switches estimator without editing options.  Unknown estimator names and bad options of any listed estimator
     are errors (with a did-you-mean)."""
     options_by_estimator = dict(options_by_estimator or {})
@@ -99,43 +100,43 @@ def options_for(name: str, options_by_estimator: dict[str, Any] | None) -> dict[
         if key not in REGISTRY:
             hint = difflib.get_close_matches(key, REGISTRY, n=1)
             did = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise UsageError(f"objective.options.{key}: not an estimator name{did}; options are grouped by estimator, "
-                             f"e.g. objective.options.sogclr.gamma=0.9 (estimators: {', '.join(sorted(REGISTRY))})")
+            raise OptionError(f"loss.options.{key}: not an estimator name{did}; options are grouped by estimator, "
+                             f"e.g. loss.options.sogclr.gamma=0.9 (estimators: {', '.join(sorted(REGISTRY))})")
         if not isinstance(value, dict):
-            raise UsageError(f"objective.options.{key}: expected a mapping of options, got {value!r}")
-        selected = "" if key == name else f" (checked although objective.name is {name!r})"
+            raise OptionError(f"loss.options.{key}: expected a mapping of options, got {value!r}")
+        selected = "" if key == name else f" (checked although loss.estimator is {name!r})"
         try:
             _check_options(key, REGISTRY[key], value)
-        except UsageError as err:
-            raise UsageError(f"{err}{selected}") from None
-        try:  # values too, for every estimator listed: a switch of objective.name must not meet a bad option later
+        except OptionError as err:
+            raise OptionError(f"{err}{selected}") from None
+        try:  # values too, for every estimator listed: a switch of loss.estimator must not meet a bad option later
             REGISTRY[key](num_keys=2, num_candidates=2, **value)
         except (ValueError, TypeError) as err:
-            raise UsageError(f"objective.options.{key}: {err}{selected}") from None
+            raise OptionError(f"loss.options.{key}: {err}{selected}") from None
     return dict(options_by_estimator.get(name, {}))
 
 
-def build_objective(
+def build_estimator(
     name: str, *, num_keys: int, num_candidates: int, options: dict[str, Any] | None = None, symmetric: bool = False,
     defaults: dict[str, Any] | None = None, options_prefix: str | None = None, state_sharding: str = "auto",
-) -> ContrastiveObjective:
+) -> Estimator:
     """Build an estimator by registry name.  ``symmetric=True`` wraps it for x→y and y→x with separate states.
 
     ``state_sharding`` lays out the per-anchor state (EMC² chains, SogCLR's u) over the processes
-    (:mod:`dual_emc2.sharding`); estimators without such state ignore it.  Build the estimator after
+    (:mod:`dual_emc2.loss.state.layout`); estimators without such state ignore it.  Build the estimator after
     ``torch.distributed`` is initialised.
 
     ``defaults`` are run facts (feature ``dim``, ``seed``) passed to estimators whose constructor takes them, unless
-    ``options`` sets them.  Unknown options and values of the wrong type are a UsageError naming the option as
-    ``{options_prefix}.{key}`` (default ``objective.options.{name}.{key}``).
+    ``options`` sets them.  Unknown options and values of the wrong type are a OptionError naming the option as
+    ``{options_prefix}.{key}`` (default ``loss.options.{name}.{key}``).
     """
     options = dict(options or {})
     if name not in REGISTRY:
         hint = difflib.get_close_matches(name, REGISTRY, n=1)
         did = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise UsageError(f"unknown objective.name '{name}'{did}; choices: {', '.join(sorted(REGISTRY))}")
+        raise OptionError(f"unknown loss.estimator '{name}'{did}; choices: {', '.join(sorted(REGISTRY))}")
     if state_sharding not in SHARDING_MODES:
-        raise UsageError(f"objective.state_sharding must be one of {', '.join(SHARDING_MODES)}, got "
+        raise OptionError(f"loss.state_sharding must be one of {', '.join(SHARDING_MODES)}, got "
                          f"{state_sharding!r}")
     cls = REGISTRY[name]
     _check_options(name, cls, options, prefix=options_prefix)
@@ -146,13 +147,10 @@ def build_objective(
         if key in accepted and key not in options:
             options[key] = value
 
-    def make() -> ContrastiveObjective:
+    def make() -> Estimator:
         return cls(num_keys=num_keys, num_candidates=num_candidates, **options)
 
-    return SymmetricObjective(make) if symmetric else make()
+    return SymmetricEstimator(make) if symmetric else make()
 
 
-__all__ = [
-    "REGISTRY", "ContrastiveBatch", "ContrastiveObjective", "ObjectiveOutput", "EMC2", "HCL", "InfoNCE",
-    "NegativeCache", "SogCLR", "SymmetricObjective", "build_objective", "options_for", "register",
-]
+__all__ = ["REGISTRY", "build_estimator", "options_for", "register"]

@@ -1,5 +1,5 @@
-"""The M-H sampler's data types, imported by both the sampler (:mod:`dual_emc2.sampling`) and the fused kernel
-(:mod:`dual_emc2.kernels.mh_triton`), so neither imports the other at module level."""
+"""The M-H sampler's data types, imported by both the sampler (:mod:`dual_emc2.loss.estimators.emc2.chain`) and
+the fused kernel (:mod:`dual_emc2.loss.estimators.emc2.chain_triton`), so neither imports the other at module level."""
 from __future__ import annotations
 
 from typing import NamedTuple

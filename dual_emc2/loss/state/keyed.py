@@ -1,11 +1,11 @@
 """Per-anchor estimator state keyed by global anchor key (EMC² chains, SogCLR's u).
 
-A :class:`KeyedState` holds one row per key: every key on every process (``replicated``) or, ``sharded``, the keys
-``k ≡ rank (mod W)`` only (:mod:`dual_emc2.sharding`).  Each process reads and writes the rows of its own anchors;
-:mod:`dual_emc2.state_exchange` moves them between processes, bit-exactly, so both layouts train identically.  The
-buffers travel with ``state_dict()``; a sharded table adds a ``shard`` buffer ``[rank, world, num_keys]`` saying
-which rows it holds.  Loading adapts the layout: a replicated state dict loads into a sharded table (each process keeps
-its rows), and :func:`load_state_shards` fills any layout from the shards of another number of processes.
+A :class:`KeyedState` holds one row per key: every key on every process (``replicated``) or, ``sharded``, the keys ``k ≡
+rank (mod W)`` only (:mod:`dual_emc2.loss.state.layout`).  Each process reads and writes the rows of its own anchors;
+:mod:`dual_emc2.loss.state.exchange` moves them between processes, bit-exactly, so both layouts train identically.  The
+buffers travel with ``state_dict()``; a sharded table adds a ``shard`` buffer ``[rank, world, num_keys]`` saying which
+rows it holds.  Loading adapts the layout: a replicated state dict loads into a sharded table (each process keeps its
+rows), and :func:`load_state_shards` fills any layout from the shards of another number of processes.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from dual_emc2.distributed import all_gather_rows, rank, world_size
-from dual_emc2.sharding import KeyLayout, resolve_sharding
-from dual_emc2.state_exchange import read_rows, write_rows
+from dual_emc2.loss.distributed import all_gather_rows, rank, world_size
+from dual_emc2.loss.state.exchange import read_rows, write_rows
+from dual_emc2.loss.state.layout import KeyLayout, resolve_sharding
 
 __all__ = ["AnchorScalarState", "ChainState", "KeyedState", "assemble_state_dict", "keyed_states",
            "load_state_shards", "split_sharded_state"]
@@ -57,10 +57,11 @@ def _layout_of(state_dict: Mapping[str, Tensor], prefix: str, first_column: str)
 
 class KeyedState(nn.Module):
     """Rows of per-key columns (``columns``: name → (4-byte dtype, initial value)) for ``num_keys`` keys, laid out
-    ``replicated`` or ``sharded`` over the processes (``sharding``, see :func:`~dual_emc2.sharding.resolve_sharding`).
+    ``replicated`` or ``sharded`` over the processes (``sharding``, see
+    :func:`~dual_emc2.loss.state.layout.resolve_sharding`).
     Build it after the process group is initialised: the layout follows the world size at construction."""
 
-    protocol = "alltoall"  # the sharded exchange (dual_emc2.state_exchange; experiments/bench_state.py)
+    protocol = "alltoall"  # the sharded exchange (dual_emc2.loss.state.exchange; experiments/bench_state.py)
     #: columns a state dict written by an earlier version may lack, with the value they load with (a warning says so)
     legacy_columns: Mapping[str, float] = {}
 
@@ -185,7 +186,7 @@ class KeyedState(nn.Module):
         if source.num_keys != self.num_keys or not covers:
             what = (f"{source.num_keys} keys, this table has {self.num_keys}" if source.num_keys != self.num_keys
                     else f"shard {source.rank} of {source.world}, which lacks rows this process holds; load every "
-                    "shard with dual_emc2.state.load_state_shards")
+                    "shard with dual_emc2.loss.state.keyed.load_state_shards")
             raise RuntimeError(f"{prefix or 'state'}: the state dict holds {what}")
         rows = source.local_index(owned_keys(self.layout))
         for name in self._columns:
@@ -303,8 +304,8 @@ def assemble_state_dict(common: Mapping[str, Tensor], pieces: Iterable[Mapping[s
 def load_state_shards(module: nn.Module, common: Mapping[str, Tensor],
                       pieces: Iterable[Mapping[str, Tensor]]) -> None:
     """Load into ``module`` (any layout, any number of processes) a state saved as ``common`` entries plus the shards
-    of its sharded tables (``pieces``, one state dict per saving process; only those holding rows of this process's
-    keys are needed, see :meth:`~dual_emc2.sharding.KeyLayout.sources`).  Tables not sharded in the saved state are
+    of its sharded tables (``pieces``, one state dict per saving process; only those holding rows of this process's keys
+    are needed, see :meth:`~dual_emc2.loss.state.layout.KeyLayout.sources`).  Tables not sharded in the saved state are
     in ``common`` and load as usual.  Raises ValueError when the pieces do not hold every row this process needs."""
     states = keyed_states(module)
     filled: dict[str, Tensor] = {}

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput
+from dual_emc2.loss.estimators.base import ContrastiveBatch, Estimator, EstimatorOutput
 
 
 def infonce_logits(batch: ContrastiveBatch, scores: Tensor, beta: Tensor | float) -> Tensor:
@@ -19,7 +19,7 @@ def infonce_logits(batch: ContrastiveBatch, scores: Tensor, beta: Tensor | float
     return (beta * scores).masked_fill(drop, float("-inf"))
 
 
-class InfoNCE(ContrastiveObjective):
+class InfoNCE(Estimator):
     """Cross-entropy of the positive against the in-batch candidates: ``F.cross_entropy(β S_masked, positive)``."""
 
     name = "infonce"
@@ -27,10 +27,10 @@ class InfoNCE(ContrastiveObjective):
     def __init__(self, num_keys: int = 1, num_candidates: int = 1) -> None:
         super().__init__()
 
-    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:
+    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> EstimatorOutput:
         scores = batch.scores()
         logits = infonce_logits(batch, scores, beta)
         loss = F.cross_entropy(logits, batch.positive)
         with torch.no_grad():
             acc = (logits.argmax(dim=1) == batch.positive).float().mean()
-        return ObjectiveOutput(loss, {"infonce": loss.detach(), "top1": acc})
+        return EstimatorOutput(loss, {"infonce": loss.detach(), "top1": acc})

@@ -22,7 +22,7 @@ so ask the loss which states it needs *before* the forward pass and encode them 
         loss = loss_fn(x[:b], y[:b], index, model.logit_scale.exp(), epoch=epoch, state_x=x[b:], state_y=y[b:])
         loss.backward()
 
-``need.x`` / ``need.y`` are :class:`~dual_emc2.objectives.state_views.StateViews`: (dataset index, view, epoch) of
+``need.x`` / ``need.y`` are :class:`~dual_emc2.loss.state_views.StateViews`: (dataset index, view, epoch) of
 each state, to be produced by the transform the batch uses (seeded by the epoch when it is random, so the view is
 the one the chain accepted; ``epoch`` may stay 0 where inputs do not change between epochs, e.g. text).  Loops that
 cannot encode the states with the batch pass ``encode_x`` / ``encode_y`` instead (ids → features, re-encoded by
@@ -31,7 +31,7 @@ sample id; the states are then not the batch's views).  Without either use
 batch).  Under ``torch.distributed`` the features are gathered with gradient over processes; pass each process's
 own rows, ids and states.  The estimator state (chains, SogCLR's u, the negative cache) is in ``state_dict()``; with
 ``state_sharding="sharded"`` each process holds (and saves) the rows of the keys it owns, and
-:func:`dual_emc2.state.load_state_shards` loads the shards of any number of processes.
+:func:`dual_emc2.loss.state.keyed.load_state_shards` loads the shards of any number of processes.
 """
 from __future__ import annotations
 
@@ -42,13 +42,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from dual_emc2.distributed import all_gather_rows, rank, world_size
-from dual_emc2.metrics.exact import global_contrastive_loss
-from dual_emc2.objectives import REGISTRY, build_objective
-from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective
-from dual_emc2.objectives.batches import bimodal_contrastive_batches, unimodal_contrastive_batch, unimodal_layout
-from dual_emc2.objectives.state_views import StateRequest, StateViews
-from dual_emc2.objectives.symmetric import SymmetricObjective
+from dual_emc2.loss.batches import bimodal_contrastive_batches, unimodal_contrastive_batch, unimodal_layout
+from dual_emc2.loss.distributed import all_gather_rows, rank, world_size
+from dual_emc2.loss.estimators.base import ContrastiveBatch, Estimator
+from dual_emc2.loss.estimators.symmetric import SymmetricEstimator
+from dual_emc2.loss.exact import global_contrastive_loss
+from dual_emc2.loss.registry import REGISTRY, build_estimator
+from dual_emc2.loss.state_views import StateRequest, StateViews
 
 Mode = Literal["bimodal", "unimodal"]
 MODES = ("bimodal", "unimodal")
@@ -83,9 +83,10 @@ class GlobalContrastiveLoss(nn.Module):
             sentence-transformers' MultipleNegativesRankingLoss, ``True`` its symmetric variant and open_clip's loss).
         check_inputs: validate shapes, unit norms and ids every call (one host sync); off for speed once it runs.
         state_sharding: ``"auto"`` (default), ``"replicated"`` or ``"sharded"``: whether every process holds the
-            whole per-anchor state or a 1/W slice of it (:mod:`dual_emc2.sharding`; same results either way).  Build
+            whole per-anchor state or a 1/W slice of it (:mod:`dual_emc2.loss.state.layout`; same results either way).
+            Build
             the loss after ``torch.distributed`` is initialised.
-        **options: the estimator's options, as ``objective.options.<estimator>`` in configs (e.g. ``burn_in=31``,
+        **options: the estimator's options, as ``loss.options.<estimator>`` in configs (e.g. ``burn_in=31``,
             ``reencode_fraction=0.5``, ``gamma=0.9``, ``seed=0``).
 
     Before the call (EMC²): ``need = loss_fn.state_request(index, epoch=e)`` → :class:`StateRequest`: the chain-state
@@ -124,14 +125,14 @@ class GlobalContrastiveLoss(nn.Module):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be the training set size (an int >= 1), got {num_samples!r}")
         keys = num_samples * (2 if mode == "unimodal" else 1)
-        objective = build_objective(estimator, num_keys=keys, num_candidates=num_samples, options=options,
+        built = build_estimator(estimator, num_keys=keys, num_candidates=num_samples, options=options,
                                     symmetric=mode == "bimodal" and symmetric, state_sharding=state_sharding)
-        self._setup(objective, mode, num_samples, check_inputs, views_per_sample=2)
-        self.estimator = estimator
+        self._setup(built, mode, num_samples, check_inputs, views_per_sample=2)
+        self.estimator_name = estimator
 
-    def _setup(self, objective: ContrastiveObjective, mode: str, num_samples: int, check_inputs: bool,
+    def _setup(self, estimator: Estimator, mode: str, num_samples: int, check_inputs: bool,
                views_per_sample: int) -> None:
-        self.objective = objective
+        self.estimator = estimator
         self.mode = mode
         self.views_per_sample = views_per_sample
         self.num_samples = num_samples
@@ -141,20 +142,20 @@ class GlobalContrastiveLoss(nn.Module):
         self._request: tuple[Tensor, int, tuple[Any, ...]] | None = None  # (index, epoch, plans) of state_request
 
     @classmethod
-    def wrap(cls, objective: ContrastiveObjective, mode: Mode, num_samples: int, *, views_per_sample: int = 2,
+    def wrap(cls, estimator: Estimator, mode: Mode, num_samples: int, *, views_per_sample: int = 2,
              check_inputs: bool = False) -> GlobalContrastiveLoss:
         """A loss around an estimator built elsewhere (the trainer builds it from a config, with
         ``num_samples × views_per_sample`` anchor keys in the unimodal mode)."""
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(objective, mode, num_samples, check_inputs, views_per_sample)
-        self.estimator = objective.name
+        self._setup(estimator, mode, num_samples, check_inputs, views_per_sample)
+        self.estimator_name = estimator.name
         return self
 
     @property
-    def direction(self) -> ContrastiveObjective:
+    def direction(self) -> Estimator:
         """The estimator of one direction (x→y bimodal; the only one unimodal)."""
-        return self.objective.x_to_y if isinstance(self.objective, SymmetricObjective) else self.objective
+        return self.estimator.x_to_y if isinstance(self.estimator, SymmetricEstimator) else self.estimator
 
     def _check_call(self, x: Tensor, y: Tensor, index: Tensor, logit_scale: Tensor | float) -> None:
         tol = 2e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3
@@ -180,24 +181,25 @@ class GlobalContrastiveLoss(nn.Module):
 
     def _check_shape(self, negatives_per_anchor: int) -> None:
         if self._shape_checked != negatives_per_anchor:
-            for est in ((self.objective.x_to_y, self.objective.y_to_x)
-                        if isinstance(self.objective, SymmetricObjective) else (self.objective,)):
+            for est in ((self.estimator.x_to_y, self.estimator.y_to_x)
+                        if isinstance(self.estimator, SymmetricEstimator) else (self.estimator,)):
                 est.check_batch_shape(negatives_per_anchor)
             self._shape_checked = negatives_per_anchor
 
-    def _directions(self) -> tuple[ContrastiveObjective, ...]:
-        o = self.objective
-        return (o.x_to_y, o.y_to_x) if isinstance(o, SymmetricObjective) else (o,)
+    def _directions(self) -> tuple[Estimator, ...]:
+        o = self.estimator
+        return (o.x_to_y, o.y_to_x) if isinstance(o, SymmetricEstimator) else (o,)
 
     def _check_encoders(self, encode_x: EncodeFn | None, encode_y: EncodeFn | None) -> None:
-        if not self.objective.needs_candidate_encoder:
+        if not self.estimator.needs_candidate_encoder:
             return
-        needed = ("encode_x", "encode_y") if isinstance(self.objective, SymmetricObjective) else ("encode_y",)
+        needed = ("encode_x", "encode_y") if isinstance(self.estimator, SymmetricEstimator) else ("encode_y",)
         missing = [n for n, f in (("encode_x", encode_x), ("encode_y", encode_y)) if f is None and n in needed]
         if self.mode == "unimodal":
             missing = [] if (encode_x or encode_y) else ["encode_x"]
         if missing:
-            raise ValueError(f"estimator {self.estimator!r} re-encodes samples by id: pass {' and '.join(missing)} "
+            raise ValueError(f"estimator {self.estimator_name!r} re-encodes samples by id: pass "
+                             f"{' and '.join(missing)} "
                              "(ids → unit features)")
 
     # ------------------------------------------------------------------------------------------------ states
@@ -226,18 +228,18 @@ class GlobalContrastiveLoss(nn.Module):
         return StateRequest(x=views[1], y=views[0])  # x→y chains stand on y samples, y→x chains on x samples
 
     def _device(self) -> torch.device:
-        for t in self.objective.buffers():
+        for t in self.estimator.buffers():
             return t.device
         return torch.device("cpu")
 
     def _plans(self, index: Tensor, epoch: int) -> tuple[Any, ...]:
         """Each direction's plan of its states for the batch ``index`` (None for estimators without states)."""
-        if not self.objective.needs_state_features:
+        if not self.estimator.needs_state_features:
             return tuple(None for _ in self._directions())
         if self.mode == "unimodal":
             V = self.views_per_sample
             anchor_keys, _, candidate_keys, offset, total = unimodal_layout(index, V)
-            return (self.objective.plan(anchor_keys, candidate_keys, views_per_id=V, epoch=epoch, row_offset=offset,
+            return (self.estimator.plan(anchor_keys, candidate_keys, views_per_id=V, epoch=epoch, row_offset=offset,
                                         total_rows=total),)
         candidate_keys = all_gather_rows(index)
         offset = rank() * index.numel()
@@ -268,7 +270,8 @@ class GlobalContrastiveLoss(nn.Module):
             if feats is None:
                 if n and encoder is None:
                     raise ValueError(
-                        f"estimator {self.estimator!r} needs the features of {n} chain-state views this step: call "
+                        f"estimator {self.estimator_name!r} needs the features of {n} chain-state views this step: "
+                        "call "
                         f"need = loss_fn.state_request(index, epoch=...) before the forward, encode need.{side} with "
                         f"the batch and pass state_{side}=...; or pass encode_x/encode_y (re-encoding by id); or "
                         "build it with state_score='stale', out_of_batch='drop' (biased at small batch)")
@@ -300,12 +303,12 @@ class GlobalContrastiveLoss(nn.Module):
         if plans is None:
             plans = self._plans(index, int(epoch))
         self._check_states(plans, state_x, state_y, encode_x, encode_y, x_features.shape[1])
-        both = isinstance(self.objective, SymmetricObjective)
+        both = isinstance(self.estimator, SymmetricEstimator)
         xy, yx = bimodal_contrastive_batches(x_features, y_features, index, x_groups=x_groups, y_groups=y_groups,
                                              encode_x=encode_x, encode_y=encode_y, epoch=int(epoch),
                                              plans=(plans[0], plans[1] if both else None), state_x=state_x,
                                              state_y=state_y)
-        out = self.objective(xy, logit_scale, reverse=yx) if both else self.objective(xy, logit_scale)
+        out = self.estimator(xy, logit_scale, reverse=yx) if both else self.estimator(xy, logit_scale)
         with torch.no_grad():
             beta = float(logit_scale.detach()) if isinstance(logit_scale, Tensor) else float(logit_scale)
             directions = (xy, yx) if both else (xy,)
@@ -333,7 +336,7 @@ class GlobalContrastiveLoss(nn.Module):
         batch = unimodal_contrastive_batch(views.reshape(b * V, d), index, V, encode_candidates=encode,
                                            labels=labels, epoch=int(epoch), state_plan=plans[0],
                                            state_features=state_features)
-        out = self.objective(batch, logit_scale)
+        out = self.estimator(batch, logit_scale)
         with torch.no_grad():
             beta = float(logit_scale.detach()) if isinstance(logit_scale, Tensor) else float(logit_scale)
             self.last_stats = dict(out.stats) | {"loss": out.loss.detach(),

@@ -5,15 +5,15 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput
+from dual_emc2.loss.estimators.base import ContrastiveBatch, Estimator, EstimatorOutput
 
 
-class SymmetricObjective(ContrastiveObjective):
+class SymmetricEstimator(Estimator):
     """Average of an estimator over both directions; ``make()`` builds one independent estimator per direction."""
 
     name = "symmetric"
 
-    def __init__(self, make: Callable[[], ContrastiveObjective]) -> None:
+    def __init__(self, make: Callable[[], Estimator]) -> None:
         super().__init__()
         self.x_to_y = make()
         self.y_to_x = make()
@@ -26,11 +26,11 @@ class SymmetricObjective(ContrastiveObjective):
         self.y_to_x.check_batch_shape(negatives_per_anchor)
 
     def forward(self, batch: ContrastiveBatch, beta: Tensor | float, reverse: ContrastiveBatch | None = None
-                ) -> ObjectiveOutput:
+                ) -> EstimatorOutput:
         if reverse is None:
-            raise ValueError("SymmetricObjective needs both direction batches: "
-                             "objective(batch_xy, beta, reverse=batch_yx)")
+            raise ValueError("SymmetricEstimator needs both direction batches: "
+                             "estimator(batch_xy, beta, reverse=batch_yx)")
         a = self.x_to_y(batch, beta)
         c = self.y_to_x(reverse, beta)
         stats = {f"x2y/{k}": v for k, v in a.stats.items()} | {f"y2x/{k}": v for k, v in c.stats.items()}
-        return ObjectiveOutput(0.5 * (a.loss + c.loss), stats)
+        return EstimatorOutput(0.5 * (a.loss + c.loss), stats)

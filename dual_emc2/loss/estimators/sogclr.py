@@ -14,13 +14,13 @@ import math
 import torch
 from torch import Tensor
 
-from dual_emc2.objectives.base import (
+from dual_emc2.loss.estimators.base import (
     ContrastiveBatch,
-    ContrastiveObjective,
-    ObjectiveOutput,
+    Estimator,
+    EstimatorOutput,
     weighted_negative_surrogate,
 )
-from dual_emc2.state import AnchorScalarState
+from dual_emc2.loss.state.keyed import AnchorScalarState
 
 
 def sogclr_update_log_u(log_u: Tensor, log_g: Tensor, gamma: float) -> Tensor:
@@ -30,7 +30,7 @@ def sogclr_update_log_u(log_u: Tensor, log_g: Tensor, gamma: float) -> Tensor:
     return torch.logaddexp(log_u + math.log1p(-gamma), log_g + math.log(gamma))
 
 
-class SogCLR(ContrastiveObjective):
+class SogCLR(Estimator):
     """SogCLR estimator with per-anchor u in a buffer (``state_dict``-saved).
 
     Args:
@@ -39,7 +39,7 @@ class SogCLR(ContrastiveObjective):
         init: ``"zero"`` (u_i = 0 before the first visit, as in SogCLR's Algorithm 1) or ``"first"`` (u_i = g_i at the
             first visit).
         state_sharding: layout of u over processes, ``"auto"``/``"replicated"``/``"sharded"``
-            (:mod:`dual_emc2.sharding`; config key ``objective.state_sharding``).
+            (:mod:`dual_emc2.loss.state.layout`; config key ``loss.state_sharding``).
     """
 
     name = "sogclr"
@@ -55,7 +55,7 @@ class SogCLR(ContrastiveObjective):
         self.init = init
         self.u = AnchorScalarState(num_keys, init=float("-inf"), sharding=state_sharding)
 
-    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:
+    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> EstimatorOutput:
         b = self.beta_value(beta)
         scores = batch.scores()
         neg = batch.negative_mask
@@ -70,4 +70,4 @@ class SogCLR(ContrastiveObjective):
             weights = torch.exp(logits - log_u[:, None]) / n_neg[:, None]
             self.u.write(batch.anchor_keys, log_u)
         loss = weighted_negative_surrogate(batch.positive_scores(scores), scores, weights, beta)
-        return ObjectiveOutput(loss, {"weight_sum": weights.sum(dim=1).mean(), "log_u": log_u.mean()})
+        return EstimatorOutput(loss, {"weight_sum": weights.sum(dim=1).mean(), "log_u": log_u.mean()})

@@ -6,7 +6,7 @@ processes) and returns a scalar *surrogate* whose gradient is the estimator's st
     ∇L(θ) = β E_(x,y) [ −∇s(x, y) + E_{z ~ softmax(β s(x,·)) over D_neg(x)} ∇s(x, z) ]        (eq. 4–6)
 
 Estimators differ only in how they weight the negatives (docs/DESIGN.md, section 1).  The trainer never branches on
-the estimator: it builds a :class:`ContrastiveBatch` and calls ``objective(batch, beta)``.
+the estimator: it builds a :class:`ContrastiveBatch` and calls ``estimator(batch, beta)``.
 """
 from __future__ import annotations
 
@@ -117,14 +117,14 @@ class ContrastiveBatch:
 
 
 @dataclass
-class ObjectiveOutput:
+class EstimatorOutput:
     """``loss``: scalar surrogate (its gradient is the estimator's); ``stats``: detached 0-dim diagnostics."""
 
     loss: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
 
 
-class ContrastiveObjective(nn.Module):
+class Estimator(nn.Module):
     """Base class: subclasses implement :meth:`forward` and keep any state in registered buffers."""
 
     name: str = "base"
@@ -137,7 +137,7 @@ class ContrastiveObjective(nn.Module):
     #: them).
     needs_labels: bool = False
 
-    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:  # pragma: no cover
+    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> EstimatorOutput:  # pragma: no cover
         raise NotImplementedError
 
     def plan(self, anchor_keys: Tensor, candidate_keys: Tensor, *, views_per_id: int = 1, epoch: int = 0,

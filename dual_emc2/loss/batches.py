@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dual_emc2.distributed import all_gather_rows, all_gather_with_grad, rank, world_size
-from dual_emc2.objectives.base import ContrastiveBatch, EncodeFn
+from dual_emc2.loss.distributed import all_gather_rows, all_gather_with_grad, rank, world_size
+from dual_emc2.loss.estimators.base import ContrastiveBatch, EncodeFn
 
 
 def view_keys(ids: Tensor, n_views: int) -> Tensor:

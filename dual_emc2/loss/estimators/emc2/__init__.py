@@ -5,7 +5,7 @@ Each anchor key i keeps a chain state z_i — a candidate *view* (its key and th
 and its last score.  At every step the estimator needs E_{z ~ π_i} ∇s(x_i, z), π_i = softmax(β s(x_i, ·)) over all
 of D_neg(x_i) (eq. 4–6).  The batch is an auxiliary variable drawn independently of z_i; thinned to one view per
 image, the pool A_i = {kept views} ∪ {z_i} has p(z_i | A_i) ∝ π_i on A_i (docs/DESIGN.md, "pool kernel";
-:mod:`dual_emc2.objectives.emc2_pool`).  Hence
+:mod:`dual_emc2.loss.estimators.emc2.pool`).  Hence
 
 * any kernel invariant for π_i restricted to A_i keeps π_i invariant: one exact draw from softmax over A_i
   (``state_update="draw"``), or R M-H steps with uniform proposals over batch ∪ state (``proposal="pool"``);
@@ -20,7 +20,11 @@ The surrogate (eq. 10–11 with these weights) is
 weights detached; ψ(z_i) is the state view's feature with grad, for a random fraction q of the out-of-batch states
 (m_i ~ Bernoulli(q), ``reencode_fraction``), which keeps the estimate unbiased.  Which states a step needs is known
 before it (:meth:`EMC2.plan`), so a caller encodes them in the batch's own forward pass and hands their features in
-(``ContrastiveBatch.state_features``); without them ``encode_candidates`` re-encodes by sample id.  A state that *is*
+(``ContrastiveBatch.state_features``); without them ``encode_candidates`` re-encodes by sample id.  The parts:
+:mod:`~dual_emc2.loss.estimators.emc2.plan` (which states a step needs), :mod:`~dual_emc2.loss.estimators.emc2.pool`
+(the pools and their weights), :mod:`~dual_emc2.loss.estimators.emc2.chain` (the M-H sampler, with its Triton kernel
+in :mod:`~dual_emc2.loss.estimators.emc2.chain_triton`) and :mod:`~dual_emc2.loss.estimators.emc2.update` (how the
+chain moves).  A state that *is*
 a batch candidate (same key, same epoch) is that column (``map_state_into_batch``).
 
 Variants reachable by options (their measured bias is in experiments/RESULTS.md):
@@ -31,31 +35,31 @@ Variants reachable by options (their measured bias is in experiments/RESULTS.md)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from dual_emc2.objectives.base import (
+from dual_emc2.loss.estimators.base import (
     ContrastiveBatch,
-    ContrastiveObjective,
-    ObjectiveOutput,
+    Estimator,
+    EstimatorOutput,
     step_seed,
     weighted_negative_surrogate,
 )
-from dual_emc2.objectives.emc2_pool import (
+from dual_emc2.loss.estimators.emc2.chain import check_proposal, mh_visit_counts
+from dual_emc2.loss.estimators.emc2.plan import ChainPlan, plan_states, state_features
+from dual_emc2.loss.estimators.emc2.pool import (
+    control_variate,
     draw_rows,
     gumbel_argmax,
-    lookup_columns,
+    pool_columns,
     pool_logits,
-    thinned_pool_weights,
+    rao_blackwell_weights,
     view_rotations,
 )
-from dual_emc2.objectives.state_views import StateViews
-from dual_emc2.sampling import check_proposal, mh_visit_counts
-from dual_emc2.state import ChainState
+from dual_emc2.loss.estimators.emc2.update import draw_next, next_state
+from dual_emc2.loss.state.keyed import ChainState
 
-__all__ = ["EMC2", "ChainPlan", "draw_rows", "gumbel_argmax", "lookup_columns", "pool_logits"]
+__all__ = ["EMC2", "ChainPlan", "gumbel_argmax", "pool_logits"]
 
 WEIGHTS = ("rao_blackwell", "visits")
 STATE_UPDATES = ("draw", "chain")
@@ -63,34 +67,7 @@ STATE_SCORES = ("exact", "stale")
 OUT_OF_BATCH = ("reencode", "drop")
 
 
-@dataclass
-class ChainPlan:
-    """What one step of :class:`EMC2` reads and needs, fixed before the forward pass (:meth:`EMC2.plan`).
-
-    Per anchor row [B]: the chain's ``state_key``, ``stored_score`` and ``state_epoch``; ``col``, the batch column
-    that *is* the state (same key and epoch) or −1; ``outside`` (a state that is not a batch column), the Bernoulli(q)
-    coin ``chosen``, ``frozen`` (out of the batch and not chosen: kept as is this step), ``need`` (rows whose state
-    view must be encoded) and ``grad_rows`` (rows whose state term has a gradient).  ``views``: the distinct state
-    views to encode, one feature row each, and ``view_of_need`` [n_need] which of them each ``need`` row uses.
-    ``step``: the estimator iteration the plan belongs to; ``epoch``: the batch's view epoch."""
-
-    anchor_keys: Tensor
-    state_key: Tensor
-    stored_score: Tensor
-    state_epoch: Tensor
-    col: Tensor
-    outside: Tensor
-    chosen: Tensor
-    frozen: Tensor
-    need: Tensor
-    grad_rows: Tensor
-    views: StateViews
-    view_of_need: Tensor
-    step: int
-    epoch: int
-
-
-class EMC2(ContrastiveObjective):
+class EMC2(Estimator):
     """EMC² estimator (see the module docstring for the maths and the variants).
 
     Args:
@@ -111,7 +88,7 @@ class EMC2(ContrastiveObjective):
         map_state_into_batch: start a chain from the batch column holding its state's key when present.
         seed: seed of the per-step generators.  backend: sampler backend, ``"auto"``/``"torch"``/``"triton"``.
         state_sharding: layout of the chains over processes, ``"auto"``/``"replicated"``/``"sharded"``
-            (:mod:`dual_emc2.sharding`; config key ``objective.state_sharding``).
+            (:mod:`dual_emc2.loss.state.layout`; config key ``loss.state_sharding``).
     """
 
     name = "emc2"
@@ -134,8 +111,6 @@ class EMC2(ContrastiveObjective):
         state_sharding: str = "auto",
     ) -> None:
         super().__init__()
-        if state_score == "refresh":
-            raise ValueError("emc2 state_score 'refresh' is now called 'exact'; choices: exact, stale")
         for opt, value, choices in (("weights", weights, WEIGHTS), ("state_score", state_score, STATE_SCORES),
                                     ("out_of_batch", out_of_batch, OUT_OF_BATCH)):
             if value not in choices:
@@ -199,7 +174,7 @@ class EMC2(ContrastiveObjective):
             raise ValueError(
                 f"emc2 burn_in (P = {P}) must be smaller than steps (R = {R}"
                 + (f", the {negatives_per_anchor} in-batch negatives per anchor" if self.steps is None else "")
-                + "): lower objective.options.emc2.burn_in or raise the batch size")
+                + "): lower loss.options.emc2.burn_in or raise the batch size")
 
     def state_views(self) -> tuple[Tensor, Tensor]:
         """(candidate key, view epoch) of every anchor key's chain, on the CPU (:meth:`ChainState.views`)."""
@@ -210,79 +185,20 @@ class EMC2(ContrastiveObjective):
     def plan(self, anchor_keys: Tensor, candidate_keys: Tensor, *, views_per_id: int = 1, epoch: int = 0,
              row_offset: int = 0, total_rows: int | None = None) -> ChainPlan:
         """Read the chains of ``anchor_keys`` (a collective when the state is sharded) and decide which state views
-        the next call needs: out-of-batch states (a state is a batch column only with the same key *and* epoch),
-        those whose Bernoulli(q) coin is drawn (the coins come from the step's generator, so the forward draws the
-        same ones)."""
+        the next call needs (:func:`~dual_emc2.loss.estimators.emc2.plan.plan_states`); the Bernoulli(q) coins come
+        from the step's generator, so the forward draws the same ones."""
         total_rows = anchor_keys.numel() + row_offset if total_rows is None else total_rows
-        state_key, stored_score, state_epoch = self.chains.read(anchor_keys)
-        dev = state_key.device
-        step = self._iteration
+        state = self.chains.read(anchor_keys)
+        dev = state[0].device
         gen = torch.Generator(device=dev)
-        gen.manual_seed(step_seed(self.seed, step))
+        gen.manual_seed(step_seed(self.seed, self._iteration))
         chosen = draw_rows(gen, (), row_offset, total_rows, anchor_keys.numel(), dev) < self.reencode_fraction
-        if self.map_state_into_batch:
-            col = lookup_columns(state_key, candidate_keys.to(dev))
-            col = torch.where(state_epoch == epoch, col, torch.full_like(col, -1))  # another epoch: another view
-        else:
-            col = torch.full_like(state_key, -1)
-        outside = (state_key >= 0) & (col < 0)
-        none = torch.zeros_like(outside)
-        if self.state_score == "exact":
-            need = outside & chosen  # re-encoded: exact score, the chain moves, gradient term
-            frozen = outside & ~chosen  # not this step: the chain stays (random-scan update)
-            grad_rows = need if self.out_of_batch == "reencode" else none
-        else:
-            frozen = none
-            grad_rows = outside & chosen if self.out_of_batch == "reencode" else none
-            need = grad_rows
-        V = views_per_id
-        key, ep = state_key[need], state_epoch[need]
-        pair = torch.stack([key, ep], dim=1)
-        uniq, inverse = torch.unique(pair, dim=0, return_inverse=True) if key.numel() else (pair, key)
-        views = StateViews(uniq[:, 0] // V, uniq[:, 0] % V, uniq[:, 1])
-        return ChainPlan(anchor_keys, state_key, stored_score, state_epoch, col, outside, chosen, frozen, need,
-                         grad_rows, views, inverse, step, int(epoch))
-
-    def _state_features(self, batch: ContrastiveBatch, plan: ChainPlan) -> Tensor | None:
-        """[n_need, d] features of the ``need`` rows' state views: the caller's ``batch.state_features`` (one row per
-        ``plan.views`` entry, encoded with the batch), else ``batch.encode_candidates`` by sample id (each id once,
-        under grad only for the ids of gradient rows)."""
-        if len(plan.views) == 0:
-            return None
-        if batch.state_features is not None:
-            feats = batch.state_features
-            if feats.dim() != 2 or feats.shape[0] != len(plan.views) or feats.shape[1] != batch.anchors.shape[1]:
-                raise ValueError(f"emc2: state features must be [{len(plan.views)}, {batch.anchors.shape[1]}] (one row "
-                                 f"per requested state view), got {tuple(feats.shape)}")
-            return feats[plan.view_of_need]
-        if batch.encode_candidates is None:
-            raise RuntimeError(
-                f"emc2 with state_score={self.state_score!r}, out_of_batch={self.out_of_batch!r} needs the features of "
-                f"{len(plan.views)} chain-state views: ask GlobalContrastiveLoss.state_request(index) for them before "
-                "the forward and pass state_x/state_y, or pass encode_x/encode_y (re-encoding by id); or build it with "
-                "state_score='stale', out_of_batch='drop' (no state features, biased at small batch)")
-        ids = plan.views.ids.to(batch.anchors.device)
-        uniq, inverse = torch.unique(ids, return_inverse=True)
-        grad_view = torch.zeros(len(plan.views), dtype=torch.bool, device=ids.device)
-        grad_view[plan.view_of_need[plan.grad_rows[plan.need].to(ids.device)]] = True
-        grad_uniq = torch.zeros(uniq.numel(), dtype=torch.bool, device=ids.device)
-        grad_uniq[inverse[grad_view]] = True
-        parts, order = [], []
-        if bool(grad_uniq.any()):
-            with torch.enable_grad():
-                parts.append(batch.encode_candidates(uniq[grad_uniq]))
-            order.append(grad_uniq.nonzero()[:, 0])
-        if bool((~grad_uniq).any()):
-            with torch.no_grad():
-                parts.append(batch.encode_candidates(uniq[~grad_uniq]))
-            order.append((~grad_uniq).nonzero()[:, 0])
-        feats = torch.cat([p.to(batch.anchors.dtype) for p in parts])
-        position = torch.empty_like(uniq)
-        position[torch.cat(order)] = torch.arange(uniq.numel(), device=uniq.device)
-        return feats[position[inverse]][plan.view_of_need.to(ids.device)]
+        return plan_states(anchor_keys, state, chosen, candidate_keys, views_per_id=views_per_id, epoch=epoch,
+                           step=self._iteration, exact_score=self.state_score == "exact",
+                           reencode=self.out_of_batch == "reencode", map_into_batch=self.map_state_into_batch)
 
     # ------------------------------------------------------------------------------------------------ the step
-    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:
+    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> EstimatorOutput:
         b = self.beta_value(beta)
         plan = batch.state_plan
         if plan is None:
@@ -295,10 +211,10 @@ class EMC2(ContrastiveObjective):
         scores = batch.scores()
         valid = batch.negative_mask
         B, C = scores.shape
+        V = batch.views_per_id
         dev = scores.device
-        step = self._advance()
         gen = torch.Generator(device=dev)
-        gen.manual_seed(step_seed(self.seed, step))
+        gen.manual_seed(step_seed(self.seed, self._advance()))
         draw = dict(row_offset=batch.row_offset, total_rows=batch.total_rows, rows=B, device=dev)
         draw_rows(gen, (), **draw)  # the plan's Bernoulli(q) coins: keeps the generator's stream
         q = self.reencode_fraction
@@ -309,13 +225,13 @@ class EMC2(ContrastiveObjective):
 
         with torch.no_grad():
             col = plan.col.to(dev)
-            present = col >= 0
-            col_valid = present & valid.gather(1, col.clamp(min=0)[:, None])[:, 0]
+            col_valid = (col >= 0) & valid.gather(1, col.clamp(min=0)[:, None])[:, 0]
             # a state that is a batch column but masked for this anchor (a known false negative) is forgotten
-            state_key = torch.where(present & ~col_valid, torch.full_like(state_key, -1), state_key)
+            state_key = torch.where((col >= 0) & ~col_valid, torch.full_like(state_key, -1), state_key)
             col = torch.where(col_valid, col, torch.full_like(col, -1))
 
-        feats = self._state_features(batch, plan)
+        feats = state_features(plan, batch.state_features, batch.encode_candidates, batch.anchors.shape[1],
+                               batch.anchors.dtype, dev)
         state_score = stored_score.clone()  # stale: the stored score
         s_out = None
         if feats is not None:
@@ -327,14 +243,11 @@ class EMC2(ContrastiveObjective):
 
         with torch.no_grad():
             s_det = scores.detach().float()
-            # a state whose sample is also in the batch under another view: of the pool, only that sample's two
-            # entries could have been the state (batches hold distinct samples), so the pool is restricted to them
-            state_id = state_key // batch.views_per_id
-            same_sample = batch.candidate_ids[None, :] == state_id[:, None]
-            duplicate = in_pool & (same_sample & valid).any(dim=1)
-            pool_valid = torch.where(duplicate[:, None], valid & same_sample, valid)
+            pool_valid = pool_columns(valid, batch.candidate_ids, state_key // V, in_pool)
             batch_logits = (b * s_det).masked_fill(~pool_valid, float("-inf"))
-            batch_softmax = torch.softmax((b * s_det).masked_fill(~valid, float("-inf")), dim=1)
+            full_logits = (b * s_det).masked_fill(~valid, float("-inf"))
+            batch_softmax = torch.softmax(full_logits, dim=1)
+            state_logit = torch.where(in_pool, b * state_score, torch.full_like(state_score, float("-inf")))
             if self.runs_chain:
                 R, P = self._steps(valid)
                 res = mh_visit_counts(
@@ -342,23 +255,17 @@ class EMC2(ContrastiveObjective):
                     init_score=torch.where(in_pool, state_score, torch.full_like(state_score, float("-inf"))),
                     proposal=self.proposal, generator=gen, row_offset=batch.row_offset, total_rows=batch.total_rows,
                     backend=self.backend)
-            V = batch.views_per_id
-            full_logits = (b * s_det).masked_fill(~valid, float("-inf"))
             if self.weights == "rao_blackwell" or not self.runs_chain:
-                # an out-of-batch state joins thinned pools (one view per batch sample); a state that is a batch
-                # column, or none, leaves the pool the whole batch (exact either way: the two kinds of pool differ
-                # in size, so each has its own posterior, docs/DESIGN.md)
+                # an out-of-batch state joins thinned pools (one view per batch sample), the others pool with the
+                # whole batch (docs/DESIGN.md, "which element was the state")
                 if V > 1:
                     n_samples = int(torch.unique(batch.candidate_ids).numel())
                     rotation = view_rotations(batch.candidate_ids, batch.candidate_keys % V, V,
                                               draw_rows(gen, (n_samples,), **draw))
                 else:
                     rotation = torch.zeros(B, C, dtype=torch.int64, device=dev)
-                out_logit = torch.where(in_pool, b * state_score, torch.full_like(state_score, float("-inf")))
             if self.weights == "rao_blackwell":
-                w_thin, w_state = thinned_pool_weights(batch_logits, rotation, out_logit[:, None].repeat(1, V))
-                w_batch = torch.where(in_pool[:, None], w_thin, batch_softmax)
-                w_state = torch.where(in_pool, w_state, torch.zeros_like(w_state))
+                w_batch, w_state = rao_blackwell_weights(batch_logits, full_logits, rotation, state_logit, in_pool, V)
             else:
                 n_post = float(R - P)
                 w_batch, w_state = res.counts / n_post, res.stay / n_post
@@ -367,26 +274,18 @@ class EMC2(ContrastiveObjective):
                 w_batch = torch.where(mass > 0, w_batch / mass.clamp(min=1e-30), batch_softmax)
                 w_state = torch.zeros_like(w_state)
             if self.state_score == "exact" and q < 1:
-                # control variate: E over the Bernoulli(q) choice of h + (m/q)(w − h) is w, the unbiased weights;
-                # rows that were not re-encoded use the batch softmax h and keep their state
-                w_batch = torch.where(in_pool[:, None], batch_softmax + (w_batch - batch_softmax) / q,
-                                      torch.where(frozen[:, None], batch_softmax, w_batch))
+                w_batch = control_variate(w_batch, batch_softmax, in_pool, frozen, q)
             w_state = torch.where(grad_rows, w_state / q, torch.zeros_like(w_state))
 
-            # the chain's next state
             if self.runs_chain:
                 new_col, new_score = res.index, res.score
-            else:  # one exact draw: from the pool of rotation 0 (out-of-batch state), or from the whole batch
-                thin0 = batch_logits.masked_fill(rotation != 0, float("-inf"))
-                logits = torch.cat([torch.where(in_pool[:, None], thin0, full_logits), out_logit[:, None]], dim=1)
-                pick = gumbel_argmax(logits, draw_rows(gen, (C + 1,), **draw))
-                new_col = torch.where(pick < C, pick, torch.full_like(pick, -1))
+            else:
+                new_col = draw_next(batch_logits, full_logits, rotation, state_logit, in_pool,
+                                    draw_rows(gen, (C + 1,), **draw))
                 new_score = torch.where(new_col >= 0, s_det.gather(1, new_col.clamp(min=0)[:, None])[:, 0],
                                         state_score)
-            new_col = torch.where(frozen, torch.full_like(new_col, -1), new_col)
-            new_key = torch.where(new_col >= 0, batch.candidate_keys[new_col.clamp(min=0)], state_key)
-            new_epoch = torch.where(new_col >= 0, torch.full_like(state_epoch, batch.epoch), state_epoch)
-            new_score = torch.where(frozen, stored_score, new_score)
+            new_key, new_score, new_epoch = next_state(new_col, new_score, (state_key, stored_score, state_epoch),
+                                                       frozen, batch.candidate_keys, batch.epoch)
 
         loss = weighted_negative_surrogate(batch.positive_scores(scores), scores, w_batch, beta)
         if s_out is not None and bool(grad_rows.any()):
@@ -407,4 +306,4 @@ class EMC2(ContrastiveObjective):
             }
             if self.runs_chain:
                 stats["accept_rate"] = res.accepted.mean() / R
-        return ObjectiveOutput(loss, stats)
+        return EstimatorOutput(loss, stats)

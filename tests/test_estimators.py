@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dual_emc2.metrics.exact import global_contrastive_loss
-from dual_emc2.objectives import EMC2, HCL, InfoNCE, NegativeCache, SogCLR, build_objective
-from dual_emc2.objectives.base import ContrastiveBatch, weighted_negative_surrogate
+from dual_emc2.loss.estimators import EMC2, HCL, InfoNCE, NegativeCache, SogCLR
+from dual_emc2.loss.estimators.base import ContrastiveBatch, weighted_negative_surrogate
+from dual_emc2.loss.exact import global_contrastive_loss
+from dual_emc2.loss.registry import build_estimator
 
 
 def unimodal_batch(b=6, d=8, seed=0, dtype=torch.float32, ids=None):
@@ -230,11 +231,11 @@ def test_emc2_state_masked_in_the_batch_is_forgotten():
     assert (emc2.chains.candidate_key != 4).all()
 
 
-def test_emc2_renamed_options_name_the_new_one():
-    with pytest.raises(ValueError, match="now called 'exact'"):
-        EMC2(num_keys=4, state_score="refresh")
-    with pytest.raises(ValueError, match="now called 'batch'"):
-        EMC2(num_keys=4, proposal="uniform")
+def test_emc2_bad_options_name_the_choices():
+    with pytest.raises(ValueError, match="state_score must be one of exact, stale, got 'fresh'"):
+        EMC2(num_keys=4, state_score="fresh")
+    with pytest.raises(ValueError, match="did you mean 'permuted_scan'"):
+        EMC2(num_keys=4, proposal="permuted-scan")
     with pytest.raises(ValueError, match="state_update must be 'chain'"):
         EMC2(num_keys=4, weights="visits", state_update="draw")
     with pytest.raises(ValueError, match="reencode_fraction"):
@@ -317,12 +318,12 @@ def test_state_round_trips_through_state_dict(name, opts):
     def encode(ids):
         return table[ids]
 
-    a = build_objective(name, num_keys=40, num_candidates=40, options=opts)
+    a = build_estimator(name, num_keys=40, num_candidates=40, options=opts)
     for seed in range(3):
         _, batch = unimodal_batch(b=4, seed=seed, ids=torch.arange(4) * 3 + seed)
         batch.encode_candidates = encode
         a(batch, 3.0)
-    b = build_objective(name, num_keys=40, num_candidates=40, options=opts)
+    b = build_estimator(name, num_keys=40, num_candidates=40, options=opts)
     b.load_state_dict(a.state_dict())
     _, batch = unimodal_batch(b=4, seed=7, ids=torch.arange(4) * 5)
     batch.encode_candidates = encode
@@ -334,17 +335,17 @@ def test_state_round_trips_through_state_dict(name, opts):
 
 def test_registry_errors_name_the_option():
     with pytest.raises(ValueError, match="did you mean 'emc2'"):
-        build_objective("emc", num_keys=4, num_candidates=4)
+        build_estimator("emc", num_keys=4, num_candidates=4)
     with pytest.raises(ValueError, match="did you mean 'burn_in'"):
-        build_objective("emc2", num_keys=4, num_candidates=4, options={"burnin": 3})
+        build_estimator("emc2", num_keys=4, num_candidates=4, options={"burnin": 3})
     with pytest.raises(ValueError, match="burn_in"):
-        build_objective("emc2", num_keys=4, num_candidates=4, options={"weights": "visits", "steps": 3, "burn_in": 3})
+        build_estimator("emc2", num_keys=4, num_candidates=4, options={"weights": "visits", "steps": 3, "burn_in": 3})
 
 
 def test_symmetric_objective_keeps_separate_states():
     x, y, batch = bimodal_batch(b=4)
     rev = ContrastiveBatch(y, x, torch.arange(4), batch.anchor_ids, batch.anchor_ids)
-    obj = build_objective("sogclr", num_keys=20, num_candidates=20, symmetric=True)
+    obj = build_estimator("sogclr", num_keys=20, num_candidates=20, symmetric=True)
     out = obj(batch, 2.0, reverse=rev)
     assert not torch.equal(obj.x_to_y.u.value, obj.y_to_x.u.value)
     ref = 0.5 * (SogCLR(20)(batch, 2.0).loss + SogCLR(20)(rev, 2.0).loss)
@@ -352,9 +353,9 @@ def test_symmetric_objective_keeps_separate_states():
 
 
 def test_options_of_estimators_not_selected_are_checked_too():
-    from dual_emc2.objectives import options_for
+    from dual_emc2.loss.registry import options_for
 
-    with pytest.raises(ValueError, match=r"objective.options.sogclr: sogclr gamma must be in \(0, 1\].*emc2"):
+    with pytest.raises(ValueError, match=r"loss.options.sogclr: sogclr gamma must be in \(0, 1\].*emc2"):
         options_for("emc2", {"emc2": {}, "sogclr": {"gamma": 2.0}})
     with pytest.raises(ValueError, match="did you mean 'refresh'"):
         options_for("emc2", {"negative_cache": {"refesh": 0.1}})

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dual_emc2.objectives.base import ContrastiveBatch, ContrastiveObjective, ObjectiveOutput
+from dual_emc2.loss.estimators.base import ContrastiveBatch, Estimator, EstimatorOutput
 
 NORMALIZATIONS = ("sphere", "ball", "none")
 
@@ -78,7 +78,7 @@ def supervised_masks(batch: ContrastiveBatch) -> tuple[Tensor, Tensor]:
     if batch.labels is None or batch.candidate_labels is None:
         raise ValueError("supervised contrastive losses (scl, hscl) need class labels: ContrastiveBatch.labels "
                          "(anchor labels [B]) and ContrastiveBatch.candidate_labels ([C]); the dataset must have "
-                         "labels and the trainer must pass them (objective.needs_labels)")
+                         "labels and the trainer must pass them (estimator.needs_labels)")
     same_class = batch.candidate_labels[None, :] == batch.labels[:, None]
     same_id = batch.candidate_ids[None, :] == batch.anchor_ids[:, None]
     cols = torch.arange(batch.candidates.shape[0], device=batch.candidates.device)
@@ -90,7 +90,7 @@ def supervised_masks(batch: ContrastiveBatch) -> tuple[Tensor, Tensor]:
     return pos, neg
 
 
-class _HardContrastive(ContrastiveObjective):
+class _HardContrastive(Estimator):
     """Shared body of SCL / HSCL / HUCL; subclasses choose the masks."""
 
     def __init__(self, num_keys: int = 1, num_candidates: int = 1, hardness: float = 0.0,
@@ -104,7 +104,7 @@ class _HardContrastive(ContrastiveObjective):
     def masks(self, batch: ContrastiveBatch) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> ObjectiveOutput:
+    def forward(self, batch: ContrastiveBatch, beta: Tensor | float) -> EstimatorOutput:
         a = normalize_features(batch.anchors, self.normalize)
         c = normalize_features(batch.candidates, self.normalize)
         scores = a @ c.t()
@@ -119,7 +119,7 @@ class _HardContrastive(ContrastiveObjective):
             stats = {self.name: loss.detach(), "valid_anchors": keep.float().mean(),
                      "n_positives": (pos & keep[:, None]).sum() / keep.sum().clamp(min=1),
                      "feature_norm": batch.anchors.detach().norm(dim=1).mean()}
-        return ObjectiveOutput(loss, stats)
+        return EstimatorOutput(loss, stats)
 
 
 class SCL(_HardContrastive):

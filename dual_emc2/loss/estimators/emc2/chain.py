@@ -4,7 +4,7 @@ For a score matrix ``S = [s(x_i, z_j)]`` (``B`` chains × ``C`` candidates) ever
 targeting ``softmax(β S_i·)`` restricted to its proposable set, starting from a stored state.  The result is returned
 as visit counts ``W_ij`` (steps ``r ≥ P`` spent on candidate ``j``) and the steps spent on the stored state while it is
 out of the batch, which turn the EMC² stochastic gradient (eq. 10) into a single weighted sum over the batch (see
-:mod:`dual_emc2.objectives.emc2`).
+:mod:`dual_emc2.loss.estimators.emc2`).
 
 Proposals (``proposal``):
 
@@ -25,10 +25,12 @@ The work is split in two:
   The draws are made for all ``total_rows`` chains of the global batch and sliced, so a chain's randomness does not
   depend on how the batch is split over processes.
 * the sequential chain itself (:func:`run_mh_chains`): a vectorised torch loop over steps (CPU) or one fused Triton
-  launch (CUDA, :mod:`dual_emc2.kernels.mh_triton`), which give identical results for identical random numbers.
+  launch (CUDA, :mod:`dual_emc2.loss.estimators.emc2.chain_triton`), which give identical results for identical
+  random numbers.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from typing import Literal
@@ -36,11 +38,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dual_emc2.mh_types import MHProposals, MHResult
+from dual_emc2.loss.estimators.emc2.chain_types import MHProposals, MHResult
 
 Proposal = Literal["pool", "batch", "permuted_scan"]
 PROPOSALS: tuple[str, ...] = ("pool", "batch", "permuted_scan")
-_RENAMED = {"uniform": "batch", "scan": "permuted_scan"}
 Backend = Literal["auto", "torch", "triton"]
 
 
@@ -64,12 +65,12 @@ def _check_inputs(scores: Tensor, valid: Tensor | None, steps: int, burn_in: int
 
 
 def check_proposal(proposal: str) -> str:
-    """``proposal`` if it names a proposal, else a ValueError naming the choices (and the new name of a renamed one)."""
+    """``proposal`` if it names a proposal, else a ValueError naming the choices (and the nearest one)."""
     if proposal in PROPOSALS:
         return proposal
-    if proposal in _RENAMED:
-        raise ValueError(f"proposal {proposal!r} is now called {_RENAMED[proposal]!r}; choices: {', '.join(PROPOSALS)}")
-    raise ValueError(f"proposal must be one of {', '.join(PROPOSALS)}, got {proposal!r}")
+    hint = difflib.get_close_matches(str(proposal), PROPOSALS, n=1)
+    raise ValueError(f"proposal must be one of {', '.join(PROPOSALS)}, got {proposal!r}"
+                     + (f" (did you mean {hint[0]!r}?)" if hint else ""))
 
 
 def draw_mh_proposals(
@@ -164,7 +165,7 @@ def _counts_from_visits(post: Tensor, index: Tensor, score: Tensor, accepted: Te
 
 def triton_available(device: torch.device) -> bool:
     """True when the fused kernel can run on ``device`` (CUDA + importable Triton, or the Triton interpreter)."""
-    from dual_emc2.kernels import mh_triton
+    from dual_emc2.loss.estimators.emc2 import chain_triton as mh_triton
 
     return mh_triton.is_usable(device)
 
@@ -204,7 +205,7 @@ def run_mh_chains(
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     args = (prop.index, prop_score, prop.log_u, init_index, init_score, beta, burn_in, scores.shape[1])
     if use_triton:
-        from dual_emc2.kernels.mh_triton import mh_chains_triton
+        from dual_emc2.loss.estimators.emc2.chain_triton import mh_chains_triton
 
         return mh_chains_triton(*args)
     return mh_chains_torch(*args)

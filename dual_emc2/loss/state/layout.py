@@ -1,4 +1,4 @@
-"""Which process holds which per-anchor state rows (``objective.state_sharding``), without importing torch.
+"""Which process holds which per-anchor state rows (``loss.state_sharding``), without importing torch.
 
 ``replicated``: every process holds every key's row (the layout of a single process).  ``sharded``: process ``r`` of
 ``W`` owns the keys ``k`` with ``k % W == r``, stored at local row ``k // W``; a process then holds ⌈N / W⌉ rows.
@@ -18,7 +18,7 @@ from typing import Any
 
 __all__ = ["AUTO_SHARD_BYTES", "SHARDING_MODES", "KeyLayout", "resolve_sharding"]
 
-SHARDING_MODES: tuple[str, ...] = ("auto", "replicated", "sharded")  # the choices of objective.state_sharding
+SHARDING_MODES: tuple[str, ...] = ("auto", "replicated", "sharded")  # the choices of loss.state_sharding
 # ``auto`` shards a state table from this size on (per table: EMC²'s chains take 12 bytes a key, SogCLR's u 4, and a
 # bimodal run has one table per direction): 256 MiB is 22M EMC² anchors, i.e. 11M samples of two directions
 AUTO_SHARD_BYTES = 256 * 2**20
