@@ -281,7 +281,7 @@ def test_resolve_resume(tmp_path):
     explicit = tmp_path / "ckpt-00000005.pt"
     assert resolve_resume(str(explicit), tmp_path) == explicit
     assert resolve_resume("ckpt-00000005.pt", tmp_path) == explicit  # relative to the run folder
-    with pytest.raises(CheckpointError, match="ckpt-00000077.pt: no such checkpoint file"):
+    with pytest.raises(CheckpointError, match="ckpt-00000077.pt does not exist"):
         resolve_resume("ckpt-00000077.pt", tmp_path)
     with pytest.raises(ValueError, match="train.resume"):
         resolve_resume("", tmp_path)

@@ -1,6 +1,7 @@
 """Console scripts (setup.cfg ``[options.entry_points]``): each answers ``--help``, the old script paths are thin
 wrappers without ``sys.path`` edits, and a bad config key is a named usage error (exit 2, no traceback)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,28 @@ def test_train_bad_config_key_is_a_named_error():
     r = subprocess.run([str(_exe("dual-emc2-train")), "--config", "configs/fmnist_unimodal.yaml",
                         "optim.learning_rate=0.1"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
     assert r.returncode == 2 and "did you mean 'optim.lr'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_configs_by_name_and_retrieval_defaults_come_from_the_package(tmp_path, monkeypatch, capsys):
+    from dual_emc2.cli import retrieval, train
+
+    monkeypatch.chdir(tmp_path)  # not the checkout: no configs/ folder here
+    assert train.main(["--config", "fmnist_quickstart", "optim.learning_rate=0.1"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+    assert train.main(["--config", "fmnist_quickstrt"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'fmnist_quickstart'" in err and "the packaged configs are clip_emoji" in err
+    # without --checkpoint and --config, retrieval reads the packaged text_wordnet (clip_emoji for --data emoji),
+    # both mode: bimodal, so a one-tower key is refused naming the mode the file set
+    for extra in ([], ["--data", "emoji"]):
+        assert retrieval.main([*extra, "model.arch=small_cnn"]) == 2
+        err = capsys.readouterr().err
+        assert "model.arch applies to mode: unimodal only; this is a mode: bimodal run" in err, err
+
+
+def test_the_package_does_not_depend_on_the_checkout_layout():
+    """An installed wheel has no repository around it: no module of the package climbs to the checkout."""
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "dual_emc2").rglob("*.py"))
+                 for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+                 if "parents[" in line or re.search(r"\bROOT\b", line)]
+    assert offenders == []

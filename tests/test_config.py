@@ -11,6 +11,7 @@ import yaml
 from dual_emc2.loss.state.layout import SHARDING_MODES
 from dual_emc2.towers.heads import IMAGE_ARCHS, NORMS
 from dual_emc2.towers.two_tower import PRETRAINED_TOWERS, TOWER_KINDS
+from dual_emc2.train import config as config_module
 from dual_emc2.train.config import (
     MIXED_PRECISION_CHOICES,
     Config,
@@ -18,7 +19,9 @@ from dual_emc2.train.config import (
     apply_overrides,
     config_from_dict,
     config_to_dict,
+    find_config,
     load_config,
+    packaged_configs,
     save_config,
 )
 from dual_emc2.train.optim import SCHEDULES
@@ -403,3 +406,63 @@ def test_every_shipped_config_loads_round_trips_and_builds_its_estimator(path, t
                           options=options_for(cfg.loss.estimator, cfg.loss.options),
                           symmetric=cfg.mode == "bimodal", defaults={"dim": 16, "seed": 0})
     assert obj is not None
+
+
+def test_configs_ship_in_the_package_and_the_checkout_links_them():
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "configs").is_symlink() and (root / "configs").resolve() == (root / "dual_emc2" / "configs")
+    assert packaged_configs() == [p.stem for p in CONFIGS] and "fmnist_quickstart" in packaged_configs()
+    assert Path(find_config("fmnist_quickstart")) == root / "dual_emc2" / "configs" / "fmnist_quickstart.yaml"
+
+
+def test_a_packaged_config_by_name_from_any_folder(tmp_path, monkeypatch):
+    by_path = load_config(CONFIGS[0].parent / "fmnist_quickstart.yaml")
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    for arg in ("fmnist_quickstart", "fmnist_quickstart.yaml", "configs/fmnist_quickstart.yaml"):
+        assert load_config(arg) == by_path, arg
+    # its base (fmnist_unimodal.yaml) is packaged too: the ResNet settings it does not override are inherited
+    assert by_path.model.arch == "small_cnn" and by_path.data.name == "fashion_mnist" and by_path.optim.name == "adam"
+    assert load_config("fmnist_quickstart", ["seed=3"]).seed == 3
+    # a file that exists relative to the working folder comes first
+    _write(tmp_path / "fmnist_quickstart.yaml", {"seed": 7})
+    (tmp_path / "configs").mkdir()
+    _write(tmp_path / "configs" / "fmnist_quickstart.yaml", {"seed": 8})
+    assert load_config("fmnist_quickstart.yaml").seed == 7 and load_config("configs/fmnist_quickstart.yaml").seed == 8
+    assert load_config("fmnist_quickstart") == by_path  # no file of that very name here
+
+
+def test_an_unknown_config_name_lists_the_packaged_configs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    listing = ", ".join(packaged_configs())
+    with pytest.raises(FileNotFoundError, match=r"^config file not found: fmnist_quickstrt \(did you mean "
+                                                r"'fmnist_quickstart'\?\); the packaged configs are ") as e:
+        load_config("fmnist_quickstrt")
+    assert str(e.value).endswith(f"the packaged configs are {listing} (pass one by name)")
+    with pytest.raises(FileNotFoundError, match=r"config file not found: configs/nothing_like_it\.yaml; the packaged"):
+        load_config("configs/nothing_like_it.yaml")
+    with pytest.raises(FileNotFoundError, match=r"config file not found: elsewhere/fmnist_quickstart\.yaml \(did you"):
+        load_config("elsewhere/fmnist_quickstart.yaml")  # a path in another folder is not a packaged name
+    (tmp_path / "text_wordnet").mkdir()  # a folder of that name does not hide the packaged config
+    assert load_config("text_wordnet").mode == "bimodal"
+
+
+def test_packaged_configs_read_from_a_zipped_package(tmp_path, monkeypatch):
+    """Where the package is not a folder on disk (a zip import), the configs are read through importlib.resources'
+    Traversable, their base: inheritance included."""
+    import zipfile
+
+    archive = tmp_path / "pkg.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("dual_emc2/configs/leaf.yaml", "base: mid.yaml\ntrain: {epochs: 4}\n")
+        z.writestr("dual_emc2/configs/mid.yaml", "base: root.yaml\noptim: {lr: 0.25}\n")
+        z.writestr("dual_emc2/configs/root.yaml", "seed: 5\noptim: {lr: 0.5, name: sgd}\n")
+        z.writestr("dual_emc2/configs/loop.yaml", "base: loop.yaml\n")
+    folder = zipfile.Path(archive, "dual_emc2/configs/")
+    monkeypatch.setattr(config_module, "_packaged_folder", lambda: folder)
+    monkeypatch.chdir(tmp_path)
+    assert packaged_configs() == ["leaf", "loop", "mid", "root"]
+    assert not isinstance(find_config("leaf"), Path)
+    cfg = load_config("configs/leaf.yaml")
+    assert (cfg.seed, cfg.optim.name, cfg.optim.lr, cfg.train.epochs) == (5, "sgd", 0.25, 4)
+    with pytest.raises(ConfigError, match="circular"):
+        load_config("loop")

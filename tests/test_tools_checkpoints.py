@@ -1,21 +1,30 @@
 """Every tool that takes a checkpoint takes a file, a run folder, a checkpoints folder or ``checkpoints/latest``
-(dual_emc2.cli._io.resolve_checkpoint_arg); a checkpoint for the other tool is named as such; tools write under the
-user's run, never into experiments/results; errors are one ``error:`` line with the exit code of dual_emc2.errors."""
+(dual_emc2.train.checkpoint.resolve_checkpoint, the trainer's reading of train.resume too); a checkpoint for the other
+tool is named as such; tools write under the user's run, never into experiments/results; errors are one ``error:``
+line with the exit code of dual_emc2.errors."""
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from dual_emc2.cli import checkpoint_info, linear_probe, retrieval
-from dual_emc2.cli._io import ROOT, CheckpointNotFound, fail, resolve_checkpoint_arg, run_folder_of
+from dual_emc2.cli._io import fail, run_folder_of
 from dual_emc2.errors import CheckpointError, DataError, RunStopped, UsageError
-from dual_emc2.train.checkpoint import save_checkpoint
+from dual_emc2.train.checkpoint import (
+    CheckpointNotFound,
+    find_latest_valid,
+    resolve_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from dual_emc2.train.config import Config, config_to_dict
 
+ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "experiments") not in sys.path:
     sys.path.insert(0, str(ROOT / "experiments"))
 import small_batch  # noqa: E402
@@ -35,16 +44,19 @@ def test_checkpoint_argument_forms_resolve_to_the_newest_intact_checkpoint(tmp_p
     newest = ck / "ckpt-00000010.pt"
     assert (ck / "latest").read_text().strip() == newest.name  # the pointer file the trainer writes
     for arg in (run, ck, ck / "latest", newest, str(run) + "/"):
-        assert resolve_checkpoint_arg(arg) == newest, arg
-    assert resolve_checkpoint_arg(ck / "ckpt-00000005.pt") == ck / "ckpt-00000005.pt"
+        assert resolve_checkpoint(arg) == newest, arg
+    assert resolve_checkpoint(ck / "ckpt-00000005.pt") == ck / "ckpt-00000005.pt"
     link = ck / "link"
     link.symlink_to(ck / "ckpt-00000005.pt")
-    assert resolve_checkpoint_arg(link) == link
+    assert resolve_checkpoint(link) == link
     (ck / "latest").unlink()
     (ck / "latest").symlink_to("ckpt-00000005.pt")  # a symlink named latest
-    assert resolve_checkpoint_arg(ck / "latest") == (ck / "ckpt-00000005.pt").resolve()
+    assert resolve_checkpoint(ck / "latest") == (ck / "ckpt-00000005.pt").resolve()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the trainer's scan reads the symlink too (not as a text file)
+        assert find_latest_valid(ck) == ck / "ckpt-00000005.pt"
     (ck / "latest").unlink()  # a folder without the pointer: `checkpoints/latest` still means the newest
-    assert resolve_checkpoint_arg(ck / "latest") == newest
+    assert resolve_checkpoint(ck / "latest") == newest
     assert run_folder_of(newest) == run
 
 
@@ -54,28 +66,61 @@ def test_latest_pointing_at_a_damaged_checkpoint_falls_back_with_a_warning(tmp_p
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])
     with pytest.warns(UserWarning, match="ckpt-00000010.pt"):
-        assert resolve_checkpoint_arg(run / "checkpoints" / "latest") == run / "checkpoints" / "ckpt-00000005.pt"
+        assert resolve_checkpoint(run / "checkpoints" / "latest") == run / "checkpoints" / "ckpt-00000005.pt"
     assert newest.read_bytes() == data[: len(data) // 2]  # nothing is repaired or removed
     (run / "checkpoints" / "latest").write_text("not a checkpoint name\n")
     with pytest.warns(UserWarning):
-        assert resolve_checkpoint_arg(run / "checkpoints" / "latest") == run / "checkpoints" / "ckpt-00000005.pt"
+        assert resolve_checkpoint(run / "checkpoints" / "latest") == run / "checkpoints" / "ckpt-00000005.pt"
     copy = tmp_path / "elsewhere" / "latest"  # a checkpoint file that is called latest is itself
     copy.parent.mkdir()
     copy.write_bytes((run / "checkpoints" / "ckpt-00000005.pt").read_bytes())
-    assert resolve_checkpoint_arg(copy) == copy
+    assert resolve_checkpoint(copy) == copy
 
 
 def test_no_checkpoint_is_a_checkpoint_error_naming_the_folder_and_what_it_holds(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointNotFound, match=r"no intact checkpoint .* in .*empty; it holds nothing") as e:
-        resolve_checkpoint_arg(tmp_path / "empty")
+        resolve_checkpoint(tmp_path / "empty")
     assert e.value.exit_code == 4 and isinstance(e.value, (CheckpointError, FileNotFoundError))
     run = _run_folder(tmp_path, steps=(3,))
     (run / "checkpoints" / "ckpt-00000003.pt").write_bytes(b"DEMC2CKP torn")
     with pytest.warns(UserWarning), pytest.raises(CheckpointNotFound, match=r"1 checkpoint file\(s\), none intact"):
-        resolve_checkpoint_arg(run)
+        resolve_checkpoint(run)
     with pytest.raises(CheckpointNotFound, match=r"ckpt-9\.pt does not exist; .*checkpoints holds"):
-        resolve_checkpoint_arg(run / "checkpoints" / "ckpt-9.pt")
+        resolve_checkpoint(run / "checkpoints" / "ckpt-9.pt")
+
+
+def test_the_trainer_and_the_tools_read_a_checkpoint_argument_alike(tmp_path: Path):
+    run = _run_folder(tmp_path)
+    ck = run / "checkpoints"
+    newest = ck / "ckpt-00000010.pt"
+    # train.resume (resolve_resume, given the run's checkpoints folder) is resolve_checkpoint with run_dir
+    for arg in ("latest", str(run), str(ck), str(ck / "latest"), str(newest)):
+        assert resolve_resume(arg, ck) == newest == resolve_checkpoint(arg, run_dir=run), arg
+    assert resolve_checkpoint("ckpt-00000005.pt", run_dir=run) == ck / "ckpt-00000005.pt"  # relative: in the run
+    assert resolve_resume("ckpt-00000005.pt", ck) == ck / "ckpt-00000005.pt"
+    fresh = tmp_path / "fresh"
+    assert resolve_resume("latest", fresh / "checkpoints") is None  # no checkpoint yet: a fresh start
+    assert resolve_checkpoint("latest", run_dir=fresh, missing_ok=True) is None
+    with pytest.raises(CheckpointNotFound, match=r"latest: no intact checkpoint .*fresh; it holds nothing") as e:
+        resolve_checkpoint("latest", run_dir=fresh)
+    assert e.value.exit_code == 4
+    with pytest.raises(CheckpointNotFound, match=r"train\.resume: checkpoint ckpt-00000077\.pt does not exist \(nor "
+                                                 r".*\); .*checkpoints holds 2 checkpoint file\(s\) \(ckpt-00000005"):
+        resolve_resume("ckpt-00000077.pt", ck)
+    with pytest.raises(CheckpointError, match="train.resume must be"):
+        resolve_resume(" ", ck)
+    with pytest.raises(CheckpointNotFound, match="empty checkpoint argument"):
+        resolve_checkpoint("")
+
+
+def test_one_checkpoint_name_pattern_and_one_resolver():
+    import dual_emc2.cli._io as cli_io
+
+    assert not hasattr(cli_io, "resolve_checkpoint_arg") and not hasattr(cli_io, "ROOT")
+    package = ROOT / "dual_emc2"
+    patterns = [f"{p.relative_to(ROOT)}" for p in package.rglob("*.py") if r"ckpt-\d" in p.read_text(encoding="utf-8")]
+    assert patterns == ["dual_emc2/train/checkpoint.py"]
 
 
 def test_fail_prints_one_line_and_returns_the_errors_exit_code(capsys):

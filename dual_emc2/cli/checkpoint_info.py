@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dual_emc2.cli._io import USER_ERRORS, fail, resolve_checkpoint_arg
+from dual_emc2.cli._io import USER_ERRORS, fail
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,11 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("checkpoint", help="checkpoint file, run folder, checkpoints folder, or checkpoints/latest")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = ap.parse_args(argv)
-    from dual_emc2.train.checkpoint import checkpoint_summary, load_checkpoint, tensor_dict_sha256
+    from dual_emc2.train.checkpoint import checkpoint_summary, load_checkpoint, resolve_checkpoint, tensor_dict_sha256
     from dual_emc2.train.checkpoint_shards import load_estimator_state
 
     try:
-        path = resolve_checkpoint_arg(args.checkpoint)
+        path = resolve_checkpoint(args.checkpoint)
         payload = load_checkpoint(path)
         estimator = load_estimator_state(path, payload)
     except USER_ERRORS as e:

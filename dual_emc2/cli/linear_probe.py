@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from dual_emc2.cli._io import USER_ERRORS, fail, resolve_checkpoint_arg
+from dual_emc2.cli._io import USER_ERRORS, fail
 from dual_emc2.errors import UsageError
 
 
@@ -37,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default: next to the checkpoint)")
     args = ap.parse_args(argv)
 
-    from dual_emc2.train.checkpoint import load_checkpoint
+    from dual_emc2.train.checkpoint import load_checkpoint, resolve_checkpoint
     from dual_emc2.train.config import config_from_dict
     from dual_emc2.train.evaluate import eval_loaders, evaluate_features
     from dual_emc2.train.models import build_unimodal_model
 
     try:
-        path = resolve_checkpoint_arg(args.checkpoint)
+        path = resolve_checkpoint(args.checkpoint)
         payload = load_checkpoint(path)
         mode = payload.get("config", {}).get("mode", "unimodal")
         if mode != "unimodal":

@@ -5,6 +5,8 @@
     python eval/retrieval.py --checkpoint runs/wordnet_emc2 --split eval
     # a pretrained / zero-shot tower: no checkpoint, towers and data from a config; a picture of 6 queries
     python eval/retrieval.py --config configs/text_wordnet.yaml --split eval --png wordnet.png
+    # the same with the configs packaged in dual_emc2 (also from an installed wheel): a config by name
+    dual-emc2-retrieval --config text_wordnet --split eval
     # other data: an offline set, a shard folder/pattern or a CSV/TSV/JSONL pairs file
     python eval/retrieval.py --config configs/clip_emoji.yaml --data emoji --split all --index hnsw
 
@@ -26,11 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dual_emc2.cli._io import ROOT, USER_ERRORS, fail, resolve_checkpoint_arg, run_folder_of
+from dual_emc2.cli._io import USER_ERRORS, fail, run_folder_of
 from dual_emc2.errors import UsageError
 
-DEFAULT_TEXT_CONFIG = ROOT / "configs" / "text_wordnet.yaml"
-DEFAULT_IMAGE_CONFIG = ROOT / "configs" / "clip_emoji.yaml"
+# packaged configs (dual_emc2/configs), found by name wherever the package is installed
+DEFAULT_TEXT_CONFIG = "text_wordnet"
+DEFAULT_IMAGE_CONFIG = "clip_emoji"
 
 
 def _data_overrides(data: str) -> list[str]:
@@ -66,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="a bimodal checkpoint: file, run folder or checkpoints/latest; omit for "
                                          "pretrained towers")
-    ap.add_argument("--config", help="YAML config for towers and data (default: the checkpoint's own config, else "
-                                     "configs/text_wordnet.yaml, or configs/clip_emoji.yaml for --data emoji)")
+    ap.add_argument("--config", help="YAML config for towers and data: a file, or a packaged config by name "
+                                     "(default: the checkpoint's own config, else the packaged text_wordnet, or "
+                                     "clip_emoji for --data emoji)")
     ap.add_argument("--data", help="wordnet | emoji | a shard folder/pattern | a .csv/.tsv/.jsonl pairs file "
                                    "(default: the config's pairs section)")
     ap.add_argument("--split", choices=("eval", "train", "all"), default="eval",
@@ -102,7 +106,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Path | None]:
     import torch
 
     from dual_emc2.data.pairs import PairSet, split_pairs
-    from dual_emc2.train.checkpoint import load_checkpoint
+    from dual_emc2.train.checkpoint import load_checkpoint, resolve_checkpoint
     from dual_emc2.train.config import ConfigError, apply_overrides, config_from_dict, load_config
     from dual_emc2.train.models import build_two_tower_model, checkpoint_model
     from dual_emc2.train.pair_sources import load_pair_sets, read_pair_source
@@ -110,7 +114,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Path | None]:
     extra = list(args.overrides) + (_data_overrides(args.data) if args.data else [])
     ckpt = None
     if args.checkpoint:
-        ckpt = resolve_checkpoint_arg(args.checkpoint)
+        ckpt = resolve_checkpoint(args.checkpoint)
         payload = load_checkpoint(ckpt, map_location="cpu")
         _two_tower_config(payload, ckpt)
         cfg = load_config(args.config, extra) if args.config else \
@@ -118,10 +122,10 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Path | None]:
         del payload
         model, cfg = checkpoint_model(ckpt, cfg)
     else:
-        default = DEFAULT_IMAGE_CONFIG if args.data == "emoji" else DEFAULT_TEXT_CONFIG
-        cfg = load_config(args.config or default, extra)
+        source = args.config or (DEFAULT_IMAGE_CONFIG if args.data == "emoji" else DEFAULT_TEXT_CONFIG)
+        cfg = load_config(source, extra)
         if cfg.mode != "bimodal":
-            raise ConfigError(f"{args.config}: mode must be bimodal for retrieval (two towers), got {cfg.mode}")
+            raise ConfigError(f"{source}: mode must be bimodal for retrieval (two towers), got {cfg.mode}")
         torch.manual_seed(cfg.seed)  # the same (random) projections as step 0 of training with this seed
         model = build_two_tower_model(cfg)
     if args.split == "all":

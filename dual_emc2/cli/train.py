@@ -13,8 +13,10 @@ from dual_emc2.cli._io import fail
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--config", required=True, help="YAML config (see configs/)")
-    p.add_argument("--resume", default=None, help="'latest' or a checkpoint path (same as train.resume=...)")
+    p.add_argument("--config", required=True, help="YAML config: a file, or a config packaged in dual_emc2/configs "
+                                                    "by name (e.g. fmnist_quickstart)")
+    p.add_argument("--resume", default=None, help="'latest', a checkpoint file or a run folder (same as "
+                                                  "train.resume=...)")
     p.add_argument("--allow-changes", action="store_true",
                    help="let a resumed run apply changed optim.*, loss.options.*, mixed precision or compile "
                         "(same as train.allow_changes=true)")

@@ -14,6 +14,9 @@ temporary file in the same folder (``.ckpt-XXXXXXXX.*.tmp``), which is flushed, 
 or none (plus, at worst, a hidden temporary file that readers ignore and the next save removes).  A small text file
 ``latest`` names the most recent checkpoint; it is replaced atomically after each save.  Use
 :func:`load_checkpoint` (not ``torch.load``) to read a checkpoint.
+
+:func:`resolve_checkpoint` is the one reading of a checkpoint argument, for the trainer's ``train.resume`` and for
+every tool: a checkpoint file, a run folder, a ``checkpoints/`` folder, a ``latest`` pointer, or the word ``latest``.
 """
 from __future__ import annotations
 
@@ -34,7 +37,9 @@ import torch
 from dual_emc2.errors import CheckpointError
 
 __all__ = [
+    "CHECKPOINT_NAME",
     "CheckpointCorrupt",
+    "CheckpointNotFound",
     "check_shard_digest",
     "checkpoint_path",
     "checkpoint_summary",
@@ -43,6 +48,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "read_manifest",
+    "resolve_checkpoint",
     "resolve_resume",
     "save_checkpoint",
     "shard_file",
@@ -58,8 +64,9 @@ FORMAT_VERSION = 1
 SHARDED_FORMAT_VERSION = 2  # the body starts with the JSON manifest of the state shards
 _HEADER = struct.Struct("<8sIQ32s")  # magic, version, body length, sha256
 _MANIFEST_LEN = struct.Struct("<I")
-LATEST = "latest"
-_CKPT_RE = re.compile(r"^ckpt-(\d{8,})\.pt$")
+LATEST = "latest"  # the pointer file beside the checkpoints; also the word that means the newest intact checkpoint
+CHECKPOINTS = "checkpoints"  # a run folder's checkpoints folder
+CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")  # the file name of a checkpoint (group 1: its step)
 _SHARD_RE = re.compile(r"^ckpt-(\d{8,})\.shard-\d+-of-\d+\.pt$")
 _TMP_RE = re.compile(r"^\.(?:ckpt-\d{8,}|latest)\..*\.tmp$")
 _CHUNK = 1 << 22
@@ -67,6 +74,10 @@ _CHUNK = 1 << 22
 
 class CheckpointCorrupt(CheckpointError, RuntimeError):
     """A checkpoint file that is truncated, torn, altered or not a checkpoint at all; the message names the file."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """A checkpoint argument that names no checkpoint: the message names the folder and what it holds."""
 
 
 def checkpoint_path(directory: str | os.PathLike[str], step: int) -> Path:
@@ -81,7 +92,7 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, Path]
         return []
     found = []
     for p in root.iterdir():
-        m = _CKPT_RE.match(p.name)
+        m = CHECKPOINT_NAME.match(p.name)
         if m and p.is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
@@ -339,6 +350,15 @@ def load_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu",
     return payload
 
 
+def _pointer_target(pointer: Path) -> tuple[str, Path | None]:
+    """What a ``latest`` pointer names: (its text, the checkpoint file it names or None).  A symlink names its
+    target; a text file (what :func:`save_checkpoint` writes) the checkpoint file name it holds, in its folder."""
+    if pointer.is_symlink():
+        return os.readlink(pointer), pointer.resolve()
+    name = pointer.read_bytes()[:256].decode("utf-8", errors="replace").strip()
+    return name, (pointer.parent / name if CHECKPOINT_NAME.match(name) else None)
+
+
 def find_latest_valid(directory: str | os.PathLike[str]) -> Path | None:
     """Newest intact checkpoint in ``directory``, or None.
 
@@ -352,10 +372,10 @@ def find_latest_valid(directory: str | os.PathLike[str]) -> Path | None:
     pointer = root / LATEST
     abandoned: list[Path] = []
     if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        m = _CKPT_RE.match(name)
-        if m and (root / name).is_file():
-            pointer_step, pointer_mtime = int(m.group(1)), pointer.stat().st_mtime
+        name, target = _pointer_target(pointer)
+        m = CHECKPOINT_NAME.match(target.name) if target is not None else None
+        if m and (root / target.name).is_file():
+            pointer_step, pointer_mtime = int(m.group(1)), pointer.lstat().st_mtime
             abandoned = [p for s, p in newest_first if s > pointer_step and p.stat().st_mtime <= pointer_mtime]
         else:
             warnings.warn(f"{pointer} names {name!r}, which is not a checkpoint in {root}; scanning by step",
@@ -372,24 +392,121 @@ def find_latest_valid(directory: str | os.PathLike[str]) -> Path | None:
     return None
 
 
+# ------------------------------------------------------------------------------------ reading a checkpoint argument
+
+_PASS = "Pass a checkpoint file (ckpt-*.pt), a run folder or its checkpoints/ folder"
+
+
+def _checkpoints_of(folder: Path) -> Path:
+    """A run folder's ``checkpoints/`` folder when it has one, else ``folder`` itself."""
+    return folder / CHECKPOINTS if (folder / CHECKPOINTS).is_dir() else folder
+
+
+def _holds(folder: Path, *, none_intact: bool = False) -> str:
+    """A short description of what ``folder`` holds, for error messages (``none_intact``: its checkpoint files, if
+    any, were all found damaged)."""
+    if not folder.exists():
+        return "nothing (it does not exist)"
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    except OSError:
+        return "nothing readable"
+    if not names:
+        return "nothing (empty)"
+    ckpts = [n for n in names if CHECKPOINT_NAME.match(n)]
+    if ckpts and none_intact:
+        return f"{len(ckpts)} checkpoint file(s), none intact ({', '.join(ckpts[-3:])}; see the warnings above)"
+    if ckpts:
+        return f"{len(ckpts)} checkpoint file(s) ({', '.join(ckpts[-3:])})"
+    return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+
+def _newest(folder: Path, arg: str) -> Path:
+    found = find_latest_valid(folder)
+    if found is None:
+        raise CheckpointNotFound(f"{arg}: no intact checkpoint (ckpt-*.pt) in {folder}; it holds "
+                                 f"{_holds(folder, none_intact=True)}. {_PASS}")
+    return found
+
+
+def _from_pointer(pointer: Path, arg: str) -> Path:
+    """The checkpoint a ``latest`` pointer names; the newest intact checkpoint of its folder when the named one is
+    missing or damaged, or the pointer names none.  A checkpoint file that is called ``latest`` is itself."""
+    if not pointer.is_symlink():
+        with open(pointer, "rb") as f:
+            if f.read(len(MAGIC)) == MAGIC:
+                return pointer
+    _, target = _pointer_target(pointer)
+    if target is not None:
+        try:
+            verify_checkpoint(target)
+            return target
+        except (OSError, CheckpointCorrupt):
+            pass
+    return _newest(pointer.parent, arg)
+
+
+def resolve_checkpoint(arg: str | os.PathLike[str], *, run_dir: str | os.PathLike[str] | None = None,
+                       missing_ok: bool = False) -> Path | None:
+    """The checkpoint file that a checkpoint argument means (the trainer's ``train.resume``, every tool's argument).
+
+    ``arg`` may be
+
+    * a checkpoint file (``ckpt-00000375.pt``, or any other name): itself, not verified here
+      (:func:`load_checkpoint` verifies it);
+    * a run folder (its ``checkpoints/``) or a checkpoints folder: its newest intact checkpoint
+      (:func:`find_latest_valid`: damaged ones are skipped with a warning);
+    * a ``latest`` pointer (the text file :func:`save_checkpoint` writes, or a symlink): the checkpoint it names, or
+      the newest intact one of its folder when that one is missing or damaged; a ``latest`` path that does not
+      exist in an existing folder means that folder's newest intact checkpoint;
+    * with ``run_dir`` (a run folder or its checkpoints folder): the word ``latest``, the newest intact checkpoint of
+      ``run_dir``; with ``missing_ok`` None when there is none yet (for the trainer: a fresh start).  A relative
+      path is tried as given (from the working folder), then inside ``run_dir``'s checkpoints folder.
+
+    Anything else is a :class:`CheckpointNotFound` (a :class:`~dual_emc2.errors.CheckpointError`, exit code 4)
+    naming the folder and what it holds.
+    """
+    text = os.fspath(arg)
+    if not text.strip():
+        raise CheckpointNotFound(f"empty checkpoint argument {text!r}. {_PASS}")
+    home = _checkpoints_of(Path(run_dir)) if run_dir is not None else None
+    if home is not None and text == LATEST:
+        found = find_latest_valid(home)
+        if found is None and not missing_ok:
+            raise CheckpointNotFound(f"{text}: no intact checkpoint (ckpt-*.pt) in {home}; it holds "
+                                     f"{_holds(home, none_intact=True)}. {_PASS}")
+        return found
+    p = Path(text).expanduser()
+    candidates = [p] + ([home / p] if home is not None and not p.is_absolute() else [])
+    for c in candidates:
+        if c.is_dir():
+            return _newest(_checkpoints_of(c), text)
+        if c.is_file():
+            return _from_pointer(c, text) if c.name == LATEST else c
+    for c in candidates:
+        if c.name == LATEST and c.parent.is_dir():
+            return _newest(c.parent, text)
+    also = f" (nor {candidates[1]})" if len(candidates) > 1 else ""
+    parent = next((q for q in p.parents if q.is_dir() and q != Path(".")), None)
+    if parent is None and home is not None and home.is_dir():
+        parent = home
+    where = f"; {parent} holds {_holds(parent)}" if parent is not None else ""
+    hint = ", or latest for the newest intact checkpoint of the run" if home is not None else ""
+    raise CheckpointNotFound(f"checkpoint {text} does not exist{also}{where}. {_PASS}{hint}")
+
+
 def resolve_resume(resume: str | None, directory: str | os.PathLike[str]) -> Path | None:
-    """Checkpoint to resume from: None -> None; ``"latest"`` -> :func:`find_latest_valid` (None if there is none
-    yet, a fresh start); otherwise ``resume`` is a checkpoint path (relative paths are tried as given, then inside
-    ``directory``), which must exist."""
+    """Checkpoint to resume from (``train.resume``): None -> None; otherwise :func:`resolve_checkpoint` with the
+    run's checkpoints folder ``directory``: ``"latest"`` is its newest intact checkpoint (None if there is none yet, a
+    fresh start), a relative path is tried as given, then inside ``directory``."""
     if resume is None:
         return None
     if not isinstance(resume, str) or not resume.strip():
         raise CheckpointError(f"train.resume must be 'latest' or a checkpoint path, got {resume!r}")
-    if resume == "latest":
-        return find_latest_valid(directory)
-    p = Path(resume).expanduser()
-    if p.is_file():
-        return p
-    inside = Path(directory) / p
-    if not p.is_absolute() and inside.is_file():
-        return inside
-    raise CheckpointError(f"--resume {resume}: no such checkpoint file (also looked for {inside}); pass a checkpoint "
-                          "file, or --resume latest to continue from the newest intact checkpoint of output_dir")
+    try:
+        return resolve_checkpoint(resume, run_dir=directory, missing_ok=True)
+    except CheckpointNotFound as exc:
+        raise CheckpointNotFound(f"train.resume: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------------- summaries

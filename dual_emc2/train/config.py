@@ -2,9 +2,13 @@
 
 A YAML file mirrors :class:`Config`; every key is optional (defaults in the schema).  A file may say
 ``base: other.yaml`` (a path relative to the file's own folder) to inherit another file and override some of its keys;
-mappings merge recursively, every other value replaces the inherited one.  Values are parsed with a YAML 1.2 float
-rule, so ``1e-3`` is the float 0.001 (PyYAML's YAML 1.1 resolver would read it as a string) and only true/false are
-booleans (``mixed_precision: no`` is the string "no").
+mappings merge recursively, every other value replaces the inherited one.  The configs of the repository ship inside
+the package (``dual_emc2/configs``, read with :mod:`importlib.resources`): where no such file exists relative to the
+working folder, ``fmnist_quickstart``, ``fmnist_quickstart.yaml`` and ``configs/fmnist_quickstart.yaml`` all name the
+packaged file (:func:`find_config`), so an installed wheel runs ``dual-emc2-train --config fmnist_quickstart``.
+
+Values are parsed with a YAML 1.2 float rule, so ``1e-3`` is the float 0.001 (PyYAML's YAML 1.1 resolver would read it
+as a string) and only true/false are booleans (``mixed_precision: no`` is the string "no").
 
 Every error names the full dotted key and what was expected, e.g.
 ``unknown config key 'optim.learning_rate' (did you mean 'optim.lr'?)`` or
@@ -19,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.resources
 import os
 import re
 import types
@@ -27,10 +32,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
+if typing.TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 import yaml
 
 from dual_emc2.errors import UsageError
-from dual_emc2.text_files import read_utf8
+from dual_emc2.text_files import decode_utf8
 from dual_emc2.train.schema import (
     ARCH_CHOICES,
     BATCH_SAMPLER_CHOICES,
@@ -84,8 +92,10 @@ __all__ = [
     "check_mode_keys",
     "config_from_dict",
     "config_to_dict",
+    "find_config",
     "load_config",
     "load_yaml",
+    "packaged_configs",
     "save_config",
 ]
 
@@ -129,20 +139,85 @@ def _parse_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
 
 
+# ------------------------------------------------------------------------------------------- packaged configs
+
+_PACKAGE, _CONFIG_FOLDER, _SUFFIX = "dual_emc2", "configs", ".yaml"
+
+
+def _packaged_folder() -> Traversable:
+    """The folder of the configs shipped in the package (``dual_emc2/configs``), wherever the package is installed."""
+    return importlib.resources.files(_PACKAGE).joinpath(_CONFIG_FOLDER)
+
+
+def packaged_configs() -> list[str]:
+    """Names (without ``.yaml``) of the configs shipped in the package, sorted."""
+    folder = _packaged_folder()
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[: -len(_SUFFIX)] for p in folder.iterdir() if p.name.endswith(_SUFFIX) and p.is_file())
+
+
+def _packaged_name(arg: str) -> str | None:
+    """The packaged config name that ``arg`` spells (``name``, ``name.yaml`` or ``configs/name.yaml``), else None."""
+    parts = Path(arg).parts
+    if len(parts) == 2 and parts[0] == _CONFIG_FOLDER:
+        parts = parts[1:]
+    if len(parts) != 1:
+        return None
+    name = parts[0][: -len(_SUFFIX)] if parts[0].endswith(_SUFFIX) else parts[0]
+    return name or None
+
+
+def find_config(path: str | os.PathLike[str]) -> Path | Traversable:
+    """The config file that ``path`` means: the file itself when it exists (relative to the working folder), else
+    the packaged config it names (``fmnist_quickstart``, ``fmnist_quickstart.yaml`` or
+    ``configs/fmnist_quickstart.yaml``).  Otherwise FileNotFoundError listing the packaged configs, with the
+    closest name."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    name = _packaged_name(os.fspath(path))
+    if name is not None:
+        packaged = _packaged_folder().joinpath(name + _SUFFIX)
+        if packaged.is_file():
+            return packaged
+    known = packaged_configs()
+    if p.is_dir():
+        problem = f"config path is a folder, not a YAML file: {path}"
+    else:
+        problem = f"config file not found: {path}"
+    close = difflib.get_close_matches(name or p.stem, known, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    listing = f"; the packaged configs are {', '.join(known)} (pass one by name)" if known else ""
+    raise FileNotFoundError(f"{problem}{hint}{listing}")
+
+
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read one YAML config file into a plain dict, resolving ``base:`` inheritance (no schema validation)."""
-    return _load_tree(Path(path), ())
+    """Read one YAML config file (a path, or a packaged config by name: :func:`find_config`) into a plain dict,
+    resolving ``base:`` inheritance (no schema validation)."""
+    found = find_config(path)
+    return _load_tree(found, _folder_of(found), ())
 
 
-def _load_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    resolved = path.resolve()
+def _folder_of(path: Path | Traversable) -> Path | Traversable:
+    return path.parent if isinstance(path, Path) else _packaged_folder()
+
+
+def _identity(path: Path | Traversable) -> str:
+    return str(path.resolve()) if isinstance(path, Path) else str(path)
+
+
+def _load_tree(path: Path | Traversable, folder: Path | Traversable, chain: tuple[str, ...]) -> dict[str, Any]:
+    """``path`` (a file, or a packaged config: a Traversable) with its ``base:`` chain; ``folder`` is its folder,
+    against which a ``base`` path is taken."""
+    resolved = _identity(path)
     if resolved in chain:
-        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        cycle = " -> ".join((*chain, resolved))
         raise ConfigError(f"{path}: circular 'base' inheritance: {cycle}")
     if not path.is_file():
         where = f" (base of {chain[-1]})" if chain else ""
         raise FileNotFoundError(f"config file not found: {path}{where}")
-    data = _parse_yaml(read_utf8(path, ConfigError, "config file"), str(path))
+    data = _parse_yaml(decode_utf8(path.read_bytes(), str(path), ConfigError, "config file"), str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -152,7 +227,12 @@ def _load_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         return data
     if not isinstance(base, str) or not base:
         raise ConfigError(f"{path}: 'base' must be a path to another YAML file, got {_describe(base)}")
-    parent = _load_tree(path.parent / base, (*chain, resolved))
+    if isinstance(folder, Path):
+        parent_path: Path | Traversable = folder / base
+        parent_folder: Path | Traversable = parent_path.parent
+    else:  # a packaged config inherits another packaged config of the same folder
+        parent_path, parent_folder = folder.joinpath(*Path(base).parts), folder
+    parent = _load_tree(parent_path, parent_folder, (*chain, resolved))
     return _merge(parent, data)
 
 
@@ -437,6 +517,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
     """Load ``path`` (with its ``base:`` chain; None = all defaults), apply ``key.sub=value`` overrides, validate.
+
+    ``path`` is a YAML file or, where no such file exists, a packaged config by name (:func:`find_config`).
 
     Errors are prefixed with the file or with "command-line override", whichever the offending value came from.
     """
