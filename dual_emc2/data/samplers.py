@@ -8,7 +8,7 @@ generator seeded by ``(seed, epoch, sample id, draw)`` so views do not depend on
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -62,6 +62,25 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.batches_per_epoch() - self.start_batch
+
+    # ---------------------------------------------------------------------------- what the trainer asks every sampler
+    def refresh_due(self, step: int) -> bool:
+        """Whether the batches are to be regrouped before optimiser step ``step`` (never for the reshuffle)."""
+        return False
+
+    def refresh(self, embed: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]], *, step: int,
+                beta: float | None, chunk: int, device: torch.device | str = "cpu") -> None:
+        """Regroup the batches to come from the embeddings ``embed(positions) -> (u, v or None)`` of every training
+        sample (nothing to do for the reshuffle)."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What decides the batches still to come beyond (seed, epoch, position): nothing for the reshuffle."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is not None:
+            raise ValueError("the checkpoint holds a spectral sampler's state (data.batch_sampler=spectral); resume "
+                             "it with the batch sampler it was trained with")
 
 
 class SeededViews(Dataset):

@@ -23,7 +23,7 @@ used in the epoch are regrouped with the new clusters, so each sample is still u
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from dual_emc2.data.samplers import GlobalBatchSampler
+from dual_emc2.loss.distributed import all_gather_rows, broadcast_
 
 
 def pair_affinity(anchors: Tensor, candidates: Tensor | None = None, beta: float = 1.0) -> Tensor:
@@ -218,6 +219,32 @@ class SpectralBatchSampler(GlobalBatchSampler):
         self.last_refresh_step = step
         self._pending = True
 
+    @torch.no_grad()
+    def refresh(self, embed: Callable[[Tensor], tuple[Tensor, Tensor | None]], *, step: int, beta: float | None,
+                chunk: int, device: torch.device | str = "cpu") -> None:
+        """The refresh of the trainer (Cho et al.): each process embeds a contiguous slice of the training samples
+        (``embed(positions) -> (u, v or None)``, ``chunk`` at a time), the slices are gathered, the main process
+        clusters the similarity graph (``beta``: β of the affinity; None keeps the sampler's) and broadcasts the
+        clusters; they shape the batches from the next :meth:`set_epoch` on."""
+        n, world = self.num_samples, self.world_size
+        mine = torch.tensor_split(torch.arange(n), world)[self.rank]  # n >= global batch >= world
+        us, vs = [], []
+        for part in mine.split(chunk):
+            u, v = embed(part)
+            us.append(u.float())
+            if v is not None:
+                vs.append(v.float())
+        u_all = all_gather_rows(torch.cat(us))
+        v_all = all_gather_rows(torch.cat(vs)) if vs else None
+        if beta is not None:
+            self.beta = float(beta)
+        if self.rank == 0:
+            assignment = self.compute_assignment(torch.arange(n), u_all.cpu(),
+                                                 None if v_all is None else v_all.cpu()).to(device)
+        else:
+            assignment = torch.zeros(n, dtype=torch.int64, device=device)
+        self.set_assignment(broadcast_(assignment, 0).cpu(), step=step)
+
     def update_embeddings(self, ids: Tensor, feats: Tensor, cand_feats: Tensor | None = None,
                           step: int | None = None) -> None:
         """Refresh: :meth:`compute_assignment` then :meth:`set_assignment` (single process, or identical inputs)."""
@@ -272,7 +299,10 @@ class SpectralBatchSampler(GlobalBatchSampler):
                 "last_refresh_step": self.last_refresh_step, "pending": self._pending, "plan": copy(self._plan),
                 "plan_epoch": self._plan_epoch}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            raise ValueError("the checkpoint holds no spectral sampler state (a run without "
+                             "data.batch_sampler=spectral); resume it with the batch sampler it was trained with")
         for key, mine in (("num_samples", self.num_samples), ("global_batch", self.global_batch),
                           ("seed", self.seed)):
             if state.get(key) != mine:

@@ -47,6 +47,13 @@ def all_gather_with_grad(t: Tensor) -> Tensor:
     return torch.cat(dnn.all_gather(t.contiguous()), dim=0)
 
 
+def broadcast_(t: Tensor, src: int = 0) -> Tensor:
+    """Overwrite ``t`` on every process with process ``src``'s ``t`` (a no-op in a single process); returns ``t``."""
+    if world_size() > 1:
+        dist.broadcast(t, src=src)
+    return t
+
+
 def all_reduce_sum_(t: Tensor) -> Tensor:
     """Sum ``t`` over processes in place (a no-op in a single process); returns ``t``."""
     if world_size() > 1:

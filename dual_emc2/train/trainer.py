@@ -13,6 +13,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dual_emc2.data.spectral import SpectralBatchSampler
 from dual_emc2.errors import CheckpointError, DataError, Interrupted, RunStopped
-from dual_emc2.loss.distributed import all_gather_rows
 from dual_emc2.loss.state.keyed import split_sharded_state
 from dual_emc2.train.checkpoint import find_latest_valid, load_checkpoint, resolve_resume, save_checkpoint
 from dual_emc2.train.checkpoint_shards import restore_estimator, save_state_shard, shard_manifest
@@ -46,6 +45,16 @@ PROGRESS_KEYS = tuple(sorted(BOOKKEEPING))
 
 class NonFiniteLossError(RunStopped):
     """Raised after ``train.max_nonfinite`` consecutive non-finite losses."""
+
+
+@dataclass
+class LoopState:
+    """What the loop keeps between its steps: the inputs the last micro-batch encoded (for the throughput), the
+    progress bar (evaluation writes what it is doing into it) and the signal that asked the run to stop."""
+
+    last_inputs: int = 0
+    bar: Any = None
+    stop_signal: int | None = None
 
 
 @dataclass
@@ -111,6 +120,7 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self._prepare_optimisation(self.task.model)
         self.pos = Position()
+        self.loop = LoopState()
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
         self.history: list[dict[str, float]] = []
@@ -146,7 +156,7 @@ class Trainer:
             "estimator": self.estimator.state_dict() if estimator is None else estimator,
             "rng": _rng_state(), "config": config_to_dict(self.cfg), "world_size": self.acc.num_processes,
             "nonfinite_total": self.nonfinite_total, "history": self.history,
-            "sampler": self.sampler.state_dict() if isinstance(self.sampler, SpectralBatchSampler) else None,
+            "sampler": self.sampler.state_dict() if self.sampler is not None else None,
         }
 
     def save(self) -> Path | None:
@@ -189,24 +199,22 @@ class Trainer:
         self._set_schedule_position(self.pos.step)
         self.nonfinite_total = payload.get("nonfinite_total", 0)
         self.history = list(payload.get("history", []))
-        if isinstance(self.sampler, SpectralBatchSampler):
-            if payload.get("sampler") is None:
-                raise CheckpointError(f"{path}: checkpoint of a run without data.batch_sampler=spectral; resume it "
-                                      "with the batch sampler it was trained with")
-            self.sampler.load_state_dict(payload["sampler"])
+        if self.sampler is not None:
+            try:
+                self.sampler.load_state_dict(payload.get("sampler"))
+            except ValueError as exc:
+                raise CheckpointError(f"{path}: {exc}") from None
         _set_rng_state(payload["rng"])
         if self.pos.batch_in_epoch >= self.micro_used:
             self.pos = Position(self.pos.step, self.pos.epoch + 1, 0)
 
     def _set_schedule_position(self, step: int) -> None:
-        """Put the learning-rate schedule of this config at optimiser step ``step`` (LambdaLR's own formula, so an
-        unchanged resume is bit-identical)."""
-        sched = self.scheduler
-        sched.last_epoch = step
-        lrs = [base * fn(step) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        sched._last_lr = lrs
+        """Put the learning-rate schedule of this config at optimiser step ``step``: the scheduler's own step from
+        ``step − 1`` (its closed form, so an unchanged resume is bit-identical)."""
+        self.scheduler.last_epoch = step - 1
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no optimiser step is skipped
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
 
     # ------------------------------------------------------------------------------------------------ training
     def train_step(self, item: Any) -> tuple[Tensor, dict[str, Tensor]] | None:
@@ -214,7 +222,7 @@ class Trainer:
         the optimiser step.  Returns (loss, diagnostics), or None when the loss was not finite and the step was
         skipped."""
         with self.acc.accumulate(self.model):
-            loss, self._last_inputs = self.task.loss(self.model, item)
+            loss, self.loop.last_inputs = self.task.loss(self.model, item)
             if not self._apply(loss):
                 return None
         stats = dict(self.loss_fn.last_stats)  # estimator diagnostics, the loss, eq. (1) on the batch
@@ -247,39 +255,19 @@ class Trainer:
                 "Lower optim.lr or loss.beta, or check the data for NaNs")
 
     def _refresh_due(self) -> bool:
-        """A spectral re-clustering is due before the next optimiser step (never inside an accumulation group)."""
-        return (isinstance(self.sampler, SpectralBatchSampler) and self.pos.batch_in_epoch % self.cfg.train.grad_accum
-                == 0 and self.pos.batch_in_epoch < self.micro_used and self.sampler.refresh_due(self.pos.step))
+        """The sampler wants its batches regrouped before the next optimiser step (never inside an accumulation
+        group; the spectral sampler's refresh, Cho et al.)."""
+        return (self.sampler is not None and self.pos.batch_in_epoch % self.cfg.train.grad_accum == 0
+                and self.pos.batch_in_epoch < self.micro_used and self.sampler.refresh_due(self.pos.step))
 
     @torch.no_grad()
     def refresh_batches(self) -> float:
-        """Spectral batches (Cho et al.): embed every training sample with the current towers (each process a contiguous
-        slice), cluster the similarity graph on the main process, broadcast the clusters; they shape the batches from
-        the current position on.  Returns the seconds it took."""
-        from accelerate.utils import broadcast
-
+        """Regroup the batches to come from the current towers' embeddings of every training sample
+        (:meth:`~dual_emc2.data.samplers.GlobalBatchSampler.refresh`); returns the seconds it took."""
         t0 = time.perf_counter()
-        sampler: SpectralBatchSampler = self.sampler
-        n, world = sampler.num_samples, self.acc.num_processes
-        mine = torch.tensor_split(torch.arange(n), world)[self.acc.process_index]  # n >= global batch >= world
-        us, vs = [], []
-        for chunk in mine.split(self.cfg.eval.batch_size):
-            u, v = self.task.spectral_embeddings(self.core, chunk)
-            us.append(u.float())
-            if v is not None:
-                vs.append(v.float())
-        u_all = all_gather_rows(torch.cat(us))
-        v_all = all_gather_rows(torch.cat(vs)) if vs else None
-        if self.cfg.data.spectral.beta is None:
-            sampler.beta = float(self.core.temperature())
-        if self.acc.is_main_process:
-            assignment = sampler.compute_assignment(torch.arange(n), u_all.cpu(),
-                                                    None if v_all is None else v_all.cpu()).to(self.device)
-        else:
-            assignment = torch.zeros(n, dtype=torch.int64, device=self.device)
-        if world > 1:
-            assignment = broadcast(assignment, from_process=0)
-        sampler.set_assignment(assignment.cpu(), step=self.pos.step)
+        beta = float(self.core.temperature()) if self.cfg.data.spectral.beta is None else None
+        self.sampler.refresh(lambda positions: self.task.spectral_embeddings(self.core, positions), step=self.pos.step,
+                             beta=beta, chunk=self.cfg.eval.batch_size, device=self.device)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------------ evaluation
@@ -311,7 +299,7 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             progress = self._progress()
-            bar = getattr(self, "_bar", None)
+            bar = self.loop.bar
             if bar is not None:
                 bar.set_postfix_str(f"evaluating: {self.task.eval_description}")
             before = self._clocks()
@@ -366,7 +354,7 @@ class Trainer:
             self._maybe_eval(0, logger, final=True)  # the network before training, in the same run
         bar = tqdm(total=self.total_steps, initial=self.pos.step, disable=not self.acc.is_main_process,
                    desc=f"{cfg.loss.estimator} b={cfg.train.batch_size}x{self.acc.num_processes}", dynamic_ncols=True)
-        self._bar = bar
+        self.loop.bar = bar
         try:
             with self._stop_on_signals():
                 self._loop(logger, bar)
@@ -418,13 +406,13 @@ class Trainer:
     @contextlib.contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
         """SIGINT / SIGTERM set a flag the loop checks at the next optimiser step (a second one acts at once)."""
-        self._stop_signal: int | None = None
+        self.loop.stop_signal = None
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def on_signal(signum: int, frame: Any) -> None:
-            self._stop_signal = signum
+            self.loop.stop_signal = signum
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -437,7 +425,7 @@ class Trainer:
     def _stop_requested(self) -> int | None:
         """The signal to stop on, agreed by every process (checked every step alone, every ``train.log_every``
         steps with several processes: one small all-reduce)."""
-        mine = getattr(self, "_stop_signal", None)
+        mine = self.loop.stop_signal
         if self.acc.num_processes == 1:
             return mine
         if self.pos.step % self.cfg.train.log_every:
@@ -495,13 +483,13 @@ class Trainer:
                 except StopIteration:
                     break
                 except Exception as err:  # a worker killed by the signal, or data that cannot be read
-                    signum = getattr(self, "_stop_signal", None)
+                    signum = self.loop.stop_signal
                     if signum is not None or isinstance(err, DataError):
                         self._checkpoint_and_raise(err, signum)
                     raise
                 result = self.train_step(item)
                 self.pos.batch_in_epoch += 1
-                seen += self._last_inputs * self.acc.num_processes
+                seen += self.loop.last_inputs * self.acc.num_processes
                 if not self.acc.sync_gradients:
                     continue
                 self.scheduler.step()
