@@ -39,6 +39,7 @@ def _launch_two(out, overrides):
 
 @pytest.mark.dist
 @pytest.mark.parametrize("name", ["emc2", "sogclr", "infonce", "negative_cache", "hcl", "scl", "emc2+spectral"])
+@pytest.mark.determinism
 def test_two_processes_equal_one(tmp_path, name):
     est = [f"objective.name={name.split('+')[0]}", "objective.options.negative_cache.refresh=0.1"]
     if name.endswith("+spectral"):
@@ -66,7 +67,7 @@ def test_two_processes_equal_one(tmp_path, name):
         for k, v in single["objective"].items():
             if v.is_floating_point():
                 assert torch.allclose(r["objective"][k], v, atol=1e-4, equal_nan=True), k
-            else:
+            else:  # exact: integer states (chain keys) follow sampling decisions, which rounding moves only at a tie
                 assert torch.equal(r["objective"][k], v), k
         for k, v in single["model"].items():
             assert torch.allclose(r["model"][k], v, atol=1e-4), k
