@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/fmnist_quickstart.yaml
 ARGS ?=
 OUT ?= gpu_check_out
+# what test-determinism reruns: the tests marked determinism but those that start several processes (7 min a pass);
+# DETERMINISM="determinism" reruns all of them
+DETERMINISM ?= determinism and not dist
 
-.PHONY: setup train test test-fast lint bench gpu-check clean
+.PHONY: setup train test test-fast test-determinism lint bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +26,9 @@ test: setup
 
 test-fast: setup  # everything but the tests marked slow (CLI training runs, several processes)
 	$(PY) -m pytest -q -m "not slow"
+
+test-determinism: setup  # the determinism tests again under other CPU kernels (tests/run_determinism.sh); CI runs it
+	bash tests/run_determinism.sh $(PY) -m "$(DETERMINISM)"
 
 lint: setup
 	$(VENV)/bin/ruff check .

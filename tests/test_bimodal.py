@@ -72,6 +72,7 @@ def _fake_world(monkeypatch, r: int, W: int, full: list[torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("name", ["emc2", "sogclr"])
+@pytest.mark.determinism
 def test_two_processes_compute_what_one_process_does(monkeypatch, name):
     """Per-rank losses average to the single-process loss, and each rank's chain/u states equal the single-process
     ones for its anchors, over two steps (the second starting from states that point outside the batch)."""
@@ -103,7 +104,11 @@ def test_two_processes_compute_what_one_process_does(monkeypatch, name):
         for r in range(W):
             own = ids[r * B // W:(r + 1) * B // W]
             for (k, v_ref), (_, v_r) in zip(ref.state_dict().items(), copies[r].state_dict().items()):
-                if v_ref.dim() == 1 and v_ref.shape[0] == N:
+                if v_ref.dim() == 1 and v_ref.shape[0] == N and v_ref.is_floating_point():
+                    # tolerance: float32 states of scores from [4, 6] × [6, 8] and [8, 6] × [6, 8] float64 products,
+                    # which BLAS may round differently per shape (almost always erased by the float32 rounding)
+                    torch.testing.assert_close(v_r[own], v_ref[own], rtol=1e-6, atol=1e-7, msg=k)
+                elif v_ref.dim() == 1 and v_ref.shape[0] == N:  # chain keys: exact, they move only at a near-tie
                     assert torch.equal(v_ref[own], v_r[own]), k
         for c in copies:  # emulate the all-gather of state writes before the next step
             c.load_state_dict(ref.state_dict())
@@ -132,6 +137,7 @@ def _brute_metrics(zx: np.ndarray, zy: np.ndarray, relevant: list[set[int]], ks=
     return out
 
 
+@pytest.mark.determinism
 def test_faiss_retrieval_equals_brute_force_with_shared_queries():
     n = 80
     words = [f"lemma{i % 60}" for i in range(n)]  # 20 lemma lists shared by two synsets
@@ -142,7 +148,7 @@ def test_faiss_retrieval_equals_brute_force_with_shared_queries():
     zx[65] = zx[5]  # identical text → identical query embedding
     got = retrieval_both_directions(zx, zy, relevant)
     ref = _brute_metrics(zx, zy, relevant)
-    for k, v in ref.items():
+    for k, v in ref.items():  # score gaps >= 5.9e-6, but for exact ties of identical embeddings (both relevant)
         assert got[k] == pytest.approx(v, abs=1e-9), k
     hnsw = retrieval_both_directions(zx, zy, relevant, index="hnsw", use_gpu=False)
     assert hnsw["x2y_recall@10"] == pytest.approx(ref["x2y_recall@10"], abs=0.05)
@@ -291,6 +297,7 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.mark.determinism
 def test_resume_after_a_crash_is_bit_identical(shard_dir, tmp_path):
     aug = "pairs.augment_images=true"  # random crops and flips are seeded per (epoch, sample)
     full = Trainer(_cfg(shard_dir, tmp_path / "full", "eval.enabled=false", aug))
@@ -331,6 +338,7 @@ def _recording(cfg, crash_at: int = -1) -> Recording:
     return t
 
 
+@pytest.mark.determinism
 def test_streaming_resume_continues_the_stream(shard_dir, tmp_path):
     """A streamed run (6 steps an epoch) crashed at step 9 and resumed from its step-8 checkpoint (epoch 1, batch 2)
     trains on the same pairs, step by step, as the uninterrupted run, and ends bit-identical: the stream continues

@@ -39,6 +39,7 @@ def _launch_two(out, overrides):
 
 @pytest.mark.dist
 @pytest.mark.parametrize("name", ["emc2", "sogclr", "infonce", "negative_cache", "hcl", "scl", "emc2+spectral"])
+@pytest.mark.determinism
 def test_two_processes_equal_one(tmp_path, name):
     est = [f"loss.estimator={name.split('+')[0]}", "loss.options.negative_cache.refresh=0.1"]
     if name.endswith("+spectral"):
@@ -66,7 +67,7 @@ def test_two_processes_equal_one(tmp_path, name):
         for k, v in single["estimator"].items():
             if v.is_floating_point():
                 assert torch.allclose(r["estimator"][k], v, atol=1e-4, equal_nan=True), k
-            else:
+            else:  # exact: integer states (chain keys) follow sampling decisions, which rounding moves only at a tie
                 assert torch.equal(r["estimator"][k], v), k
         for k, v in single["model"].items():
             assert torch.allclose(r["model"][k], v, atol=1e-4), k

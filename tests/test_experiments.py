@@ -51,6 +51,7 @@ def brute_force_objective(model: torch.nn.Module, views: torch.Tensor, beta: flo
     return float(loss), float(sum(g.double().square().sum() for g in grads))
 
 
+@pytest.mark.determinism
 def test_stationarity_smoke_matches_brute_force(tmp_path: Path) -> None:
     out = tmp_path / "st.json"
     stdout = _run("stationarity.py", "--smoke", "--out", str(out))
@@ -65,6 +66,7 @@ def test_stationarity_smoke_matches_brute_force(tmp_path: Path) -> None:
     loss0, sq0 = brute_force_objective(model, views, cfg["beta"])
     for label, runs in res["curves"].items():
         first, last = runs[0][0], runs[0][-1]
+        # tolerance: float32 features reduced in another order than the script's (measured <= 6e-8 on 3 kernel sets)
         assert first["loss"] == pytest.approx(loss0, rel=1e-6), label
         assert first["grad_norm_sq"] == pytest.approx(sq0, rel=1e-4), label
         # equal forwards (the default): every estimator stops at the first step that spends the common budget,

@@ -74,6 +74,7 @@ def test_default_emc2_mean_gradient_matches_eq1_at_b4_where_infonce_does_not():
 
 
 @pytest.mark.parametrize("estimator, options", [("emc2", {}), ("sogclr", {}), ("negative_cache", {"dim": 8})])
+@pytest.mark.determinism
 def test_state_round_trips_and_two_directions_have_their_own(estimator, options):
     table_x, table_y = _features(b=30, seed=3)
     table_x, table_y = table_x.detach(), table_y.detach()

@@ -146,6 +146,7 @@ def interpreted(tmp_path_factory):
 
 @needs_triton
 @pytest.mark.parametrize("case", range(len(CHAIN_CASES)), ids=[f"B{b}-C{c}-R{r}-P{p}" for b, c, r, p, _ in CHAIN_CASES])
+@pytest.mark.determinism
 def test_interpreted_kernel_matches_torch_reference(interpreted, case):
     args = interpreted["chains"][case]
     ref = mh_chains_torch(*args)
@@ -155,6 +156,7 @@ def test_interpreted_kernel_matches_torch_reference(interpreted, case):
 
 
 @needs_triton
+@pytest.mark.determinism
 def test_interpreted_kernel_rejects_exact_ties_like_the_reference(interpreted):
     args = interpreted["chains"][-1]
     assert interpreted["ties"] > 20, "the tie construction produced too few exact ties to test anything"
@@ -176,6 +178,7 @@ def test_interpreted_cases_cover_stays_and_moves(interpreted):
 
 @needs_triton
 @pytest.mark.parametrize("case", range(len(VISIT_CASES)), ids=[f"b{c[0]}-R{c[1]}-{c[3]}" for c in VISIT_CASES])
+@pytest.mark.determinism
 def test_interpreted_visit_counts_match_torch_backend(interpreted, case):
     kw = dict(interpreted["visit"][case])
     gen = torch.Generator().manual_seed(kw.pop("seed"))
@@ -290,6 +293,7 @@ def _cuda_ready() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("B,R,proposal", [(512, 510, "batch"), (512, 510, "permuted_scan"), (512, 510, "pool"),
                                           (2000, 77, "pool")])
+@pytest.mark.determinism
 def test_cuda_triton_backend_matches_torch_backend(B, R, proposal):
     _cuda_ready()
     dev = torch.device("cuda")
@@ -311,6 +315,7 @@ def test_cuda_triton_backend_matches_torch_backend(B, R, proposal):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.determinism
 def test_cuda_kernel_rejects_exact_ties_like_the_reference():
     _cuda_ready()
     args, ties = _tie_chain_args(300, 40, 200, 20, 1 / 0.07, seed=5)

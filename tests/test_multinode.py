@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.dist]
+pytestmark = [pytest.mark.slow, pytest.mark.dist, pytest.mark.determinism]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

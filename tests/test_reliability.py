@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains through the CLI or starts processes: `make test-fast` skips it
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
     "data.name=digits", "data.image_size=8", "data.subset=96", "data.num_workers=0", "model.proj_hidden=64",
@@ -29,6 +31,7 @@ def _hashes(ckpt):
     return json.loads(r.stdout)["hash"]
 
 
+@pytest.mark.determinism
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     full = tmp_path / "full"
@@ -58,8 +61,6 @@ import os, sys
 sys.path.insert(0, {str(ROOT)!r})
 from dual_emc2.train.config import load_config
 from dual_emc2.train.trainer import Trainer
-
-pytestmark = pytest.mark.slow  # trains through the CLI or starts processes: `make test-fast` skips it
 
 class Dying(Trainer):
     def train_step(self, item):

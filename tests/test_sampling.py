@@ -76,6 +76,7 @@ def test_init_states_out_of_batch():
     assert res.score[2] == scores[2, res.index[2]]
 
 
+@pytest.mark.determinism
 def test_rank_slices_reproduce_the_full_batch():
     torch.manual_seed(0)
     B, C = 8, 8

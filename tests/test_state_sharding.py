@@ -120,6 +120,7 @@ def _unimodal_batch(step: int, b: int = 4, d: int = 8):
 
 
 @pytest.mark.parametrize("cls", [EMC2, SogCLR])
+@pytest.mark.determinism
 def test_one_process_sharded_trains_as_replicated(cls):
     runs = {}
     for mode in ("replicated", "sharded"):

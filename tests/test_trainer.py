@@ -57,6 +57,7 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.mark.determinism
 def test_resume_after_a_crash_is_bit_identical(tmp_path):
     full = Trainer(tiny_config(tmp_path / "full", "eval.enabled=false"))
     full.fit()
@@ -151,6 +152,7 @@ def test_linear_probe_script_reads_a_checkpoint(tiny_run, tmp_path):
     assert r.returncode == 4 and "none" in r.stderr and "Traceback" not in r.stderr  # a checkpoint error
 
 
+@pytest.mark.determinism
 def test_checkpoint_info_hashes_match_between_identical_runs(tiny_run, tmp_path):
     def info(path):
         r = subprocess.run([sys.executable, str(ROOT / "scripts/checkpoint_info.py"), str(path), "--json"],

@@ -59,6 +59,7 @@ class Crash(RuntimeError):
     pass
 
 
+@pytest.mark.determinism
 def test_spectral_run_resumes_bit_identically(tmp_path):
     full = Recording(tiny_config(tmp_path / "full", *SPECTRAL, "eval.enabled=false"))
     full.fit()
