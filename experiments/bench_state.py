@@ -3,13 +3,13 @@
 machine's CPU: memory per process and the time of one state round (read + write of a global batch's keys).
 
 For each table size N (EMC² chains: int32 key + float32 score + int32 view epoch, 12 bytes a key) and each
-layout/protocol (``replicated``; ``sharded`` with the ``gather`` and the ``alltoall`` exchange of
-:mod:`dual_emc2.loss.state.exchange`), every process builds a :class:`dual_emc2.loss.state.keyed.ChainState` alone to
-measure its memory: the state's bytes (its buffers) and the peak resident growth while building it (VmHWM after
-resetting it, minus the resident memory before). Then the three tables run rounds side by side, interleaved: each round
-draws a global batch of ``--batch`` distinct keys (the same on every process), each process reads the states of its
-slice and writes new ones; the time of a round is the slowest process's, and the median over rounds is reported. Ratios
-are against the replicated table of the same N, measured in the same run.
+layout/protocol (``replicated``; ``sharded`` with the ``gather`` exchange of experiments/gather_exchange.py and the
+``alltoall`` one of :mod:`dual_emc2.loss.state.exchange`), every process builds a
+:class:`dual_emc2.loss.state.keyed.ChainState` alone to measure its memory: the state's bytes (its buffers) and the peak
+resident growth while building it (VmHWM after resetting it, minus the resident memory before). Then the three tables
+run rounds side by side, interleaved: each round draws a global batch of ``--batch`` distinct keys (the same on every
+process), each process reads the states of its slice and writes new ones; the time of a round is the slowest process's,
+and the median over rounds is reported. Ratios are against the replicated table of the same N, measured in the same run.
 
     python experiments/bench_state.py [--world 4] [--keys 1e6,1e7] [--batch 256] [--rounds 200]
         [--out experiments/results/bench_state.json] [--smoke]
@@ -30,7 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _common import default_out, describe_machine, format_table, machine_info, median, write_json
+from gather_exchange import GATHER
 
+from dual_emc2.loss.state.exchange import ALL_TO_ALL
 from dual_emc2.loss.state.keyed import ChainState
 
 VARIANTS = (("replicated", "gather"), ("sharded", "gather"), ("sharded", "alltoall"))
@@ -58,7 +60,7 @@ def _round(chains: ChainState, keys: torch.Tensor, step: int) -> None:
 
 def _table(n_keys: int, layout: str, protocol: str) -> ChainState:
     chains = ChainState(n_keys, layout)
-    chains.protocol = protocol
+    chains.exchange = GATHER if protocol == "gather" else ALL_TO_ALL
     return chains
 
 

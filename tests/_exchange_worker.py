@@ -10,7 +10,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
+from gather_exchange import GATHER  # noqa: E402
+
+from dual_emc2.loss.state.exchange import ALL_TO_ALL  # noqa: E402
 from dual_emc2.loss.state.keyed import ChainState, assemble_state_dict  # noqa: E402
 
 N = 101
@@ -23,9 +27,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def worker(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    for protocol in ("alltoall", "gather"):
+    for protocol, exchange in (("alltoall", ALL_TO_ALL), ("gather", GATHER)):
         sharded = ChainState(N, "sharded")
-        sharded.protocol = protocol
+        sharded.exchange = exchange
         ref_key = torch.full((N,), -1, dtype=torch.int32)
         ref_score = torch.full((N,), float("-inf"))
         gen = torch.Generator().manual_seed(7)
@@ -34,7 +38,7 @@ def worker(rank: int, world: int, port: int) -> None:
             glob = torch.randperm(N, generator=gen)[:sum(sizes)]
             lo = sum(sizes[:rank])
             keys = glob[lo:lo + sizes[rank]]
-            cand, score = sharded.read(keys)
+            cand, score, _ = sharded.read(keys)
             assert torch.equal(cand, ref_key[keys].long()), (protocol, step)
             assert torch.equal(_bits(score), _bits(ref_score[keys])), (protocol, step)
             new_key = torch.randint(-1, N, (glob.numel(),), generator=gen, dtype=torch.int32)
@@ -43,7 +47,7 @@ def worker(rank: int, world: int, port: int) -> None:
             mine = slice(lo, lo + sizes[rank])
             if step % 3 == 2:  # a write whose keys are another tensor than the read's: its own key exchange
                 keys = keys.clone()
-            sharded.write(keys, new_key[mine], new_score[mine])
+            sharded.write(keys, new_key[mine], new_score[mine], torch.zeros_like(new_key[mine]))
             ref_key[glob], ref_score[glob] = new_key, new_score
         pieces = [None] * world
         dist.all_gather_object(pieces, {k: v.clone() for k, v in sharded.state_dict().items()})

@@ -85,20 +85,22 @@ def test_minilm_text_pairs_train_with_reencoded_chain_states(tmp_path):
         "loss.options.emc2.state_score=exact", "loss.options.emc2.out_of_batch=reencode",
         "eval.batch_size=4", "train.plots=false"])
     trainer = Trainer(cfg)  # 8 training pairs, 2 steps per epoch: step 3 revisits anchors with stored states
-    assert trainer.estimator.needs_candidate_encoder and trainer.core.shared
+    assert trainer.estimator.needs_state_features and trainer.core.shared and trainer.task.exact_states
     calls = []
-    original = trainer.task.encode_by_id
+    original = trainer.task.loss_fn.state_request
 
-    def spy(core, side, ids):
-        calls.append((side, ids.tolist()))
-        return original(core, side, ids)
+    def spy(index, *, epoch=0):
+        need = original(index, epoch=epoch)
+        calls.append((need.x.ids.tolist(), need.y.ids.tolist(), epoch))
+        return need
 
-    trainer.task.encode_by_id = spy
+    trainer.task.loss_fn.state_request = spy
     final = trainer.fit()
     assert final["step"] == 3 and 0 <= final["x2y_recall@1"] <= 1
     train_ids = set(trainer.task.train_pairs.ids.tolist())
-    assert calls and {s for s, _ in calls} <= {"x", "y"}
-    assert all(set(ids) <= train_ids for _, ids in calls)  # states are training-sample indices
+    assert len(calls) == 3 and any(x or y for x, y, _ in calls[2:])  # states out of the batch at step 3
+    assert all(set(x) | set(y) <= train_ids and e == 0 for x, y, e in calls)  # text: views do not change
+    assert trainer.task.state_misses == 0
     # the two pairs whose lemma is "bank" are known false negatives of each other
     bank = [int(i) for i, x in zip(trainer.task.train_pairs.ids, trainer.task.train_pairs.x) if x == "bank"]
     if len(bank) == 2:

@@ -13,8 +13,6 @@ from dual_emc2.towers.heads import IMAGE_ARCHS, NORMS
 from dual_emc2.towers.two_tower import PRETRAINED_TOWERS, TOWER_KINDS
 from dual_emc2.train import config as config_module
 from dual_emc2.train.config import (
-    MIXED_PRECISION_CHOICES,
-    Config,
     ConfigError,
     apply_overrides,
     config_from_dict,
@@ -25,6 +23,7 @@ from dual_emc2.train.config import (
     save_config,
 )
 from dual_emc2.train.optim import SCHEDULES
+from dual_emc2.train.schema import MIXED_PRECISION_CHOICES, Config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -271,7 +270,7 @@ BOTH_MODES = [
 UNIMODAL_ONLY = [
     "data.name=digits", "data.root=/data", "data.download=true",
     "data.train_split=unlabeled", "data.eval_train_split=unlabeled", "data.eval_test_split=val",
-    "data.n_views=3", "data.subset=10", "data.eval_subset=20",
+    "data.n_views=3", "data.subset=10",
     "data.augment.crop_scale_min=0.3", "data.augment.jitter_strength=1",
     "data.augment.grayscale_p=0", "data.augment.blur=false", "data.augment.flip=false",
     "model.arch=resnet50", "model.cifar_stem=false", "model.proj_hidden=2048", "model.proj_dim=256",

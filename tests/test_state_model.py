@@ -15,8 +15,10 @@ if str(ROOT / "experiments") not in sys.path:
     sys.path.insert(0, str(ROOT / "experiments"))
 
 import state_model as sm  # noqa: E402
+from gather_exchange import GATHER  # noqa: E402
 
 from dual_emc2.loss.registry import build_estimator  # noqa: E402
+from dual_emc2.loss.state.exchange import ALL_TO_ALL  # noqa: E402
 from dual_emc2.loss.state.keyed import AnchorScalarState, ChainState, KeyedState  # noqa: E402
 from dual_emc2.loss.state.layout import KeyLayout  # noqa: E402
 
@@ -75,7 +77,7 @@ def test_step_payloads_equal_the_collectives_of_a_read_and_write(monkeypatch, pr
         state, columns = ChainState(n, sharding=layout), 3
     else:
         state, columns = AnchorScalarState(n, sharding=layout), 1
-    state.protocol = "gather" if protocol == "replicated" else protocol
+    state.exchange = ALL_TO_ALL if protocol == "alltoall" else GATHER
     assert state.layout.world == (1 if layout == "replicated" else world)
     assert _table_bytes(state) == sm.state_bytes(n, world, layout, columns, 1)
     keys = torch.randperm(n)[:b]

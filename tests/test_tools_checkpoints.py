@@ -22,7 +22,8 @@ from dual_emc2.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from dual_emc2.train.config import Config, config_to_dict
+from dual_emc2.train.config import config_to_dict
+from dual_emc2.train.schema import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "experiments") not in sys.path:

@@ -20,8 +20,9 @@ from dual_emc2.data.views import MultiViewDataset
 from dual_emc2.errors import DataError, DualEMC2Error, UsageError, exit_code_of
 from dual_emc2.loss.errors import OptionError
 from dual_emc2.loss.registry import build_estimator, options_for
-from dual_emc2.train.config import ConfigError, PairsConfig, load_config
+from dual_emc2.train.config import ConfigError, load_config
 from dual_emc2.train.pair_sources import load_pair_sets
+from dual_emc2.train.schema import PairsConfig
 
 
 def _png(value: int) -> bytes:

@@ -35,10 +35,10 @@ from dual_emc2.errors import UsageError
 from dual_emc2.loss.global_loss import GlobalContrastiveLoss, StateViews
 from dual_emc2.loss.registry import build_estimator, options_for
 from dual_emc2.towers.two_tower import TwoTowerModel, check_modalities, modality_fix
-from dual_emc2.train.config import Config
 from dual_emc2.train.models import build_two_tower_model
 from dual_emc2.train.pair_sources import load_pair_sets
 from dual_emc2.train.retrieval_report import retrieval_report
+from dual_emc2.train.schema import Config
 from dual_emc2.train.task import Task, forward_in_eval_mode
 
 __all__ = ["PairsTask"]

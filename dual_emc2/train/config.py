@@ -15,8 +15,6 @@ Every error names the full dotted key and what was expected, e.g.
 ``train.batch_size: expected int, got str 'abc'``.  Keys that the run's ``mode`` does not read are errors unless
 they hold their default value (a saved config holds every key), e.g. ``model.arch applies to mode: unimodal only;
 this is a mode: bimodal run (the towers are set with towers.*); remove it``.
-
-The schema's names are re-exported here: ``from dual_emc2.train.config import Config`` keeps working.
 """
 from __future__ import annotations
 
@@ -39,65 +37,10 @@ import yaml
 
 from dual_emc2.errors import UsageError
 from dual_emc2.text_files import decode_utf8
-from dual_emc2.train.schema import (
-    ARCH_CHOICES,
-    BATCH_SAMPLER_CHOICES,
-    MIXED_PRECISION_CHOICES,
-    MODE_CHOICES,
-    NORM_CHOICES,
-    PAIR_SOURCE_CHOICES,
-    PRETRAINED_TOWER_CHOICES,
-    SCHEDULE_CHOICES,
-    STATE_SHARDING_CHOICES,
-    TOWER_KIND_CHOICES,
-    AugmentConfig,
-    Config,
-    DataConfig,
-    EvalConfig,
-    LossConfig,
-    ModelConfig,
-    OptimConfig,
-    PairsConfig,
-    SpectralConfig,
-    TowersConfig,
-    TrainConfig,
-)
+from dual_emc2.train.schema import Config
 
-__all__ = [
-    # the schema (dual_emc2.train.schema)
-    "ARCH_CHOICES",
-    "BATCH_SAMPLER_CHOICES",
-    "MIXED_PRECISION_CHOICES",
-    "MODE_CHOICES",
-    "NORM_CHOICES",
-    "PAIR_SOURCE_CHOICES",
-    "PRETRAINED_TOWER_CHOICES",
-    "SCHEDULE_CHOICES",
-    "STATE_SHARDING_CHOICES",
-    "TOWER_KIND_CHOICES",
-    "AugmentConfig",
-    "Config",
-    "DataConfig",
-    "EvalConfig",
-    "ModelConfig",
-    "LossConfig",
-    "OptimConfig",
-    "PairsConfig",
-    "SpectralConfig",
-    "TowersConfig",
-    "TrainConfig",
-    # the loader
-    "ConfigError",
-    "apply_overrides",
-    "check_mode_keys",
-    "config_from_dict",
-    "config_to_dict",
-    "find_config",
-    "load_config",
-    "load_yaml",
-    "packaged_configs",
-    "save_config",
-]
+__all__ = ["ConfigError", "apply_overrides", "check_mode_keys", "config_from_dict", "config_to_dict", "find_config",
+           "load_config", "load_yaml", "packaged_configs", "save_config"]
 
 
 class ConfigError(UsageError):

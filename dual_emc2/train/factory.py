@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 
-from dual_emc2.train.config import Config
+from dual_emc2.train.schema import Config
 from dual_emc2.train.task import Task
 
 __all__ = ["build_accelerator", "build_task"]

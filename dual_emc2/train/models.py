@@ -9,7 +9,8 @@ from dual_emc2.towers.heads import build_image_encoder
 from dual_emc2.towers.temperature import ContrastiveModel, InverseTemperature
 from dual_emc2.towers.two_tower import TwoTowerModel, build_two_tower
 from dual_emc2.train.checkpoint import load_checkpoint
-from dual_emc2.train.config import Config, config_from_dict
+from dual_emc2.train.config import config_from_dict
+from dual_emc2.train.schema import Config
 
 __all__ = ["build_two_tower_model", "build_unimodal_model", "checkpoint_model"]
 

@@ -11,7 +11,8 @@ from dual_emc2.data.offline_sets import EMOJI_DIR, WORDNET_DIR, emoji_pairs, wor
 from dual_emc2.data.pairs import PairSet, read_pairs_file, screen_pairs, split_pairs
 from dual_emc2.data.shards import read_shards
 from dual_emc2.errors import DataError
-from dual_emc2.train.config import ConfigError, PairsConfig
+from dual_emc2.train.config import ConfigError
+from dual_emc2.train.schema import PairsConfig
 
 __all__ = ["load_pair_sets", "read_pair_source"]
 

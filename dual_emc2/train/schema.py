@@ -108,7 +108,6 @@ class DataConfig:
     num_workers: int = field(default=2, metadata=_check(ge=0))
     on_bad_sample: str = field(default="raise", metadata=_check(choices=("raise", "skip")))  # unreadable files
     subset: int | None = field(default=None, metadata=_check(gt=0, mode=_UNI))
-    eval_subset: int | None = field(default=None, metadata=_check(gt=0, mode=_UNI))
     augment: AugmentConfig = field(default_factory=AugmentConfig, metadata=_check(mode=_UNI))
     batch_sampler: str = field(default="shuffle", metadata=_check(choices=BATCH_SAMPLER_CHOICES))
     spectral: SpectralConfig = field(default_factory=SpectralConfig)

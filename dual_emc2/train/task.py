@@ -21,7 +21,7 @@ from dual_emc2.data.samplers import GlobalBatchSampler
 from dual_emc2.data.spectral import SpectralBatchSampler
 from dual_emc2.loss.estimators.base import Estimator
 from dual_emc2.loss.global_loss import GlobalContrastiveLoss
-from dual_emc2.train.config import Config
+from dual_emc2.train.schema import Config
 
 __all__ = ["Task", "forward_in_eval_mode"]
 

@@ -30,11 +30,12 @@ from dual_emc2.errors import CheckpointError, DataError, Interrupted, RunStopped
 from dual_emc2.loss.state.keyed import split_sharded_state
 from dual_emc2.train.checkpoint import find_latest_valid, load_checkpoint, resolve_resume, save_checkpoint
 from dual_emc2.train.checkpoint_shards import restore_estimator, save_state_shard, shard_manifest
-from dual_emc2.train.config import Config, config_to_dict, save_config
+from dual_emc2.train.config import config_to_dict, save_config
 from dual_emc2.train.factory import build_accelerator, build_task
 from dual_emc2.train.optim import build_optimizer, build_scheduler
 from dual_emc2.train.run_folder import check_new_run, check_resume_config
 from dual_emc2.train.run_log import BOOKKEEPING, RunLogger, plot_curves
+from dual_emc2.train.schema import Config
 from dual_emc2.train.task import Task
 
 __all__ = ["NonFiniteLossError", "PROGRESS_KEYS", "Position", "Trainer"]

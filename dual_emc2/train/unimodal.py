@@ -25,9 +25,9 @@ from dual_emc2.data.state_slots import ImageStateViews, match_slots
 from dual_emc2.data.views import MultiViewDataset, UnaugmentedLookup
 from dual_emc2.loss.global_loss import GlobalContrastiveLoss, StateViews
 from dual_emc2.loss.registry import build_estimator, options_for
-from dual_emc2.train.config import Config
 from dual_emc2.train.evaluate import eval_loaders, evaluate_features
 from dual_emc2.train.models import build_unimodal_model
+from dual_emc2.train.schema import Config
 from dual_emc2.train.task import Task, forward_in_eval_mode
 
 __all__ = ["ImageViewsTask"]

@@ -7,34 +7,28 @@ key lives on the processes its :class:`~dual_emc2.loss.state.layout.KeyLayout` s
 
 * Replicated (every process holds every row): a read is local; a write all-gathers (key, row) of every process and
   each process applies all of them, in rank order.
-* Sharded, ``protocol="alltoall"`` (the default): a read sends each key to its owner and gets its row back
-  (``all_to_all_single``: the counts, the keys, the rows); the write sends each new row to its owner (the read's
-  routing is reused).  Traffic O(batch per process), memory O(N / W).
-* Sharded, ``protocol="gather"``: a read all-gathers the keys of the global batch, each owner fills the rows it owns
-  (zero elsewhere) and one all-reduce (sum of int32 bits: exactly one process contributes a non-zero word per entry)
-  gives every process its rows; the write all-gathers the new rows (the read's keys reused) and each owner keeps its
-  own.  Traffic O(global batch).
+* Sharded (:class:`AllToAll`): a read sends each key to its owner and gets its row back (``all_to_all_single``: the
+  counts, the keys, the rows); the write sends each new row to its owner (the read's routing is reused).  Traffic
+  O(batch per process), memory O(N / W), four collectives per read + write.
 
-Both take four collectives per read + write; with 4 gloo processes the all-to-all round was 1.2–1.3× the replicated
-one and the gather round 2× (experiments/bench_state.py: ring all-gather and all-reduce take W − 1 and 2(W − 1)
-sequential hops, an all-to-all one), hence the default.
-
-Both sharded protocols apply the rows of a write in the order of the global batch, as the replicated write does, so
-the tables of all three are equal after every step.
+An :class:`Exchange` is pluggable (``KeyedState.exchange``): experiments/gather_exchange.py holds an all-gather /
+all-reduce alternative that experiments/bench_state.py measured at 2× the replicated round against 1.2–1.3× for the
+all-to-all with 4 gloo processes (ring collectives take W − 1 or 2(W − 1) sequential hops, an all-to-all one).  Every
+exchange applies the rows of a write in the order of the global batch, as the replicated write does, so the tables of
+every layout are equal after every step.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from dual_emc2.loss.distributed import all_gather_rows, all_reduce_sum_, all_to_all_rows, gather_sizes, rank
+from dual_emc2.loss.distributed import all_gather_rows, all_to_all_rows
 from dual_emc2.loss.state.layout import KeyLayout
 
-__all__ = ["PROTOCOLS", "owner_apply", "owner_fill", "pack", "read_rows", "unpack", "write_rows"]
-
-PROTOCOLS = ("alltoall", "gather")
+__all__ = ["ALL_TO_ALL", "AllToAll", "Exchange", "owner_apply", "owner_fill", "pack", "read_rows", "unpack",
+           "write_rows"]
 
 
 def pack(columns: list[Tensor]) -> Tensor:
@@ -65,60 +59,63 @@ def owner_apply(columns: list[Tensor], layout: KeyLayout, keys: Tensor, packed: 
         col[local] = packed[mine, i].contiguous().view(col.dtype)
 
 
-def read_rows(columns: list[Tensor], layout: KeyLayout, keys: Tensor, protocol: str = "alltoall"
+class Exchange(Protocol):
+    """How a sharded table's rows travel: ``read`` returns the rows of ``keys`` (packed, :func:`pack`) and a context
+    for the write of the same keys; ``write`` stores packed rows where their owners are (``context`` from the read
+    of the same keys, or None)."""
+
+    def read(self, columns: list[Tensor], layout: KeyLayout, keys: Tensor) -> tuple[Tensor, Any]: ...
+
+    def write(self, columns: list[Tensor], layout: KeyLayout, keys: Tensor, rows: Tensor, context: Any) -> None: ...
+
+
+class AllToAll:
+    """Each key goes to its owner and its row comes back (``all_to_all_single``); the write reuses the routing."""
+
+    @staticmethod
+    def _route(layout: KeyLayout, keys: Tensor) -> tuple[Tensor, list[int], Tensor, list[int]]:
+        owner = layout.owner(keys)
+        order = torch.argsort(owner, stable=True)
+        counts = torch.bincount(owner, minlength=layout.world).tolist()
+        asked, asked_counts = all_to_all_rows(keys[order], counts)
+        return order, counts, asked, asked_counts
+
+    def read(self, columns: list[Tensor], layout: KeyLayout, keys: Tensor) -> tuple[Tensor, Any]:
+        order, counts, asked, asked_counts = self._route(layout, keys)
+        local = layout.local_index(asked)
+        rows, _ = all_to_all_rows(pack([c[local] for c in columns]), asked_counts, recv_counts=counts)
+        out = torch.empty_like(rows)
+        out[order] = rows
+        return out, (order, counts, asked, asked_counts)
+
+    def write(self, columns: list[Tensor], layout: KeyLayout, keys: Tensor, rows: Tensor, context: Any) -> None:
+        order, counts, asked, asked_counts = context if context is not None else self._route(layout, keys)
+        received, _ = all_to_all_rows(rows[order], counts, recv_counts=asked_counts)
+        owner_apply(columns, layout, asked, received)
+
+
+ALL_TO_ALL = AllToAll()
+
+
+def read_rows(columns: list[Tensor], layout: KeyLayout, keys: Tensor, exchange: Exchange = ALL_TO_ALL
               ) -> tuple[list[Tensor], Any]:
     """The rows of ``keys`` (one tensor per column) and a context that lets the write of the same keys skip the
     key exchange.  Every process must call it (a collective) when the table is sharded."""
     dtypes = [c.dtype for c in columns]
     if layout.world == 1:
         return [c[keys] for c in columns], None
-    if protocol == "gather":
-        sizes = gather_sizes(keys.numel(), keys.device)
-        every = all_gather_rows(keys, sizes)
-        packed = all_reduce_sum_(owner_fill(columns, layout, every))
-        start = sum(sizes[:rank()])
-        return unpack(packed[start:start + keys.numel()], dtypes), ("gather", every, sizes)
-    if protocol == "alltoall":
-        owner = layout.owner(keys)
-        order = torch.argsort(owner, stable=True)
-        counts = torch.bincount(owner, minlength=layout.world).tolist()
-        asked, asked_counts = all_to_all_rows(keys[order], counts)
-        local = layout.local_index(asked)
-        rows, _ = all_to_all_rows(pack([c[local] for c in columns]), asked_counts, recv_counts=counts)
-        out = torch.empty_like(rows)
-        out[order] = rows
-        return unpack(out, dtypes), ("alltoall", order, counts, asked, asked_counts)
-    raise ValueError(f"state exchange protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    packed, context = exchange.read(columns, layout, keys)
+    return unpack(packed, dtypes), context
 
 
 @torch.no_grad()
 def write_rows(columns: list[Tensor], layout: KeyLayout, keys: Tensor, values: list[Tensor], context: Any = None,
-               protocol: str = "alltoall") -> None:
+               exchange: Exchange = ALL_TO_ALL) -> None:
     """Store ``values`` (one tensor per column, rows of ``keys``) wherever the layout keeps them; ``context``: what
     :func:`read_rows` returned for the same keys (or None).  A collective when several processes train."""
     rows = pack([v.to(c.dtype) for v, c in zip(values, columns)])
-    if layout.world == 1 and context is None:  # replicated: every process applies every process's rows
+    if layout.world == 1:  # replicated: every process applies every process's rows
         both = all_gather_rows(torch.cat([keys[:, None].long(), rows.long()], dim=1))
         owner_apply(columns, layout, both[:, 0], both[:, 1:].to(torch.int32))
         return
-    if context is None:
-        context = _key_context(layout, keys, protocol)
-    if context[0] == "gather":
-        _, every, sizes = context
-        owner_apply(columns, layout, every, all_gather_rows(rows, sizes))
-    else:
-        _, order, counts, asked, asked_counts = context
-        received, _ = all_to_all_rows(rows[order], counts, recv_counts=asked_counts)
-        owner_apply(columns, layout, asked, received)
-
-
-def _key_context(layout: KeyLayout, keys: Tensor, protocol: str) -> Any:
-    """The key exchange of a read, for a write without one."""
-    if protocol == "gather":
-        sizes = gather_sizes(keys.numel(), keys.device)
-        return "gather", all_gather_rows(keys, sizes), sizes
-    owner = layout.owner(keys)
-    order = torch.argsort(owner, stable=True)
-    counts = torch.bincount(owner, minlength=layout.world).tolist()
-    asked, asked_counts = all_to_all_rows(keys[order], counts)
-    return "alltoall", order, counts, asked, asked_counts
+    exchange.write(columns, layout, keys, rows, context)

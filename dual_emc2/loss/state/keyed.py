@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from dual_emc2.loss.distributed import all_gather_rows, rank, world_size
-from dual_emc2.loss.state.exchange import read_rows, write_rows
+from dual_emc2.loss.state.exchange import ALL_TO_ALL, Exchange, read_rows, write_rows
 from dual_emc2.loss.state.layout import KeyLayout, resolve_sharding
 
 __all__ = ["AnchorScalarState", "ChainState", "KeyedState", "assemble_state_dict", "keyed_states",
@@ -61,7 +61,7 @@ class KeyedState(nn.Module):
     :func:`~dual_emc2.loss.state.layout.resolve_sharding`).
     Build it after the process group is initialised: the layout follows the world size at construction."""
 
-    protocol = "alltoall"  # the sharded exchange (dual_emc2.loss.state.exchange; experiments/bench_state.py)
+    exchange: Exchange = ALL_TO_ALL  # how a sharded table's rows travel (dual_emc2.loss.state.exchange)
     #: columns a state dict written by an earlier version may lack, with the value they load with (a warning says so)
     legacy_columns: Mapping[str, float] = {}
 
@@ -101,7 +101,7 @@ class KeyedState(nn.Module):
         """The rows of ``keys`` (this process's anchors), one tensor per column; a collective when sharded."""
         _check_keys(keys, self.num_keys, f"{type(self).__name__}.read")
         self._check_world()
-        values, context = read_rows(self.columns(), self.layout, keys, self.protocol)
+        values, context = read_rows(self.columns(), self.layout, keys, self.exchange)
         self._pending = (keys, _version(keys), context) if context is not None else None
         return values
 
@@ -113,7 +113,7 @@ class KeyedState(nn.Module):
         context = None
         if pending is not None and pending[0] is keys and pending[1] is not None and pending[1] == _version(keys):
             context = pending[2]  # the keys of the read: no second key exchange
-        write_rows(self.columns(), self.layout, keys, values, context, self.protocol)
+        write_rows(self.columns(), self.layout, keys, values, context, self.exchange)
 
     def full_columns(self) -> list[Tensor]:
         """Every key's row of every column (copies, in key order); a collective when the table is sharded (each

@@ -165,7 +165,7 @@ def _counts_from_visits(post: Tensor, index: Tensor, score: Tensor, accepted: Te
 
 def triton_available(device: torch.device) -> bool:
     """True when the fused kernel can run on ``device`` (CUDA + importable Triton, or the Triton interpreter)."""
-    from dual_emc2.loss.estimators.emc2 import chain_triton as mh_triton
+    import dual_emc2.loss.estimators.emc2.chain_triton as mh_triton
 
     return mh_triton.is_usable(device)
 
