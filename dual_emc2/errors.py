@@ -27,6 +27,17 @@ class DualEMC2Error(Exception):
     ``type(err)("Caught <Type> in DataLoader worker process N.\nOriginal Traceback ...")``; the constructor
     recognises that text and keeps only the original message (the worker's traceback stays in
     :attr:`worker_traceback`), so the user still sees one line naming the file and the fix.
+
+    Args:
+        *args: the message (one string), as for :class:`Exception`.
+
+    Example::
+
+        try:
+            run()
+        except DualEMC2Error as err:
+            print(f"error: {err}")
+            raise SystemExit(err.exit_code)
     """
 
     exit_code = 2
@@ -42,31 +53,62 @@ class DualEMC2Error(Exception):
 
 
 class UsageError(DualEMC2Error, ValueError):
-    """A bad command line, configuration key or value."""
+    """A bad command line, configuration key or value (exit code 2).
+
+    Example::
+
+        raise UsageError("--k must be an int >= 1, got 0")
+    """
 
     exit_code = 2
 
 
 class DataError(DualEMC2Error, ValueError):
-    """Data that cannot be read: the message names the file or sample and the fix (e.g. ``data.on_bad_sample``)."""
+    """Data that cannot be read: the message names the file or sample and the fix (e.g. ``data.on_bad_sample``);
+    exit code 3.
+
+    Example::
+
+        raise DataError("pairs.tsv:12: expected 2 tab-separated columns, got 1")
+    """
 
     exit_code = 3
 
 
 class CheckpointError(DualEMC2Error, ValueError):
-    """A missing or corrupt checkpoint, a run folder that already holds a run, or a resume that does not match."""
+    """A missing or corrupt checkpoint, a run folder that already holds a run, or a resume that does not match
+    (exit code 4).
+
+    Example::
+
+        raise CheckpointError("train.resume must be 'latest' or a checkpoint path, got 3")
+    """
 
     exit_code = 4
 
 
 class RunStopped(DualEMC2Error, RuntimeError):
-    """Training stopped itself (e.g. non-finite losses); the message says what was kept."""
+    """Training stopped itself (e.g. non-finite losses); the message says what was kept (exit code 5).
+
+    Example::
+
+        raise RunStopped("5 non-finite losses in a row at step 1200; checkpoint ckpt-00001000.pt kept")
+    """
 
     exit_code = 5
 
 
 class Interrupted(DualEMC2Error, KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped training after a checkpoint was written; exit code 128 + the signal number."""
+    """SIGINT or SIGTERM stopped training after a checkpoint was written; exit code 128 + the signal number.
+
+    Args:
+        message: what was written and how to resume.
+        signum: the signal number (``signal.SIGINT`` → exit code 130, ``signal.SIGTERM`` → 143).
+
+    Example::
+
+        raise Interrupted("interrupted at step 1200; resume with train.resume=latest", signal.SIGTERM)
+    """
 
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)

@@ -83,6 +83,17 @@ class AugmentConfig:
     """Augmentation settings of a run (the ``augment`` config section); ``simclr``/``eval`` build the transforms.
 
     ``blur=None`` means "on when size >= 64"; ``eval_resize=None`` means resize straight to ``size``.
+
+    Fields (the arguments of :func:`simclr_transform` / :func:`eval_transform`): ``size`` (output side),
+    ``crop_scale`` (area fraction of the random resized crop), ``jitter_strength`` (s), ``jitter_p``, ``grayscale_p``,
+    ``blur``, ``blur_p``, ``flip``, ``eval_resize``.  Values are checked at construction (ValueError).
+
+    Example::
+
+        cfg = AugmentConfig(size=96, crop_scale=(0.2, 1.0))
+        mean, std = dataset_stats("stl10")
+        train_tf, eval_tf = cfg.simclr(mean, std), cfg.eval(mean, std)
+        view = train_tf(pil_image)                       # [3, 96, 96] float32
     """
 
     size: int = 32

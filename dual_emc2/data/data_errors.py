@@ -19,13 +19,23 @@ BAD_SAMPLE_FIX = "data.on_bad_sample=skip"
 
 class UnreadableSample(DataError, RuntimeError):
     """A sample whose file cannot be decoded; the message names the file, the sample id and the fix
-    (``data.on_bad_sample=skip``)."""
+    (``data.on_bad_sample=skip``).  Build it with :func:`unreadable_image`, which also sets :attr:`what`.
+
+    Example::
+
+        raise unreadable_image("stl10 train", "img/00042.png", 42, OSError("truncated file"))
+    """
 
     what: str | None = None  # the message without the fix (for the warning when samples are skipped)
 
 
 class DataNotFound(DataError, FileNotFoundError):
-    """Data that is not where the user said (``data.root``, ``pairs.path``, ...); the message names the key."""
+    """Data that is not where the user said (``data.root``, ``pairs.path``, ...); the message names the key.
+
+    Example::
+
+        raise DataNotFound("pairs.path=data/pairs.tsv: pairs file not found (a .csv, .tsv or .jsonl file of pairs)")
+    """
 
 
 def unreadable_image(where: str, path: object, sample_id: int, err: BaseException) -> UnreadableSample:

@@ -50,6 +50,12 @@ class DatasetInfo:
     crop size).  ``mean``/``std`` are per-RGB-channel statistics of the training images in [0, 1] (grey datasets
     repeat their single value, since their images are served as RGB).  ``pretrain_split`` is the split used for
     contrastive pretraining, ``probe_splits`` the (train, test) splits of the linear probe / k-NN evaluation.
+    ``splits`` are the split names, ``grayscale`` whether the source images are grey (served as RGB).
+
+    Example::
+
+        info = dataset_info("fashion_mnist")
+        info.image_size, info.num_classes, info.probe_splits     # (28, 10, ("train", "test"))
     """
 
     name: str
@@ -116,7 +122,17 @@ def native_image_size(name: str) -> int:
 # Common interface
 # --------------------------------------------------------------------------------------------------------------------
 class ImageSet(Dataset, abc.ABC):
-    """A labelled image dataset: ``ds[i] -> (PIL RGB image, int label)``; ``labels()`` without decoding images."""
+    """A labelled image dataset: ``ds[i] -> (PIL RGB image, int label)``; ``labels()`` without decoding images.
+
+    Subclasses set ``name``, ``split``, ``classes`` and ``image_size`` and implement ``__len__``, ``__getitem__`` and
+    ``labels``; position ``i`` is the sample's global id.
+
+    Example::
+
+        ds = build_image_dataset("stl10", "train", root="data")
+        img, label = ds[0]                         # PIL RGB 96×96, int in 0..9
+        ds.labels().shape, ds.num_classes          # ((5000,), 10)
+    """
 
     name: str
     split: str
@@ -153,7 +169,19 @@ class ImageSet(Dataset, abc.ABC):
 
 
 class ArrayImageSet(ImageSet):
-    """Images held in memory as a uint8 array [N, H, W] (grey) or [N, H, W, 3] (RGB), converted to PIL on access."""
+    """Images held in memory as a uint8 array [N, H, W] (grey) or [N, H, W, 3] (RGB), converted to PIL on access.
+
+    Args:
+        images: uint8 [N, H, W] or [N, H, W, 3].
+        labels: [N] int class labels.
+        classes: class names.
+        name, split: the dataset's name and split (for messages and ``repr``).
+
+    Example::
+
+        ds = ArrayImageSet(np.zeros((10, 28, 28), np.uint8), np.arange(10) % 2, ["even", "odd"], "toy", "train")
+        img, label = ds[3]                         # a 28×28 PIL RGB image, 1
+    """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], name: str, split: str) -> None:
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
@@ -372,7 +400,19 @@ def _check_stl10_sizes(folder: Path, split: str) -> None:
 class STL10Set(ImageSet):
     """STL-10 binary release under ``root/stl10_binary`` (labels 0..9, −1 for ``unlabeled``; ``train+unlabeled`` is
     the 5,000 train images followed by the 100,000 unlabelled ones).  ``folds`` selects one of the 10 predefined
-    1,000-image training folds (``fold_indices.txt``)."""
+    1,000-image training folds (``fold_indices.txt``).
+
+    Args:
+        root: the folder holding (or to receive) ``stl10_binary/``.
+        split: ``"unlabeled"``, ``"train"``, ``"test"`` or ``"train+unlabeled"``.
+        download: let torchvision fetch the release into ``root`` when files are missing.
+        folds: a fold index 0..9 (train splits only), or None.
+
+    Example::
+
+        ds = STL10Set("data", "train+unlabeled")
+        len(ds), ds[0][0].size                     # (105000, (96, 96))
+    """
 
     def __init__(self, root: PathLike, split: str, download: bool = False, folds: int | None = None) -> None:
         folder = Path(root).expanduser() / STL10.base_folder
@@ -450,7 +490,20 @@ class _ListedImageFolder(ImageFolder):
 
 class ImageNet100Set(ImageSet):
     """ImageNet-100: ``root/train/<wnid>/*.JPEG`` and ``root/val/<wnid>/*.JPEG`` (validation images sorted into class
-    folders), restricted to the class list; labels are positions in the sorted class list."""
+    folders), restricted to the class list; labels are positions in the sorted class list.
+
+    Args:
+        root: the folder holding ``train/`` and ``val/``.
+        split: ``"train"``, ``"val"`` or ``"test"`` (= ``val``).
+        class_list: a file of class folder names (WNIDs), one a line; default the shipped CMC list.
+
+    An image that does not decode raises :class:`~dual_emc2.data.data_errors.UnreadableSample`.
+
+    Example::
+
+        ds = ImageNet100Set("/data/imagenet", "val")
+        img, label = ds[0]                         # PIL RGB, int in 0..99
+    """
 
     def __init__(self, root: PathLike | None, split: str, class_list: PathLike | None = None) -> None:
         if root is None:

@@ -40,7 +40,13 @@ _EXAMPLE = re.compile(r'"([^"]*)"')
 @dataclass(frozen=True)
 class Synset:
     """One WordNet synset: ``offset`` in its data file, part of speech, lemmas (underscores as spaces, adjective
-    position markers removed), the definition (gloss without its examples) and the quoted example sentences."""
+    position markers removed), the definition (gloss without its examples) and the quoted example sentences.
+
+    Example::
+
+        dog = next(s for s in read_wordnet(pos="noun") if "dog" in s.lemmas)
+        dog.lemmas, dog.definition              # ("dog", "domestic dog", "Canis familiaris"), "a member of ..."
+    """
 
     offset: int
     pos: str
@@ -145,7 +151,14 @@ def wordnet_pairs(dict_dir: str | os.PathLike[str] = WORDNET_DIR, pos: tuple[str
 
 @dataclass(frozen=True)
 class EmojiRecord:
-    """One emoji: code points (``unified``), image path, caption "annotation: tags" and category."""
+    """One emoji: code points (``unified``), image path (a 64×64 PNG), caption "annotation: tags", category and
+    ``sort_order`` (its position in the emoji data's order).
+
+    Example::
+
+        rose = next(r for r in read_emoji() if r.caption.startswith("rose:"))
+        rose.unified, rose.category             # ("1F339", "Animals & Nature")
+    """
 
     unified: str
     image: Path

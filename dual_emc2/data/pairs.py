@@ -131,6 +131,20 @@ class PairSet:
     ``x`` and ``y`` hold ``str`` for the ``"text"`` modality and encoded image ``bytes`` for ``"image"``;
     ``meta`` optionally holds one JSON-serialisable dict per pair (e.g. an emoji's category); ``source`` names where
     the pairs came from, for error messages.  Duplicate indices are an error naming the index.
+
+    Args:
+        ids: [n] int global index of each pair, distinct, ≥ 0.
+        x, y: the two sides, n items each.
+        x_modality, y_modality: ``"text"`` (default) or ``"image"``.
+        meta: one dict per pair, or None.
+        source: where the pairs came from.
+        bad_samples: pairs dropped as unreadable while this set was read (:func:`screen_pairs`).
+
+    Example::
+
+        pairs = PairSet([0, 1, 2], ["dog", "cat", "oak"], ["a canine", "a feline", "a tree"], source="toy")
+        train, held_out = split_pairs(pairs, eval_size=1)
+        pairs.position_of(torch.tensor([2, 0]))          # array([2, 0])
     """
 
     ids: np.ndarray
@@ -346,7 +360,19 @@ def read_image_caption_folder(folder: str | os.PathLike[str], captions: str | os
 
 class PairDataset(Dataset):
     """Map-style dataset of ``(index, x, y)``: text stays ``str``; image bytes are decoded to RGB and passed
-    through ``x_transform`` / ``y_transform`` (e.g. resize + to-tensor + normalise)."""
+    through ``x_transform`` / ``y_transform`` (e.g. resize + to-tensor + normalise).
+
+    Args:
+        pairs: the :class:`PairSet`; item ``k`` is its ``k``-th pair, returned with its global index.
+        x_transform, y_transform: PIL RGB → model input, required for an image side.
+
+    Example::
+
+        ds = PairDataset(emoji_pairs(), x_transform=image_transform(64, (0.5,) * 3, (0.5,) * 3))
+        index, image, caption = ds[0]                    # int, [3, 64, 64] tensor, str
+        text = HFTextBackbone(minilm_path())
+        loader = DataLoader(ds, batch_size=64, shuffle=True, collate_fn=PairCollator(stack_images, text.tokenize))
+    """
 
     def __init__(self, pairs: PairSet, x_transform: Callable[[Image.Image], Any] | None = None,
                  y_transform: Callable[[Image.Image], Any] | None = None) -> None:
@@ -373,7 +399,16 @@ class PairDataset(Dataset):
 
 class PairCollator:
     """``[(index, x, y), ...]`` → ``(ids [b] int64, prepare_x([x...]), prepare_y([y...]))``; a plain object so that
-    DataLoader workers can pickle it."""
+    DataLoader workers can pickle it.
+
+    Args:
+        prepare_x, prepare_y: collate one side's items (a tower's ``prepare``: tokenise texts, stack images).
+
+    Example::
+
+        collate = PairCollator(model.x_tower.prepare, model.y_tower.prepare)     # model: a TwoTowerModel
+        ids, x_inputs, y_inputs = collate([ds[0], ds[1]])
+    """
 
     def __init__(self, prepare_x: Callable[[list[Any]], Any], prepare_y: Callable[[list[Any]], Any]) -> None:
         self.prepare_x, self.prepare_y = prepare_x, prepare_y

@@ -20,6 +20,22 @@ class GlobalBatchSampler(Sampler[list[int]]):
     """Yields this process's slice of each global batch; ``drop_last`` always (every batch has ``W·b`` samples).
 
     ``set_epoch(e, start_batch=k)`` positions the sampler at global batch ``k`` of epoch ``e`` (exact resume).
+
+    Args:
+        num_samples: dataset size N; at least one global batch.
+        batch_size: b, samples per process and batch.
+        world_size, rank: W processes, this one's rank.
+        seed: seed of the epoch permutations.
+        shuffle: False keeps the dataset order.
+
+    It also answers the trainer's batch-sampler hooks (``refresh_due``, ``refresh``, ``state_dict``,
+    ``load_state_dict``), with nothing to refresh or save.
+
+    Example::
+
+        sampler = GlobalBatchSampler(len(ds), 64, world_size=2, rank=1, seed=0)
+        sampler.set_epoch(3, start_batch=10)             # resume at global batch 10 of epoch 3
+        loader = DataLoader(ds, batch_sampler=sampler)
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, world_size: int = 1, rank: int = 0, seed: int = 0,
@@ -85,7 +101,19 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
 class SeededViews(Dataset):
     """Wraps a dataset whose ``__getitem__`` draws random augmentations from torch's global RNG; seeds that RNG per
-    item from ``(seed, epoch, index)`` inside a forked RNG scope, so the training RNG is left untouched."""
+    item from ``(seed, epoch, index)`` inside a forked RNG scope, so the training RNG is left untouched.
+
+    Args:
+        dataset: the wrapped dataset (its other attributes are reachable through the wrapper).
+        seed: the run's seed.
+
+    Example::
+
+        views = SeededViews(MultiViewDataset(images, transform, n_views=2), seed=0)
+        views.set_epoch(1)
+        a = views[5]
+        b = views.at(5, 1, lambda: views.dataset[5])     # the same views again: equal to a
+    """
 
     def __init__(self, dataset: Dataset, seed: int = 0) -> None:
         self.dataset, self.seed, self.epoch = dataset, seed, 0

@@ -345,6 +345,23 @@ class ShardStream(IterableDataset):
     ``decode_x`` / ``decode_y`` map a raw side (``str`` or image bytes) to what the collator expects; their random
     augmentations are seeded by ``(seed, pass, index)``.  ``rank`` /
     ``world_size``: this process (default: torch.distributed or the ``RANK`` / ``WORLD_SIZE`` variables).
+
+    Args:
+        spec: a shard folder, one ``.tar`` file or a brace pattern (:func:`expand_shards`).
+        resampled: endless passes (True) or one pass.
+        seed: seed of the shard orders, the shuffle buffers and the augmentations.
+        shuffle_buffer: samples in each shard's shuffle buffer.
+        decode_x, decode_y: raw side → collator input (e.g. ``lambda b: transform(decode_rgb(b))``), or None.
+        on_error: ``"raise"`` (default) or ``"skip"`` for corrupt samples (config key ``data.on_bad_sample``).
+        key: the config key that named ``spec``, for error messages.
+        rank, world_size: as above.
+
+    Example::
+
+        stream = ShardStream("data/shards", seed=0, decode_x=lambda b: tf(decode_rgb(b)))
+        stream.set_position(batches=1200, batch_size=256)          # resume after 1200 batches of this rank
+        loader = DataLoader(stream, batch_size=256, num_workers=4,
+                            collate_fn=PairCollator(stack_images, text_backbone.tokenize))
     """
 
     def __init__(self, spec: str | os.PathLike[str], *, resampled: bool = True, seed: int = 0,

@@ -148,6 +148,22 @@ class SpectralBatchSampler(GlobalBatchSampler):
     temperature of the weights), ``n_components`` (eigenvectors; default min(num_clusters, 32)), ``n_neighbors``
     and ``dense_max`` (dense W up to that many samples, k-NN graph above), ``n_init`` (k-means restarts).
     Before the first refresh it yields exactly :class:`GlobalBatchSampler`'s batches.
+
+    Args:
+        num_samples, batch_size, world_size, rank, seed, shuffle: as :class:`GlobalBatchSampler`.
+        refresh_every, num_clusters, beta, n_components, n_neighbors, dense_max, n_init: the extra options above
+            (config section ``data.spectral``).
+
+    A refresh (:meth:`refresh` in the trainer, or :meth:`update_embeddings` with every sample's embeddings)
+    regroups the batches from the next :meth:`set_epoch` on; :meth:`state_dict` holds what a resume needs.
+
+    Example::
+
+        sampler = SpectralBatchSampler(len(ds), 64, refresh_every=500, beta=5.0)
+        if sampler.refresh_due(step):
+            sampler.update_embeddings(torch.arange(len(ds)), u, v, step=step)   # u, v: [N, d] embeddings
+        sampler.set_epoch(epoch, start_batch=batch_in_epoch)                    # the new clusters take effect
+        loader = DataLoader(ds, batch_sampler=sampler)
     """
 
     def __init__(self, num_samples: int, batch_size: int, *, world_size: int = 1, rank: int = 0, seed: int = 0,

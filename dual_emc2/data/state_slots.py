@@ -35,7 +35,21 @@ def _table(keys: Tensor | None, epochs: Tensor | None, n: int) -> tuple[Tensor, 
 class ImageStateViews(Dataset):
     """Item i of ``views`` (a :class:`SeededViews` over a :class:`~dual_emc2.data.views.MultiViewDataset`) plus the
     state view of each of its V anchors: ``(i, views [V, C, H, W], label, (keys [V], epochs [V], states [V, C, H, W]))``
-    with key −1 (and a zero image) where an anchor has no state yet."""
+    with key −1 (and a zero image) where an anchor has no state yet.
+
+    Args:
+        views: the seeded multi-view dataset of the training images.
+        n_views: V, views (anchors) per image.
+
+    Call :meth:`set_states` with the chains' snapshot at every epoch start (before the loader's workers start).
+
+    Example::
+
+        ds = ImageStateViews(SeededViews(MultiViewDataset(train_set, transform, n_views=2), seed=0), n_views=2)
+        ds.set_epoch(epoch)
+        ds.set_states(*emc2.state_views())                # (candidate key, view epoch) of every anchor key
+        i, views, label, (keys, epochs, states) = ds[0]   # states: [2, 3, H, W], zero where keys == −1
+    """
 
     def __init__(self, views: SeededViews, n_views: int) -> None:
         self.views, self.n_views = views, int(n_views)
@@ -76,7 +90,19 @@ class PairStateViews(Dataset):
     """Item k of ``dataset`` (``(index, x, y)``, a :class:`~dual_emc2.data.pairs.PairDataset`, optionally in
     :class:`SeededViews`) plus the states of the pair's two chains: ``(index, x, y, states)`` with
     ``states = ((key, epoch, x value or None), (key, epoch, y value or None))``: the x→y chain stands on a y sample,
-    the y→x chain on an x sample; a key is a global pair index (−1: no state yet)."""
+    the y→x chain on an x sample; a key is a global pair index (−1: no state yet).
+
+    Args:
+        dataset: the pair dataset, item ``k`` → ``(index, x, y)``.
+        pairs: its :class:`~dual_emc2.data.pairs.PairSet` (to find a state's pair by global index).
+
+    Example::
+
+        ds = PairStateViews(PairDataset(pairs), pairs)
+        ds.set_states(x=loss_fn.estimator.y_to_x.state_views(), y=loss_fn.estimator.x_to_y.state_views())
+        index, x, y, ((kx, ex, x_state), (ky, ey, y_state)) = ds[0]
+        loader = DataLoader(ds, batch_size=64, collate_fn=PairStateCollator(prepare_x, prepare_y))
+    """
 
     def __init__(self, dataset: Any, pairs: PairSet) -> None:
         self.dataset, self.pairs = dataset, pairs
@@ -125,7 +151,17 @@ class PairStateCollator:
     """``[(index, x, y, states), ...]`` → ``(ids [b], x_inputs, y_inputs, slots)``: each side prepared once with the
     batch's values first and then the present states' values (one tokenisation, one image stack), and
     ``slots = {"x": (keys [S], epochs [S], values), "y": ...}`` naming the state rows (rows b … b+S−1 of that side's
-    inputs, values kept for a re-preparation should the step ask for states the snapshot did not foresee)."""
+    inputs, values kept for a re-preparation should the step ask for states the snapshot did not foresee).
+
+    Args:
+        prepare_x, prepare_y: collate one side's items (a tower's ``prepare``).
+
+    Example::
+
+        collate = PairStateCollator(model.x_tower.prepare, model.y_tower.prepare)
+        ids, x_inputs, y_inputs, slots = collate([ds[0], ds[1]])
+        keys, epochs, _ = slots["y"]                      # the y rows after the batch's: x→y chain states
+    """
 
     def __init__(self, prepare_x: Callable[[list[Any]], Any], prepare_y: Callable[[list[Any]], Any]) -> None:
         self.prepare = {"x": prepare_x, "y": prepare_y}

@@ -23,7 +23,17 @@ Transform = Callable[[Image.Image], Tensor]
 
 
 class FirstN(ImageSet):
-    """The first ``n`` samples of ``base``, with the same ids 0..n-1 (smoke runs, the paper's 500-image check)."""
+    """The first ``n`` samples of ``base``, with the same ids 0..n-1 (smoke runs, the paper's 500-image check).
+
+    Args:
+        base: the full :class:`~dual_emc2.data.image_sets.ImageSet`.
+        n: samples kept, in [1, len(base)] (config key ``data.first_n``).
+
+    Example::
+
+        small = FirstN(build_image_dataset("mnist", "train"), 500)
+        len(small), small.labels().shape                # (500, (500,))
+    """
 
     def __init__(self, base: ImageSet, n: int) -> None:
         if not 1 <= int(n) <= len(base):
@@ -68,6 +78,20 @@ class MultiViewDataset(Dataset):
     ``on_error="raise"`` (default) lets an unreadable sample stop the run with its file named;
     ``on_error="skip"`` replaces it by the next readable sample (that sample's id is returned), warns, and counts it
     in :attr:`bad_samples` (shared with loader worker processes).
+
+    Args:
+        base: the :class:`~dual_emc2.data.image_sets.ImageSet`.
+        transform: PIL RGB → Tensor [3, H, W], random (e.g. ``AugmentConfig.simclr(mean, std)``).
+        n_views: views per item, ≥ 1.
+        first_n: keep the first ``n`` samples only (:class:`FirstN`), or None.
+        on_error: ``"raise"`` or ``"skip"`` (config key ``data.on_bad_sample``).
+
+    Example::
+
+        ds = MultiViewDataset(build_image_dataset("stl10", "train", root="data"), AugmentConfig(size=96).simclr(
+            *dataset_stats("stl10")), n_views=2)
+        ids, views, labels = next(iter(DataLoader(ds, batch_size=4)))   # [4], [4, 2, 3, 96, 96], [4]
+        z = encoder(views.flatten(0, 1))                 # image-major: what unimodal_contrastive_batch expects
     """
 
     def __init__(self, base: ImageSet, transform: Transform, n_views: int = 2, first_n: int | None = None,
@@ -122,7 +146,18 @@ class MultiViewDataset(Dataset):
 
 
 class EvalDataset(Dataset):
-    """Item ``i`` -> ``(i, transform(base[i] image), label)`` for feature extraction (linear probe, k-NN)."""
+    """Item ``i`` -> ``(i, transform(base[i] image), label)`` for feature extraction (linear probe, k-NN).
+
+    Args:
+        base: the :class:`~dual_emc2.data.image_sets.ImageSet`.
+        transform: the deterministic evaluation transform (e.g. ``AugmentConfig.eval(mean, std)``).
+        first_n: keep the first ``n`` samples only, or None.
+
+    Example::
+
+        test = EvalDataset(build_image_dataset("mnist", "test"), AugmentConfig(size=28).eval(*dataset_stats("mnist")))
+        i, image, label = test[0]                        # 0, [3, 28, 28], int
+    """
 
     def __init__(self, base: ImageSet, transform: Transform, first_n: int | None = None) -> None:
         self.base = take_first(base, first_n)
@@ -143,7 +178,20 @@ class EvalDataset(Dataset):
 class UnaugmentedLookup:
     """``lookup(ids) -> Tensor [n, 3, H, W]``: the un-augmented (``transform`` = evaluation transform) images of the
     given global ids, on ``ids.device``.  EMC² uses it to re-encode chain states that lie outside the current batch
-    (docs/DESIGN.md, "State policies").  Repeated ids are decoded once."""
+    (docs/DESIGN.md, "State policies").  Repeated ids are decoded once.
+
+    Args:
+        base: the :class:`~dual_emc2.data.image_sets.ImageSet` (the training set).
+        transform: the evaluation transform.
+        first_n: keep the first ``n`` samples only, or None.
+
+    Call: ``lookup(ids)`` with a 1-d integer tensor [n] → images [n, 3, H, W] on ``ids.device``.
+
+    Example::
+
+        lookup = UnaugmentedLookup(train_set, AugmentConfig(size=96).eval(*dataset_stats("stl10")))
+        encode = lambda ids: encoder(lookup(ids))        # ids → [n, d]: an estimator's encode_candidates
+    """
 
     def __init__(self, base: ImageSet, transform: Transform, first_n: int | None = None) -> None:
         self.base = take_first(base, first_n)

@@ -28,6 +28,81 @@ __all__ = ["GlobalContrastiveSTLoss"]
 
 
 class GlobalContrastiveSTLoss(nn.Module):
+    """
+    The global contrastive loss (Yau et al., ICML 2024, eq. 1): for each anchor, the positive against *all* other
+    positives of the training set, not only those of the batch.  Its gradient is estimated by ``estimator``;
+    the default EMC² keeps one persistent Markov chain per anchor over the whole dataset, so small batches
+    optimise the full-dataset objective.  With ``estimator="infonce"`` it is exactly
+    :class:`MultipleNegativesRankingLoss` (``symmetric=False``) or :class:`MultipleNegativesSymmetricRankingLoss`
+    (``symmetric=True``) with the same ``scale``.
+
+    EMC² keeps one chain state per anchor (a positive elsewhere in the dataset), which it needs encoded every
+    step: pass the training texts as ``texts=(anchors, positives)``, indexed like ``labels``.  The loss asks
+    which states the step needs, tokenises those texts and runs them through the model *in the same forward
+    pass as the batch* (train mode, the batch's dropout), so a state is scored by the same function as the
+    batch's candidates: one extra row per anchor whose chain state is outside the batch
+    (``reencode_fraction=0.25`` encodes a random quarter, still unbiased).  Without ``texts``, build it not to
+    need them: ``weights="visits", proposal="batch", state_score="stale", out_of_batch="drop"`` (no extra rows;
+    biased at small batch).
+
+    The estimator state (chains, iteration) lives in this module (``loss.estimator`` in ``state_dict()``):
+    save and load it with the model to resume.  Under ``torch.distributed`` the embeddings are gathered with
+    gradient over processes (like ``gather_across_devices=True``); each process passes its own rows and indices.
+
+    Args:
+        model: SentenceTransformer model.
+        num_samples: size of the training set; ``labels`` lie in [0, num_samples).
+        estimator: ``"emc2"`` (default), ``"infonce"``, ``"sogclr"``, ``"negative_cache"``, ``"hcl"``, ...
+            (:class:`dual_emc2.loss.global_loss.GlobalContrastiveLoss`).
+        scale: β, the inverse temperature on cosine similarities (``scale=20`` is temperature 0.05).
+        texts: ``(anchors, positives)``, the training texts by dataset index, for re-encoding chain states.
+        symmetric: also the positive → anchor direction, with its own chains (the loss is the mean of both).
+        **options: the estimator's options, e.g. ``reencode_fraction=0.5``, ``seed=0``.
+
+    Call: ``loss(sentence_features, labels)`` → scalar.  sentence_features: the two tokenised text columns
+    (anchors, positives), as sentence-transformers' collator gives them.  labels: [b] int, each pair's dataset
+    index, distinct within the (global) batch.  ``last_stats``: detached diagnostics of the last call.
+
+    References:
+        - Yau et al., EMC²: Efficient MCMC Negative Sampling for Contrastive Learning with Global Convergence,
+          ICML 2024: https://arxiv.org/abs/2404.10575
+
+    Requirements:
+        1. (anchor, positive) pairs
+        2. a label column holding each pair's dataset index (distinct within a batch)
+
+    Inputs:
+        +---------------------------------------+------------------------------+
+        | Texts                                 | Labels                       |
+        +=======================================+==============================+
+        | (anchor, positive) pairs              | index in [0, num_samples)    |
+        +---------------------------------------+------------------------------+
+
+    Relations:
+        - :class:`MultipleNegativesRankingLoss` is this loss with ``estimator="infonce"``: the batch's
+          positives only, whose optimum is biased at small batch sizes.
+
+    Example:
+        ::
+
+            from sentence_transformers import SentenceTransformer
+            from dual_emc2.integrations.sentence_transformers import GlobalContrastiveSTLoss
+
+            model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
+            anchors, positives = ["dog", "cat", "oak"], ["a domestic canine", "a small feline", "a tree"]
+            loss = GlobalContrastiveSTLoss(model, num_samples=len(anchors), texts=(anchors, positives))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+
+            ids = torch.tensor([0, 2])  # the batch's dataset indices
+            features = [model.tokenize([anchors[i] for i in ids]), model.tokenize([positives[i] for i in ids])]
+            loss(features, ids).backward()
+            optimizer.step()
+
+        With ``SentenceTransformerTrainer``: a dataset with columns ``anchor``, ``positive``, ``label``
+        (``label`` = row index), and ``loss=GlobalContrastiveSTLoss(model, len(train_dataset),
+        texts=(train_dataset["anchor"], train_dataset["positive"]))``.
+    """
+
     def __init__(
         self,
         model: SentenceTransformer,
@@ -38,76 +113,6 @@ class GlobalContrastiveSTLoss(nn.Module):
         symmetric: bool = False,
         **options: Any,
     ) -> None:
-        """
-        The global contrastive loss (Yau et al., ICML 2024, eq. 1): for each anchor, the positive against *all* other
-        positives of the training set, not only those of the batch.  Its gradient is estimated by ``estimator``;
-        the default EMC² keeps one persistent Markov chain per anchor over the whole dataset, so small batches
-        optimise the full-dataset objective.  With ``estimator="infonce"`` it is exactly
-        :class:`MultipleNegativesRankingLoss` (``symmetric=False``) or :class:`MultipleNegativesSymmetricRankingLoss`
-        (``symmetric=True``) with the same ``scale``.
-
-        EMC² keeps one chain state per anchor (a positive elsewhere in the dataset), which it needs encoded every
-        step: pass the training texts as ``texts=(anchors, positives)``, indexed like ``labels``.  The loss asks
-        which states the step needs, tokenises those texts and runs them through the model *in the same forward
-        pass as the batch* (train mode, the batch's dropout), so a state is scored by the same function as the
-        batch's candidates: one extra row per anchor whose chain state is outside the batch
-        (``reencode_fraction=0.25`` encodes a random quarter, still unbiased).  Without ``texts``, build it not to
-        need them: ``weights="visits", proposal="batch", state_score="stale", out_of_batch="drop"`` (no extra rows;
-        biased at small batch).
-
-        The estimator state (chains, iteration) lives in this module (``loss.estimator`` in ``state_dict()``):
-        save and load it with the model to resume.  Under ``torch.distributed`` the embeddings are gathered with
-        gradient over processes (like ``gather_across_devices=True``); each process passes its own rows and indices.
-
-        Args:
-            model: SentenceTransformer model.
-            num_samples: size of the training set; ``labels`` lie in [0, num_samples).
-            estimator: ``"emc2"`` (default), ``"infonce"``, ``"sogclr"``, ``"negative_cache"``, ``"hcl"``, ...
-                (:class:`dual_emc2.loss.global_loss.GlobalContrastiveLoss`).
-            scale: β, the inverse temperature on cosine similarities (``scale=20`` is temperature 0.05).
-            texts: ``(anchors, positives)``, the training texts by dataset index, for re-encoding chain states.
-            symmetric: also the positive → anchor direction, with its own chains (the loss is the mean of both).
-            **options: the estimator's options, e.g. ``reencode_fraction=0.5``, ``seed=0``.
-
-        References:
-            - Yau et al., EMC²: Efficient MCMC Negative Sampling for Contrastive Learning with Global Convergence,
-              ICML 2024: https://arxiv.org/abs/2404.10575
-
-        Requirements:
-            1. (anchor, positive) pairs
-            2. a label column holding each pair's dataset index (distinct within a batch)
-
-        Inputs:
-            +---------------------------------------+------------------------------+
-            | Texts                                 | Labels                       |
-            +=======================================+==============================+
-            | (anchor, positive) pairs              | index in [0, num_samples)    |
-            +---------------------------------------+------------------------------+
-
-        Relations:
-            - :class:`MultipleNegativesRankingLoss` is this loss with ``estimator="infonce"``: the batch's
-              positives only, whose optimum is biased at small batch sizes.
-
-        Example:
-            ::
-
-                from sentence_transformers import SentenceTransformer
-                from dual_emc2.integrations.sentence_transformers import GlobalContrastiveSTLoss
-
-                model = SentenceTransformer("sentence-transformers/all-MiniLM-L6-v2")
-                anchors, positives = ["dog", "cat", "oak"], ["a domestic canine", "a small feline", "a tree"]
-                loss = GlobalContrastiveSTLoss(model, num_samples=len(anchors), texts=(anchors, positives))
-                optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
-
-                ids = torch.tensor([0, 2])  # the batch's dataset indices
-                features = [model.tokenize([anchors[i] for i in ids]), model.tokenize([positives[i] for i in ids])]
-                loss(features, ids).backward()
-                optimizer.step()
-
-            With ``SentenceTransformerTrainer``: a dataset with columns ``anchor``, ``positive``, ``label``
-            (``label`` = row index), and ``loss=GlobalContrastiveSTLoss(model, len(train_dataset),
-            texts=(train_dataset["anchor"], train_dataset["positive"]))``.
-        """
         super().__init__()
         self.model = model
         self.num_samples = num_samples

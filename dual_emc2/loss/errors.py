@@ -7,6 +7,11 @@ __all__ = ["OptionError"]
 
 class OptionError(ValueError):
     """An unknown estimator, an unknown option or a value of the wrong type or range: the message names the option
-    (``loss.options.<estimator>.<key>`` in configs), what it takes and what it got."""
+    (``loss.options.<estimator>.<key>`` in configs), what it takes and what it got.
+
+    Example::
+
+        raise OptionError("unknown option 'loss.options.emc2.burnin' (did you mean 'burn_in'?); allowed: ...")
+    """
 
     exit_code = 2

@@ -68,7 +68,7 @@ def _describe(value: Any) -> str:
 
 def _check_options(name: str, cls: type[Estimator], options: dict[str, Any],
                    prefix: str | None = None) -> None:
-    """Unknown option names and values of the wrong type are a :class:`~dual_emc2.errors.OptionError` naming the
+    """Unknown option names and values of the wrong type are a :class:`~dual_emc2.loss.errors.OptionError` naming the
     option as ``{prefix}.{key}`` (default ``loss.options.{name}``), what it takes and what it got."""
     prefix = prefix or f"loss.options.{name}"
     params = inspect.signature(cls.__init__).parameters
@@ -127,7 +127,7 @@ def build_estimator(
     ``torch.distributed`` is initialised.
 
     ``defaults`` are run facts (feature ``dim``, ``seed``) passed to estimators whose constructor takes them, unless
-    ``options`` sets them.  Unknown options and values of the wrong type are a OptionError naming the option as
+    ``options`` sets them.  Unknown options and values of the wrong type are an OptionError naming the option as
     ``{options_prefix}.{key}`` (default ``loss.options.{name}.{key}``).
     """
     options = dict(options or {})

@@ -27,6 +27,11 @@ class StateViews:
     epochs: [n] int64 the epoch whose augmentation drew the view (0 where inputs do not change between epochs).
 
     Iterating yields ``(id, view, epoch)`` as Python ints.
+
+    Example::
+
+        views = StateViews(torch.tensor([4, 9]), torch.tensor([1, 0]), torch.tensor([2, 2]))
+        images = torch.stack([augment(dataset[i], view=v, epoch=e) for i, v, e in views])   # encode with the batch
     """
 
     ids: Tensor
@@ -58,6 +63,18 @@ class StateRequest:
     Bimodal: the x→y chains stand on y samples (``y``), the y→x chains on x samples (``x``).  Unimodal (one tower):
     every state is a view of an image, all in ``y``; ``x`` is empty.  Pass their features as ``state_x`` /
     ``state_y``, one row per entry in this order.
+
+    Args:
+        x: the states to encode with the x tower (φ).
+        y: the states to encode with the y tower (ψ).
+
+    Example::
+
+        need = loss_fn.state_request(index, epoch=epoch)      # loss_fn: a GlobalContrastiveLoss
+        x = model.encode_image(torch.cat([images, load_images(need.x)]), normalize=True)
+        y = model.encode_text(torch.cat([texts, load_texts(need.y)]), normalize=True)
+        b = index.numel()
+        loss = loss_fn(x[:b], y[:b], index, 10.0, epoch=epoch, state_x=x[b:], state_y=y[b:])
     """
 
     x: StateViews

@@ -51,6 +51,14 @@ class FaissIndex:
 
     ``index`` is ``None`` only for an IVF index still waiting for its training data (the first :meth:`add`).
     ``nlist`` is the number of IVF lists actually used (clamped to the training-set size).
+
+    Fields: ``dim`` (vector dimension), ``kind`` (``"flat"``, ``"ivf"``, ``"hnsw"``), ``metric`` (``"ip"``, ``"l2"``),
+    ``on_gpu``, ``nlist``, ``nprobe``, ``index`` (the ``faiss.Index``).  Build it with :func:`build_index`.
+
+    Example::
+
+        index = build_index(128, "flat", metric="ip", use_gpu=False).add(db)     # db: [n, 128] unit rows
+        scores, ids = index.search(queries, k=10)                                # numpy [nq, 10] each, best first
     """
 
     dim: int

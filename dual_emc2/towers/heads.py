@@ -26,6 +26,18 @@ class SmallCNNBackbone(nn.Module):
     one CPU thread.  ``norm``: ``"batch"`` or
     ``"group"`` (GroupNorm(min(32, c)), batch-independent), as :class:`ResNetBackbone`.  Same interface as
     :class:`ResNetBackbone` (``feature_map``, ``forward`` → pooled [N, out_dim], ``out_dim``, ``channels_last``).
+
+    Args:
+        in_channels: image channels (1 grey-scale, 3 RGB).
+        width: w, the channels of the first block.
+        norm: ``"batch"`` (default) or ``"group"``.
+
+    Call: ``backbone(x)`` with images [N, in_channels, H, W] → [N, 4w].
+
+    Example::
+
+        backbone = SmallCNNBackbone(in_channels=1)
+        h = backbone(torch.randn(8, 1, 28, 28))      # [8, 128]
     """
 
     def __init__(self, in_channels: int = 3, width: int = 32, norm: str = "batch") -> None:
@@ -76,6 +88,20 @@ class ProjectionHead(nn.Module):
 
     ``num_layers=1`` is a single linear map; ``num_layers=0`` is the identity and needs ``out_dim == in_dim``.
     Linear layers followed by BN carry no bias (BN's shift makes it redundant).
+
+    Args:
+        in_dim: backbone feature dimension.
+        hidden_dim: width of the hidden layers (used when ``num_layers >= 2``).
+        out_dim: projection dimension (the d of s(x, z)).
+        num_layers: Linear layers (0: identity).
+        batch_norm: BatchNorm1d after each hidden Linear.
+
+    Call: ``head(h)`` with [N, in_dim] → [N, out_dim] (not normalised; :class:`ContrastiveEncoder` normalises).
+
+    Example::
+
+        head = ProjectionHead(512, 2048, 128)         # SimCLR: 512 → 2048 → 128
+        z = head(torch.randn(8, 512))                 # [8, 128]
     """
 
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2,
@@ -113,6 +139,17 @@ class ContrastiveEncoder(nn.Module):
     ``features`` gives the backbone representation h used for evaluation (linear probe, k-NN); ``forward`` gives the
     unit-norm projection z used in the contrastive loss, always in float32 (also under autocast) so that scores
     s = zᵀz' and their softmax at large β are computed in full precision.
+
+    Args:
+        backbone: maps inputs to features h [N, out_dim] (e.g. :class:`ResNetBackbone`).
+        head: maps h to the projection (e.g. :class:`ProjectionHead`).
+
+    Call: ``encoder(x)`` → z [N, d], unit-norm float32.
+
+    Example::
+
+        encoder = ContrastiveEncoder(SmallCNNBackbone(), ProjectionHead(128, 512, 64))
+        h, z = encoder.encode(torch.randn(8, 3, 32, 32))    # h: [8, 128] features, z: [8, 64] unit rows
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:

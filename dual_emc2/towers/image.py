@@ -24,6 +24,20 @@ class ResNetBackbone(nn.Module):
     convolution becomes 3×3/1 and the max-pool is dropped, so a 32×32 input keeps a 4×4 map after ``layer4``.
     ``in_channels`` adapts the first convolution to grey-scale (1) or other inputs.  Submodule names equal
     torchvision's (``conv1``, ``layer1`` ...), so torchvision state dicts load with ``strict=False`` (no ``fc``).
+
+    Args:
+        arch: a torchvision ResNet name, ``"resnet18"`` … ``"resnet152"``
+            (:data:`~dual_emc2.towers.names.RESNET_ARCHS`).
+        cifar_stem: the small-image stem above.
+        in_channels: image channels.
+        norm: ``"batch"`` (default) or ``"group"`` (GroupNorm(min(32, c)), batch-independent).
+
+    Call: ``backbone(x)`` with images [N, in_channels, H, W] → [N, out_dim] (512 for resnet18/34, 2048 for 50+).
+
+    Example::
+
+        backbone = ResNetBackbone("resnet18", cifar_stem=True)
+        h = backbone(torch.randn(8, 3, 32, 32))       # [8, 512]
     """
 
     def __init__(self, arch: str = "resnet18", cifar_stem: bool = False, in_channels: int = 3,

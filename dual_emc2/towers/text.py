@@ -53,6 +53,17 @@ class HFTextBackbone(nn.Module):
 
     Loading never touches the network: ``HF_HUB_OFFLINE=1`` is set for the call and ``local_files_only`` is used.
     ``max_length`` truncates inputs (tokens, including [CLS]/[SEP]).
+
+    Args:
+        path: a folder holding the model's ``config.json``, weights and tokenizer (e.g. :func:`minilm_path`).
+        max_length: token limit, ≥ 2.
+
+    Call: ``backbone(backbone.tokenize(texts))`` → [N, out_dim] mean-pooled token states.
+
+    Example::
+
+        backbone = HFTextBackbone(minilm_path(), max_length=32)
+        h = backbone(backbone.tokenize(["a dog", "a small feline"]))      # [2, 384]
     """
 
     modality = "text"
@@ -100,7 +111,23 @@ class _ClipTokenize:
 class OpenCLIPTextBackbone(nn.Module):
     """The text tower of an open_clip model: ``clip.encode_text`` (token embedding, transformer, pooling and the
     model's own text projection), unnormalised.  ``clip`` must already have its ``visual`` tower removed (see
-    :func:`dual_emc2.towers.two_tower.build_open_clip_towers`); ``out_dim`` is the model's ``embed_dim``."""
+    :func:`dual_emc2.towers.two_tower.build_open_clip_towers`); ``out_dim`` is the model's ``embed_dim``.
+
+    Args:
+        clip: the open_clip model without its ``visual`` tower.
+        tokenizer: ``open_clip.get_tokenizer(name)``.
+        out_dim: the model's ``embed_dim``.
+
+    CLIP's ``logit_scale`` / ``logit_bias`` are frozen (β is an
+    :class:`~dual_emc2.towers.temperature.InverseTemperature`).  Call: ``backbone(backbone.tokenize(texts))`` →
+    [N, out_dim].
+
+    Example::
+
+        image_tower, text_tower, tokenizer = build_open_clip_towers("RN50")
+        text_tower.backbone                                    # an OpenCLIPTextBackbone
+        h = text_tower.features(text_tower.prepare(["a dog"]))      # [1, 1024]
+    """
 
     modality = "text"
 

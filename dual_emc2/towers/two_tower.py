@@ -42,6 +42,19 @@ class Tower(nn.Module):
 
     ``freeze_backbone`` stops the backbone's gradients and keeps it in eval mode (batch-norm statistics and dropout
     fixed); the projection still trains.
+
+    Args:
+        backbone: a module with ``modality`` (``"text"`` or ``"image"``) and ``out_dim`` (:mod:`~dual_emc2.towers.text`,
+            :mod:`~dual_emc2.towers.pretrained_image`).
+        proj_dim: output dimension of the bias-free linear projection; None: no projection.
+        freeze_backbone: as above.
+
+    Call: ``tower(tower.prepare(items))`` → [N, out_dim] unit-norm float32 embeddings.
+
+    Example::
+
+        tower = Tower(HFTextBackbone(minilm_path()), proj_dim=256)
+        z = tower(tower.prepare(["a dog", "a cat"]))          # [2, 256], unit rows
     """
 
     def __init__(self, backbone: nn.Module, proj_dim: int | None, freeze_backbone: bool = False) -> None:
@@ -103,6 +116,21 @@ class TwoTowerModel(nn.Module):
     """φ = ``x_tower``, ψ = ``y_tower`` (the same module when ``y_tower`` is None: shared weights) and β.
 
     One ``forward(x_inputs, y_inputs) -> (φ(x), ψ(y))`` call so that a DDP wrapper sees every parameter used.
+
+    Args:
+        x_tower: φ.
+        y_tower: ψ, or None to share ``x_tower``; its ``out_dim`` must equal ``x_tower``'s.
+        temperature: β.
+
+    Call: ``model(x_inputs, y_inputs)`` → (φ(x) [b, d], ψ(y) [b, d]), unit rows; inputs as the towers' ``prepare``
+    makes them.  :func:`build_two_tower` builds it from the ``towers.*`` config keys.
+
+    Example::
+
+        model = TwoTowerModel(Tower(EfficientNetLiteBackbone(), 256), Tower(HFTextBackbone(minilm_path()), 256),
+                              InverseTemperature(14.28, learnable=True))
+        zx, zy = model(model.x_tower.prepare(images), model.y_tower.prepare(captions))   # images: transformed [3, H, W]
+        loss = loss_fn(zx, zy, index, model.temperature())
     """
 
     def __init__(self, x_tower: Tower, y_tower: Tower | None, temperature: InverseTemperature) -> None:

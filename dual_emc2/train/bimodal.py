@@ -56,7 +56,24 @@ class _Decode:
 
 class PairsTask(Task):
     """Pairs of ``pairs.*`` (in memory, or streamed from shards), the towers of ``towers.*`` unless ``model`` is
-    given (a :class:`~dual_emc2.towers.two_tower.TwoTowerModel`), retrieval evaluation on the held-out pairs."""
+    given (a :class:`~dual_emc2.towers.two_tower.TwoTowerModel`), retrieval evaluation on the held-out pairs.
+
+    Args:
+        cfg: a ``mode: bimodal`` :class:`~dual_emc2.train.schema.Config`.
+        accelerator: the run's ``Accelerator``.
+        model: the two towers to train, or None for ``towers.*``'s.
+
+    A loader item is ``(ids [b], x_inputs, y_inputs)`` (plus the chain-state slots with ``loss.state_views=exact``);
+    :meth:`loss` returns the symmetric global contrastive loss of the b pairs and b.  :meth:`evaluate`: x→y and y→x
+    retrieval (R@k) on ``pairs.eval_*``.
+
+    Example::
+
+        cfg = load_config("configs/text_wordnet.yaml")
+        acc = build_accelerator(cfg)
+        model = build_two_tower(kind="pretrained", x="minilm", y="minilm", proj_dim=256)
+        Trainer(cfg, PairsTask(cfg, acc, model=model), acc).fit()
+    """
 
     throughput_key = "pairs_per_s"
 

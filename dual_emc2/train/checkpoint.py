@@ -73,11 +73,21 @@ _CHUNK = 1 << 22
 
 
 class CheckpointCorrupt(CheckpointError, RuntimeError):
-    """A checkpoint file that is truncated, torn, altered or not a checkpoint at all; the message names the file."""
+    """A checkpoint file that is truncated, torn, altered or not a checkpoint at all; the message names the file.
+
+    Example::
+
+        raise CheckpointCorrupt(f"{path}: sha256 mismatch, the file is corrupted")
+    """
 
 
 class CheckpointNotFound(CheckpointError, FileNotFoundError):
-    """A checkpoint argument that names no checkpoint: the message names the folder and what it holds."""
+    """A checkpoint argument that names no checkpoint: the message names the folder and what it holds.
+
+    Example::
+
+        raise CheckpointNotFound(f"{arg}: no intact checkpoint (ckpt-*.pt) in {folder}; it holds nothing")
+    """
 
 
 def checkpoint_path(directory: str | os.PathLike[str], step: int) -> Path:

@@ -44,7 +44,12 @@ __all__ = ["ConfigError", "apply_overrides", "check_mode_keys", "config_from_dic
 
 
 class ConfigError(UsageError):
-    """An invalid configuration file, key, value or override; the message names the dotted key (and file)."""
+    """An invalid configuration file, key, value or override; the message names the dotted key (and file).
+
+    Example::
+
+        raise ConfigError("bad override 'optim.lr': expected 'key.sub=value' (e.g. 'optim.lr=1e-3')")
+    """
 
 
 # ---------------------------------------------------------------------------------------------------------- YAML

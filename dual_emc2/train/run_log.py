@@ -49,6 +49,18 @@ class RunLogger:
 
     ``start_step > 0`` resumes: rows with step > start_step are removed from the CSV and TensorBoard events from
     step start_step + 1 on are purged.  ``start_step == 0`` starts a fresh CSV.
+
+    Args:
+        directory: the run folder (created if missing); the CSV is ``metrics.csv``, TensorBoard events go to ``tb/``.
+        tensorboard: also write TensorBoard events.
+        start_step: the step a resumed run continues from (0: a fresh run).
+
+    Example::
+
+        with RunLogger("runs/demo", start_step=0) as log:
+            log.log(10, {"loss": 1.25, "lr": 3e-4})
+            log.log(10, {"knn_top1": 0.81}, group="eval")
+        read_metrics("runs/demo/metrics.csv")[("train", "loss")]    # (array([10]), array([1.25]))
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, tensorboard: bool = True, start_step: int = 0) -> None:

@@ -16,6 +16,18 @@ class WarmupSchedule:
     cosine:   f(s) = m + (1 − m) · ½ (1 + cos(π p)),  p = min(1, (s − W) / (T − W)),  so f(W) = 1 and f(T) = m.
     constant: f(s) = 1 for s ≥ W.
     A plain object (not a lambda) so that LambdaLR.state_dict() records it.
+
+    Args:
+        total_steps: T, optimiser steps of the run.
+        warmup_steps: W.
+        schedule: ``"cosine"`` or ``"constant"`` (:data:`SCHEDULES`; config key ``optim.schedule``).
+        min_lr_ratio: m, the final multiplier of the cosine.
+
+    Example::
+
+        f = WarmupSchedule(total_steps=1000, warmup_steps=100, schedule="cosine", min_lr_ratio=0.0)
+        f(0), f(100), f(1000)                            # (1/101, 1.0, 0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, f)
     """
 
     def __init__(self, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> None:

@@ -67,7 +67,14 @@ _UNI, _BI = MODE_CHOICES
 
 @dataclass
 class AugmentConfig:
-    """SimCLR-style view augmentation (random resized crop, flip, colour jitter, grayscale, blur)."""
+    """SimCLR-style view augmentation (random resized crop, flip, colour jitter, grayscale, blur): ``data.augment``;
+    the trainer turns it into a :class:`dual_emc2.data.augment.AugmentConfig` with the crop scale (min, 1).
+
+    Example (YAML)::
+
+        data:
+          augment: {crop_scale_min: 0.08, jitter_strength: 0.5, grayscale_p: 0.2, blur: true, flip: true}
+    """
 
     crop_scale_min: float = field(default=0.08, metadata=_check(gt=0.0, le=1.0))
     jitter_strength: float = field(default=0.5, metadata=_check(ge=0.0))
@@ -81,7 +88,15 @@ class SpectralConfig:
     """High-loss batches by spectral clustering of the similarity graph (Cho et al., "Mini-Batch Optimization of
     Contrastive Loss"; dual_emc2.data.spectral), used when ``data.batch_sampler: spectral``.  ``refresh_every``:
     optimiser steps between re-clusterings of the embeddings of every training sample; ``num_clusters`` null: one
-    global batch per cluster; ``beta`` null: the model's current β."""
+    global batch per cluster; ``beta`` null: the model's current β.  The other keys are those of
+    :class:`~dual_emc2.data.spectral.SpectralBatchSampler`.
+
+    Example (YAML)::
+
+        data:
+          batch_sampler: spectral
+          spectral: {refresh_every: 200, beta: 5.0, n_neighbors: 30}
+    """
 
     refresh_every: int = field(default=100, metadata=_check(ge=1))
     num_clusters: int | None = field(default=None, metadata=_check(ge=1))
@@ -95,7 +110,20 @@ class SpectralConfig:
 @dataclass
 class DataConfig:
     """Dataset, splits and loader settings.  ``mode: bimodal`` reads only the loader settings (``image_size``,
-    ``num_workers``, ``on_bad_sample``, ``batch_sampler``, ``spectral``); its data are ``pairs``."""
+    ``num_workers``, ``on_bad_sample``, ``batch_sampler``, ``spectral``); its data are ``pairs``.
+
+    ``subset``: train on the first n images only; ``on_bad_sample: skip`` drops unreadable samples and counts them.
+
+    Example (YAML)::
+
+        data:
+          name: stl10
+          root: data/stl10
+          train_split: unlabeled
+          image_size: 96
+          n_views: 2
+          num_workers: 8
+    """
 
     name: str = field(default="fashion_mnist", metadata=_check(mode=_UNI))
     root: str | None = field(default=None, metadata=_check(mode=_UNI))
@@ -115,7 +143,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Backbone and projection head of ``mode: unimodal``."""
+    """Backbone and projection head of ``mode: unimodal`` (:func:`dual_emc2.towers.heads.build_image_encoder`):
+    ``arch`` a ResNet or ``small_cnn``, ``cifar_stem`` the small-image stem, the projector ``proj_layers`` deep with
+    ``proj_hidden`` hidden units to ``proj_dim``.
+
+    Example (YAML)::
+
+        model: {arch: resnet18, cifar_stem: false, proj_hidden: 512, proj_dim: 512, channels_last: true}
+    """
 
     arch: str = field(default="resnet18", metadata=_check(choices=ARCH_CHOICES))  # a ResNet or "small_cnn"
     cifar_stem: bool = True
@@ -137,6 +172,10 @@ class PairsConfig:
     text pairs, columns ``x_key``/``y_key``/``id_key``).  ``path``: the WordNet dict folder, emoji folder, shard
     folder/pattern or pairs file (null: the offline default).  The held-out split is ``eval_size`` pairs drawn with
     ``split_seed`` (``eval_path``: a separate held-out set instead); ``train_size`` caps the training pairs.
+
+    Example (YAML)::
+
+        pairs: {source: file, path: data/pairs.tsv, x_key: query, y_key: document, eval_size: 1000}
     """
 
     source: str = field(default="wordnet", metadata=_check(choices=PAIR_SOURCE_CHOICES))
@@ -161,7 +200,12 @@ class PairsConfig:
 class TowersConfig:
     """Two towers of ``mode: bimodal`` (dual_emc2.towers.two_tower): pretrained backbones by name with projections
     to ``proj_dim`` (null: none), or an open_clip model by config name (or model-config JSON path), random or from a
-    checkpoint file."""
+    checkpoint file.  The keys are the arguments of :func:`~dual_emc2.towers.two_tower.build_two_tower`.
+
+    Example (YAML)::
+
+        towers: {kind: pretrained, x: efficientnet_lite0, y: minilm, proj_dim: 256, freeze_y: true}
+    """
 
     kind: str = field(default="pretrained", metadata=_check(choices=TOWER_KIND_CHOICES))
     x: str = field(default="minilm", metadata=_check(choices=PRETRAINED_TOWER_CHOICES))
@@ -178,15 +222,24 @@ class TowersConfig:
 @dataclass
 class LossConfig:
     """The global contrastive loss (what :class:`~dual_emc2.loss.GlobalContrastiveLoss` takes): ``estimator``, the
-    estimator of
-    its gradient (registry name), β (``beta``, learnable or not), and the estimators' ``options`` (one mapping per
-    estimator name), validated by the estimator registry. ``state_sharding``: whether every process holds the whole
-    per-anchor state (EMC² chains, SogCLR's u) or the rows of its 1/W of the keys; ``auto`` shards tables of 256 MiB and
-    more (:mod:`dual_emc2.loss.state.layout`). Results are identical either way; a resumed run may change it.
-    ``state_views``: how EMC²'s chain states reach the estimator: ``exact`` (the augmented view the chain accepted,
+    estimator of its gradient (registry name), β (``beta``, learnable or not), and the estimators' ``options`` (one
+    mapping per estimator name), validated by the estimator registry. ``state_sharding``: whether every process holds
+    the whole per-anchor state (EMC² chains, SogCLR's u) or the rows of its 1/W of the keys; ``auto`` shards tables of
+    256 MiB and more (:mod:`dual_emc2.loss.state.layout`). Results are identical either way; a resumed run may change
+    it. ``state_views``: how EMC²'s chain states reach the estimator: ``exact`` (the augmented view the chain accepted,
     regenerated in the loader's workers and encoded in the batch's own forward pass, train mode) or ``unaugmented`` (the
     un-augmented sample re-encoded by id with norm layers and dropout in eval mode, a second forward: the earlier
-    behaviour, kept to measure the difference)."""
+    behaviour, kept to measure the difference).
+
+    Example (YAML)::
+
+        loss:
+          estimator: emc2
+          beta: 14.28
+          options:
+            emc2: {reencode_fraction: 0.5}
+            sogclr: {gamma: 0.9}
+    """
 
     estimator: str = "emc2"
     beta: float = field(default=14.28, metadata=_check(gt=0.0))
@@ -198,7 +251,14 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimiser and learning-rate schedule."""
+    """Optimiser and learning-rate schedule: ``name`` ``adam``, ``adamw``, ``sgd`` or ``lars``
+    (:mod:`dual_emc2.train.optim`; ``momentum`` for the last two), ``warmup_epochs`` of linear warm-up, then
+    ``schedule`` (:class:`~dual_emc2.train.schedules.WarmupSchedule`) down to ``min_lr_ratio · lr``.
+
+    Example (YAML)::
+
+        optim: {name: adamw, lr: 1.0e-4, weight_decay: 0.01, warmup_epochs: 0.5, schedule: cosine}
+    """
 
     name: str = "adam"
     lr: float = field(default=1e-3, metadata=_check(gt=0.0))
@@ -212,7 +272,13 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    """Loop length, precision, logging and checkpointing; ``batch_size`` is per process."""
+    """Loop length, precision, logging and checkpointing; ``batch_size`` is per process.  ``max_steps`` (optimiser
+    steps) overrides ``epochs``; ``max_nonfinite`` non-finite losses in a row stop the run.
+
+    Example (YAML)::
+
+        train: {batch_size: 32, epochs: 100, mixed_precision: bf16, ckpt_every: 2000, resume: latest}
+    """
 
     batch_size: int = field(default=32, metadata=_check(gt=0))
     epochs: int = field(default=1, metadata=_check(gt=0))
@@ -235,7 +301,12 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """Evaluation: frozen-feature linear probe and k-NN (``mode: unimodal``), or retrieval on the held-out pairs
-    (``mode: bimodal``, which reads only ``enabled``, ``every_epochs`` and ``batch_size``)."""
+    (``mode: bimodal``, which reads only ``enabled``, ``every_epochs`` and ``batch_size``).
+
+    Example (YAML)::
+
+        eval: {every_epochs: 5, batch_size: 512, probe_epochs: 100, knn_k: [1, 20]}
+    """
 
     every_epochs: int = field(default=1, metadata=_check(ge=1))
     batch_size: int = field(default=256, metadata=_check(gt=0))
@@ -251,7 +322,16 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    """A whole training run.  Sections and keys that only one mode reads carry ``mode`` in their field metadata."""
+    """A whole training run.  Sections and keys that only one mode reads carry ``mode`` in their field metadata.
+
+    Build it with :func:`dual_emc2.train.config.load_config` (a YAML file with optional ``base:`` inheritance, plus
+    ``key.sub=value`` overrides), which checks every key and value.
+
+    Example::
+
+        cfg = load_config("configs/fmnist_unimodal.yaml", ["loss.estimator=sogclr", "train.batch_size=64"])
+        cfg.mode, cfg.loss.estimator, cfg.train.batch_size      # ("unimodal", "sogclr", 64)
+    """
 
     seed: int = 0
     output_dir: str = "runs/default"

@@ -46,7 +46,22 @@ class Task(ABC):
     Attributes set by subclasses: ``model`` (an ``nn.Module`` with ``temperature()`` returning β; the trainer
     prepares it), ``estimator``, ``loss_fn`` (:class:`GlobalContrastiveLoss` around it), ``loader``,
     ``sampler`` (the :class:`GlobalBatchSampler` of the loader, or None for streams), ``batches_per_epoch``
-    (micro-batches per epoch on each process) and ``throughput_key`` (the name of the logged rate)."""
+    (micro-batches per epoch on each process) and ``throughput_key`` (the name of the logged rate).
+
+    Args:
+        cfg: the run's :class:`~dual_emc2.train.schema.Config`.
+        accelerator: the run's Accelerate ``Accelerator`` (:func:`~dual_emc2.train.factory.build_accelerator`).
+
+    Subclasses implement :meth:`loss` (one micro-batch → (loss, inputs encoded)) and :meth:`evaluate`; the trainer
+    calls :meth:`start_epoch` before each (resumed) epoch.
+
+    Example::
+
+        cfg = load_config("configs/fmnist_unimodal.yaml")
+        acc = build_accelerator(cfg)
+        task = build_task(cfg, acc)                       # an ImageViewsTask (cfg.mode: unimodal)
+        Trainer(cfg, task, acc).fit()
+    """
 
     model: nn.Module
     estimator: Estimator

@@ -36,7 +36,24 @@ __all__ = ["ImageViewsTask"]
 class ImageViewsTask(Task):
     """Images of ``data.*`` with ``data.n_views`` SimCLR views each; the model of ``model.*`` unless ``model`` is
     given (an ``nn.Module`` mapping images [n, C, H, W] to unit features [n, d], with ``temperature()`` and, for
-    evaluation, ``encoder.features``; see :class:`~dual_emc2.towers.temperature.ContrastiveModel`)."""
+    evaluation, ``encoder.features``; see :class:`~dual_emc2.towers.temperature.ContrastiveModel`).
+
+    Args:
+        cfg: a ``mode: unimodal`` :class:`~dual_emc2.train.schema.Config`.
+        accelerator: the run's ``Accelerator``.
+        model: the model to train, or None for ``model.*``'s.
+
+    A loader item is ``(ids [b], views [b, V, C, H, W], labels [b])`` (plus the chain-state slots with
+    ``loss.state_views=exact``); :meth:`loss` returns the global contrastive loss of the b·V views and b·V.
+    :meth:`evaluate`: linear probe and k-NN on ``encoder.features``.
+
+    Example::
+
+        cfg = load_config("configs/fmnist_unimodal.yaml", ["model.proj_dim=64"])
+        acc = build_accelerator(cfg)
+        model = ContrastiveModel(my_encoder, InverseTemperature(cfg.loss.beta))   # my_encoder(x) → unit rows [n, d]
+        Trainer(cfg, ImageViewsTask(cfg, acc, model=model), acc).fit()
+    """
 
     throughput_key = "views_per_s"
 

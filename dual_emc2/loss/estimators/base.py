@@ -49,6 +49,18 @@ class ContrastiveBatch:
     extra_negative_mask: optional [B, C] bool, False removes further candidates (e.g. known false negatives).
     labels, candidate_labels: optional [B] and [C] int64 class labels of the anchors and candidates, for supervised
                    estimators (``needs_labels``; SCL/HSCL of Jiang et al.).  Both or neither.
+
+    Shapes and the id/label pairing are checked at construction (``ValueError``).  :mod:`dual_emc2.loss.batches`
+    builds it from a step's features (``unimodal_contrastive_batch``, ``bimodal_contrastive_batches``), gathering
+    over processes.
+
+    Example::
+
+        ids = torch.tensor([3, 7, 0, 5])                      # dataset index of each pair
+        x, y = F.normalize(torch.randn(4, 16), dim=-1), F.normalize(torch.randn(4, 16), dim=-1)
+        batch = ContrastiveBatch(anchors=x, candidates=y, positive=torch.arange(4), anchor_ids=ids,
+                                 candidate_ids=ids)           # x→y: y_i is x_i's positive, every other y a negative
+        batch.negative_mask                                   # [4, 4], False on the diagonal
     """
 
     anchors: Tensor
@@ -118,14 +130,48 @@ class ContrastiveBatch:
 
 @dataclass
 class EstimatorOutput:
-    """``loss``: scalar surrogate (its gradient is the estimator's); ``stats``: detached 0-dim diagnostics."""
+    """What an estimator's call returns.
+
+    loss:  scalar surrogate whose gradient is the estimator's stochastic gradient (its value need not be eq. 1).
+    stats: detached 0-dim diagnostics by name (logged by the trainer, ``GlobalContrastiveLoss.last_stats``).
+
+    Example::
+
+        out = EstimatorOutput(loss, {"top1": acc})
+        out.loss.backward()
+    """
 
     loss: Tensor
     stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Estimator(nn.Module):
-    """Base class: subclasses implement :meth:`forward` and keep any state in registered buffers."""
+    """Base class of the estimators of eq. (1)'s gradient: subclasses implement :meth:`forward` and keep any state
+    in registered buffers (saved with ``state_dict()``).
+
+    Constructor: every estimator built by :func:`~dual_emc2.loss.registry.build_estimator` takes
+    ``num_keys`` (anchor keys: dataset size × anchors per sample), ``num_candidates`` (candidate ids: the dataset size)
+    and its options as keyword arguments.
+
+    Call: ``estimator(batch, beta)`` → :class:`EstimatorOutput`.  batch: the step's :class:`ContrastiveBatch`.
+    beta: β = 1/τ, a float or a 0-dim tensor (may require grad).  Estimators that need the features of their
+    per-anchor states (``needs_state_features``) name them before the forward with :meth:`plan`.
+
+    Example::
+
+        class UniformNegatives(Estimator):                    # every negative weighted equally
+            name = "uniform"
+
+            def __init__(self, num_keys: int = 1, num_candidates: int = 1) -> None:
+                super().__init__()
+
+            def forward(self, batch, beta):
+                s, neg = batch.scores(), batch.negative_mask.float()
+                w = neg / neg.sum(dim=1, keepdim=True)
+                return EstimatorOutput(weighted_negative_surrogate(batch.positive_scores(s), s, w, beta))
+
+        register("uniform", UniformNegatives)                 # now loss.estimator=uniform in configs
+    """
 
     name: str = "base"
     #: True when the estimator calls ``batch.encode_candidates`` whatever else it is given (the negative cache).

@@ -40,7 +40,24 @@ def hcl_loss(pos: Tensor, scores: Tensor, neg_mask: Tensor, beta: Tensor | float
 
 
 class HCL(Estimator):
-    """HCL estimator (no state).  Options: ``hardness`` (h, Robinson et al.'s β; 1.0 default), ``tau_plus`` (0.1)."""
+    """HCL estimator (Robinson et al. 2021; formula in the module docstring), no state.
+
+    Args:
+        num_keys, num_candidates: unused (the common constructor of
+            :func:`~dual_emc2.loss.registry.build_estimator`).
+        hardness: h ≥ 0, the concentration on hard negatives (Robinson et al.'s β; default 1.0).
+        tau_plus: τ⁺ in [0, 1), the class prior of the debiasing (default 0.1); h = 0, τ⁺ = 0 is InfoNCE.
+
+    Call: ``hcl(batch, beta)`` → :class:`~dual_emc2.loss.estimators.base.EstimatorOutput`, ``loss`` the mean HCL loss
+    over the batch's anchors (stat ``hcl``).
+
+    Example::
+
+        z = F.normalize(torch.randn(8, 16, requires_grad=True), dim=-1)   # 4 images × 2 views, image-major
+        batch = unimodal_contrastive_batch(z, torch.tensor([3, 7, 0, 5]), 2)
+        out = HCL(hardness=1.0, tau_plus=0.1)(batch, beta=2.0)
+        out.loss.backward()
+    """
 
     name = "hcl"
 

@@ -20,7 +20,24 @@ def infonce_logits(batch: ContrastiveBatch, scores: Tensor, beta: Tensor | float
 
 
 class InfoNCE(Estimator):
-    """Cross-entropy of the positive against the in-batch candidates: ``F.cross_entropy(β S_masked, positive)``."""
+    """InfoNCE / NT-Xent (SimCLR, CLIP; EMC² eq. 2): cross-entropy of the positive against the in-batch candidates,
+    ``F.cross_entropy(β S_masked, positive)``.  No state, no options.
+
+    Args:
+        num_keys, num_candidates: unused (the common constructor of
+            :func:`~dual_emc2.loss.registry.build_estimator`).
+
+    Call: ``infonce(batch, beta)`` → :class:`~dual_emc2.loss.estimators.base.EstimatorOutput` (stats ``infonce``,
+    ``top1``).  Candidates that share the anchor's id, other than its positive, are masked, as are those of
+    ``batch.extra_negative_mask``.
+
+    Example::
+
+        z = F.normalize(torch.randn(8, 16, requires_grad=True), dim=-1)   # 4 images × 2 views, image-major
+        batch = unimodal_contrastive_batch(z, torch.tensor([3, 7, 0, 5]), 2)
+        out = InfoNCE()(batch, beta=10.0)                                   # NT-Xent at τ = 0.1
+        out.loss.backward()
+    """
 
     name = "infonce"
 

@@ -30,6 +30,19 @@ class NegativeCache(Estimator):
         init_full: encode the whole cache at the first step (else entries not yet written are never sampled).
         encode_chunk: ids per ``encode_candidates`` call when refreshing.
         seed: seed of the per-step Gumbel noise (rank-invariant).
+
+    Call: ``cache(batch, beta)`` → :class:`~dual_emc2.loss.estimators.base.EstimatorOutput` (stats
+    ``cache_staleness``, ``negative_score``).  ``batch.encode_candidates`` (ids → [n, dim] features, under the
+    caller's grad mode) is required: it fills and refreshes the cache and re-encodes the B drawn negatives with grad.
+
+    Example::
+
+        cache = NegativeCache(num_keys=n, num_candidates=n, dim=128, refresh=0.01)   # n = len(dataset)
+        encode = lambda i: F.normalize(text_tower(tokens[i]), dim=-1)               # ids → [k, 128]
+        xy = ContrastiveBatch(anchors=zx, candidates=zy, positive=torch.arange(b), anchor_ids=ids,
+                              candidate_ids=ids, encode_candidates=encode)
+        out = cache(xy, beta=10.0)
+        out.loss.backward()
     """
 
     name = "negative_cache"

@@ -123,8 +123,25 @@ class _HardContrastive(Estimator):
 
 
 class SCL(_HardContrastive):
-    """Supervised contrastive loss (Jiang et al.'s SCL; ``hardness`` 0).  Options: ``hardness`` (h ≥ 0),
-    ``normalize`` (sphere | ball | none)."""
+    """Supervised contrastive loss (Jiang et al.'s SCL; ``hardness`` 0): positives are the batch positive and every
+    candidate of the anchor's class, negatives the other classes (module docstring).  No state.
+
+    Args:
+        num_keys, num_candidates: unused (the common constructor of
+            :func:`~dual_emc2.loss.registry.build_estimator`).
+        hardness: h ≥ 0 (0: SCL; > 0: HSCL).
+        normalize: feature normalisation before scoring, ``"sphere"`` (default), ``"ball"`` or ``"none"``.
+
+    Call: ``scl(batch, beta)`` → :class:`~dual_emc2.loss.estimators.base.EstimatorOutput` (stats ``scl``,
+    ``valid_anchors``, ``n_positives``, ``feature_norm``); ``batch`` must carry ``labels`` and ``candidate_labels``.
+
+    Example::
+
+        z = F.normalize(torch.randn(8, 16, requires_grad=True), dim=-1)   # 4 images × 2 views, image-major
+        batch = unimodal_contrastive_batch(z, torch.tensor([3, 7, 0, 5]), 2, labels=torch.tensor([1, 0, 1, 2]))
+        out = SCL()(batch, beta=10.0)
+        out.loss.backward()
+    """
 
     name = "scl"
     needs_labels = True
@@ -138,7 +155,16 @@ class SCL(_HardContrastive):
 
 
 class HSCL(SCL):
-    """Hard-negative supervised contrastive loss (Jiang et al.'s HSCL): SCL with hardness h > 0 (default 1)."""
+    """Hard-negative supervised contrastive loss (Jiang et al.'s HSCL): SCL with hardness h > 0 (default 1).
+
+    Args and call as :class:`SCL` (``hardness`` defaults to 1.0; stat ``hscl``); needs labels.
+
+    Example::
+
+        batch = unimodal_contrastive_batch(z, ids, 2, labels=labels)       # labels: [b] class of each image
+        out = HSCL(hardness=1.0, normalize="ball")(batch, beta=10.0)
+        out.loss.backward()
+    """
 
     name = "hscl"
 
@@ -148,7 +174,17 @@ class HSCL(SCL):
 
 
 class HUCL(_HardContrastive):
-    """Hard-negative unsupervised contrastive loss (Jiang et al.'s HUCL; h = 0 gives UCL = InfoNCE).  No labels."""
+    """Hard-negative unsupervised contrastive loss (Jiang et al.'s HUCL; h = 0 gives UCL = InfoNCE).  No labels:
+    the positive is the batch positive, the negatives ``batch.negative_mask``.
+
+    Args and call as :class:`SCL` (``hardness`` defaults to 1.0; stat ``hucl``).
+
+    Example::
+
+        batch = unimodal_contrastive_batch(z, ids, 2)      # z: [2b, d] unit views, image-major; ids: [b]
+        out = HUCL(hardness=1.0)(batch, beta=10.0)
+        out.loss.backward()
+    """
 
     name = "hucl"
 

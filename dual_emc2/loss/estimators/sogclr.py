@@ -40,6 +40,17 @@ class SogCLR(Estimator):
             first visit).
         state_sharding: layout of u over processes, ``"auto"``/``"replicated"``/``"sharded"``
             (:mod:`dual_emc2.loss.state.layout`; config key ``loss.state_sharding``).
+        num_candidates: unused (the common constructor of :func:`~dual_emc2.loss.registry.build_estimator`).
+
+    Call: ``sogclr(batch, beta)`` → :class:`~dual_emc2.loss.estimators.base.EstimatorOutput` (stats ``weight_sum``,
+    ``log_u``); it updates u of the batch's anchor keys.
+
+    Example::
+
+        sogclr = SogCLR(num_keys=2 * n, gamma=0.9)          # n = len(dataset), 2 views (anchors) per image
+        batch = unimodal_contrastive_batch(z, ids, 2)        # z: [2b, d] unit views, image-major; ids: [b]
+        out = sogclr(batch, beta=10.0)
+        out.loss.backward()
     """
 
     name = "sogclr"

@@ -9,7 +9,22 @@ from dual_emc2.loss.estimators.base import ContrastiveBatch, Estimator, Estimato
 
 
 class SymmetricEstimator(Estimator):
-    """Average of an estimator over both directions; ``make()`` builds one independent estimator per direction."""
+    """Average of an estimator over both directions of a two-tower (bimodal) loss, L = ½ (L_xy + L_yx), each
+    direction with its own state (``x_to_y``, ``y_to_x``); ``build_estimator(..., symmetric=True)`` builds it.
+
+    Args:
+        make: builds one independent estimator; called once per direction.
+
+    Call: ``sym(batch_xy, beta, reverse=batch_yx)`` → :class:`~dual_emc2.loss.estimators.base.EstimatorOutput`, the
+    mean of the two losses, stats prefixed ``x2y/`` and ``y2x/``.
+
+    Example::
+
+        sym = SymmetricEstimator(lambda: SogCLR(num_keys=n))      # n = len(dataset)
+        xy, yx = bimodal_contrastive_batches(zx, zy, ids)         # zx, zy: [b, d] unit features, ids: [b]
+        out = sym(xy, beta=10.0, reverse=yx)
+        out.loss.backward()
+    """
 
     name = "symmetric"
 

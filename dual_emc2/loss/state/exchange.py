@@ -62,7 +62,21 @@ def owner_apply(columns: list[Tensor], layout: KeyLayout, keys: Tensor, packed: 
 class Exchange(Protocol):
     """How a sharded table's rows travel: ``read`` returns the rows of ``keys`` (packed, :func:`pack`) and a context
     for the write of the same keys; ``write`` stores packed rows where their owners are (``context`` from the read
-    of the same keys, or None)."""
+    of the same keys, or None).
+
+    Both are collectives: every process calls them with its own ``keys`` (a 1-D int64 tensor), ``columns`` being
+    this process's local columns and ``layout`` their :class:`~dual_emc2.loss.state.layout.KeyLayout`.  Set an
+    implementation on a table or its class (``KeyedState.exchange``); :data:`ALL_TO_ALL` is the default.
+
+    Example::
+
+        class Logged(AllToAll):                          # an exchange that counts the keys it routes
+            def read(self, columns, layout, keys):
+                print(f"reading {keys.numel()} rows")
+                return super().read(columns, layout, keys)
+
+        emc2.chains.exchange = Logged()                  # one table; or ChainState.exchange for every chain table
+    """
 
     def read(self, columns: list[Tensor], layout: KeyLayout, keys: Tensor) -> tuple[Tensor, Any]: ...
 
@@ -70,7 +84,15 @@ class Exchange(Protocol):
 
 
 class AllToAll:
-    """Each key goes to its owner and its row comes back (``all_to_all_single``); the write reuses the routing."""
+    """The default :class:`Exchange` of a sharded table: each key goes to its owner and its row comes back
+    (``all_to_all_single``); the write reuses the routing of the read of the same keys.  No constructor arguments;
+    :data:`ALL_TO_ALL` is the shared instance.
+
+    Example::
+
+        packed, context = ALL_TO_ALL.read(table.columns(), table.layout, keys)   # a collective
+        ALL_TO_ALL.write(table.columns(), table.layout, keys, packed, context)
+    """
 
     @staticmethod
     def _route(layout: KeyLayout, keys: Tensor) -> tuple[Tensor, list[int], Tensor, list[int]]:

@@ -59,7 +59,23 @@ class KeyedState(nn.Module):
     """Rows of per-key columns (``columns``: name → (4-byte dtype, initial value)) for ``num_keys`` keys, laid out
     ``replicated`` or ``sharded`` over the processes (``sharding``, see
     :func:`~dual_emc2.loss.state.layout.resolve_sharding`).
-    Build it after the process group is initialised: the layout follows the world size at construction."""
+    Build it after the process group is initialised: the layout follows the world size at construction.
+
+    Args:
+        num_keys: number of keys N (dataset size × anchors per sample).
+        columns: name → (dtype, initial value) of each column; 4-byte dtypes only (int32, float32).
+        sharding: ``"auto"`` (default), ``"replicated"`` or ``"sharded"``.
+
+    :meth:`read_columns` (keys → one tensor per column) and :meth:`write_columns` are collectives when the table is
+    sharded; every process calls them with its own anchors' keys.
+
+    Example::
+
+        table = KeyedState(1000, {"count": (torch.int32, 0), "score": (torch.float32, 0.0)})
+        keys = torch.tensor([3, 7])
+        count, score = table.read_columns(keys)
+        table.write_columns(keys, [count + 1, score + 0.5])
+    """
 
     exchange: Exchange = ALL_TO_ALL  # how a sharded table's rows travel (dual_emc2.loss.state.exchange)
     #: columns a state dict written by an earlier version may lack, with the value they load with (a warning says so)
@@ -198,7 +214,18 @@ class ChainState(KeyedState):
     (−1: none yet; a sample id, or ``id · n_views + view`` when candidates are views) and the epoch whose
     augmentation drew it (the view is regenerated from (seed, epoch, id, view), so the state is an exact member of
     D_neg) — and its last computed score s(x_i, Z_i) (the ``stale`` score of docs/DESIGN.md).  12 bytes per anchor
-    (int32 key, float32 score, int32 epoch)."""
+    (int32 key, float32 score, int32 epoch).
+
+    Args:
+        num_keys: anchor keys (dataset size × anchors per sample), one chain each.
+        sharding: ``"auto"`` (default), ``"replicated"`` or ``"sharded"`` (:class:`KeyedState`).
+
+    Example::
+
+        chains = ChainState(2 * n)                              # n = len(dataset), 2 views per image
+        key, score, epoch = chains.read(anchor_keys)            # key −1: no state yet
+        chains.write(anchor_keys, new_key, new_score, new_epoch)
+    """
 
     #: chains saved before the view epoch existed load with epoch 0 (their states become the epoch-0 views of the same
     #: samples: still members of D_neg, so the chains go on from there)
@@ -235,7 +262,19 @@ def _reject_pre_key_checkpoints(state_dict, prefix, *_args) -> None:
 
 
 class AnchorScalarState(KeyedState):
-    """One float per anchor key (e.g. SogCLR's log u_i), initialised to ``init``."""
+    """One float per anchor key (e.g. SogCLR's log u_i), initialised to ``init``.
+
+    Args:
+        num_keys: anchor keys (dataset size × anchors per sample).
+        init: initial value of every row (default −inf: SogCLR's log u = log 0).
+        sharding: ``"auto"`` (default), ``"replicated"`` or ``"sharded"`` (:class:`KeyedState`).
+
+    Example::
+
+        u = AnchorScalarState(1000, init=0.0)
+        keys = torch.tensor([3, 7])
+        u.write(keys, 0.9 * u.read(keys) + 0.1)
+    """
 
     def __init__(self, num_keys: int, init: float = float("-inf"), sharding: str = "auto") -> None:
         super().__init__(num_keys, {"value": (torch.float32, init)}, sharding)

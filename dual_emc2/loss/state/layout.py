@@ -37,7 +37,20 @@ def resolve_sharding(mode: str, table_bytes: int, world_size: int) -> str:
 @dataclass(frozen=True)
 class KeyLayout:
     """The rows of ``num_keys`` keys that process ``rank`` of ``world`` holds: keys ``rank, rank + world, …``.  A
-    replicated table is ``KeyLayout(num_keys, 1, 0)``.  Key arguments are integer tensors (or ints)."""
+    replicated table is ``KeyLayout(num_keys, 1, 0)``.  Key arguments are integer tensors (or ints).
+
+    Args:
+        num_keys: keys of the table, N ≥ 1.
+        world: processes the keys are spread over, W (1: replicated).
+        rank: this process, in [0, W).
+
+    Example::
+
+        layout = KeyLayout(10, world=4, rank=1)      # keys 1, 5, 9
+        layout.local_size                            # 3
+        layout.local_index(9), layout.owns(6)        # (2, False)
+        KeyLayout(10, world=8, rank=1).sources(4)    # [1]: the old shard that holds this process's keys
+    """
 
     num_keys: int
     world: int = 1

@@ -89,6 +89,26 @@ class EMC2(Estimator):
         seed: seed of the per-step generators.  backend: sampler backend, ``"auto"``/``"torch"``/``"triton"``.
         state_sharding: layout of the chains over processes, ``"auto"``/``"replicated"``/``"sharded"``
             (:mod:`dual_emc2.loss.state.layout`; config key ``loss.state_sharding``).
+        num_candidates: unused (the common constructor of :func:`~dual_emc2.loss.registry.build_estimator`).
+
+    Before the call: ``plan = emc2.plan(anchor_keys, candidate_keys, views_per_id=V, epoch=e)`` → :class:`ChainPlan`;
+    ``plan.views`` are the (id, view, epoch) of the state views to encode with the batch.
+
+    Call: ``emc2(batch, beta)`` → :class:`~dual_emc2.loss.estimators.base.EstimatorOutput`, ``batch`` carrying
+    ``state_plan=plan`` and ``state_features`` ([len(plan.views), d], in that order) or ``encode_candidates``; stats
+    include ``state_weight``, ``ess`` and (with a chain) ``accept_rate``.  Each call advances the chains of the
+    batch's anchor keys.  ``state_score="stale", out_of_batch="drop"`` needs neither (biased at small batch).
+    :class:`~dual_emc2.loss.GlobalContrastiveLoss` does the planning for a training loop (``state_request``).
+
+    Example::
+
+        emc2 = EMC2(num_keys=2 * n)                          # n = len(dataset): one chain per view, 2 views per image
+        anchor_keys, _, candidate_keys, _, _ = unimodal_layout(ids, 2)      # ids: [b] dataset indices of the batch
+        plan = emc2.plan(anchor_keys, candidate_keys, views_per_id=2, epoch=epoch)
+        z = F.normalize(model(torch.cat([views, augment(plan.views)])), dim=-1)  # views: [2b, ...], image-major
+        batch = unimodal_contrastive_batch(z[:2 * b], ids, 2, epoch=epoch, state_plan=plan, state_features=z[2 * b:])
+        out = emc2(batch, beta=5.0)
+        out.loss.backward()
     """
 
     name = "emc2"

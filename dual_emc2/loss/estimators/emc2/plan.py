@@ -23,7 +23,17 @@ class ChainPlan:
     coin ``chosen``, ``frozen`` (out of the batch and not chosen: kept as is this step), ``need`` (rows whose state
     view must be encoded) and ``grad_rows`` (rows whose state term has a gradient).  ``views``: the distinct state
     views to encode, one feature row each, and ``view_of_need`` [n_need] which of them each ``need`` row uses.
-    ``step``: the estimator iteration the plan belongs to; ``epoch``: the batch's view epoch."""
+    ``step``: the estimator iteration the plan belongs to; ``epoch``: the batch's view epoch.
+
+    Made by :meth:`EMC2.plan <dual_emc2.loss.estimators.emc2.EMC2.plan>` (:func:`plan_states`); hand it to the
+    call as ``ContrastiveBatch.state_plan``, with the features of ``views`` as ``state_features``.
+
+    Example::
+
+        plan = emc2.plan(anchor_keys, candidate_keys, views_per_id=2, epoch=epoch)
+        for sample_id, view, view_epoch in plan.views:    # the state views to encode, in feature-row order
+            ...
+    """
 
     anchor_keys: Tensor
     state_key: Tensor
