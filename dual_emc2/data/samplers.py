@@ -3,7 +3,7 @@
 A run with W processes of ``b`` samples each must see exactly the global batches of a single process with
 ``W·b`` samples (docs/DESIGN.md, section 3): the epoch permutation is drawn from ``(seed, epoch)`` only, global batch
 ``t`` is ``perm[t·W·b : (t+1)·W·b]`` and process ``r`` takes the ``r``-th slice of it.  Augmentations are drawn from a
-generator seeded by ``(seed, epoch, sample id, draw)`` so views do not depend on workers, processes or resume point.
+generator seeded by ``(seed, epoch, index)`` so views do not depend on workers, processes or resume point.
 """
 from __future__ import annotations
 

@@ -45,13 +45,27 @@ PROGRESS_KEYS = tuple(sorted(BOOKKEEPING))
 
 
 class NonFiniteLossError(RunStopped):
-    """Raised after ``train.max_nonfinite`` consecutive non-finite losses."""
+    """Raised after ``train.max_nonfinite`` consecutive non-finite losses (exit code 5); the message names the last
+    good checkpoint.
+
+    Example::
+
+        try:
+            Trainer(cfg).fit()
+        except NonFiniteLossError as err:
+            print(err)   # "3 consecutive non-finite losses at step 120; stopping (the last good checkpoint is ...)"
+    """
 
 
 @dataclass
 class LoopState:
     """What the loop keeps between its steps: the inputs the last micro-batch encoded (for the throughput), the
-    progress bar (evaluation writes what it is doing into it) and the signal that asked the run to stop."""
+    progress bar (evaluation writes what it is doing into it) and the signal that asked the run to stop.
+
+    Example::
+
+        trainer.loop.stop_signal = signal.SIGTERM   # what the signal handler does; the loop checkpoints and stops
+    """
 
     last_inputs: int = 0
     bar: Any = None
@@ -60,7 +74,12 @@ class LoopState:
 
 @dataclass
 class Position:
-    """Where training stands: optimiser steps done, epoch, and micro-batches consumed in that epoch."""
+    """Where training stands: optimiser steps done, epoch, and micro-batches consumed in that epoch.
+
+    Example::
+
+        Position(step=1248, epoch=4, batch_in_epoch=0)   # what a checkpoint stores and a resume continues from
+    """
 
     step: int = 0
     epoch: int = 0
