@@ -47,6 +47,8 @@ def test_two_processes_equal_one(tmp_path, name):
         # broadcast.  Only that refresh: a later one sees parameters that differ from the single process's by float
         # rounding (1e-6), which can move samples on a cluster boundary, so batches would then differ legitimately.
         est += ["data.batch_sampler=spectral", "data.spectral.refresh_every=4", "data.spectral.num_clusters=4"]
+    elif name == "emc2":  # into the second epoch (8 steps each): chain states out of the batch, encoded with it
+        est += ["train.epochs=2", "train.max_steps=10"]
     one, two = tmp_path / "one", tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     _run([sys.executable, str(WORKER), str(one), *COMMON, *est, "train.batch_size=8"], env)
