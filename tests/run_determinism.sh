@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The determinism tests once more, under CPU kernels other than the ones this machine picks by default (issue 20): a
+# The determinism tests once more, under CPU kernels other than the ones this machine picks by default: a
 # test that asserts bit equality between computations of different shapes passes or fails with the kernels, so it
 # fails here on any machine instead of only on the CPU whose kernels happen to round the two shapes differently.
 #
@@ -7,8 +7,9 @@
 #           at its oldest core type and FAISS without SIMD;
 #   pass 2, MKL's Intel kernels: on a CPU that is not Intel, MKL runs generic kernels whatever MKL_ENABLE_INSTRUCTIONS
 #           says; tests/mkl_intel_paths.c (compiled here, preloaded) lets it take the kernels it takes on an Intel CPU
-#           with the same instruction sets (the kernels of the failure in issue 20).  On an Intel CPU, MKL's AVX2
-#           kernels instead.  Skipped, and said so, without a C compiler or where the shim changes nothing.
+#           with the same instruction sets (AVX-512 on this machine: the kernels that round a [4, d] x [d, 8] and an
+#           [8, d] x [d, 8] sgemm differently).  On an Intel CPU, MKL's AVX2 kernels instead.  Skipped, and said
+#           so, without a C compiler or where the shim changes nothing.
 #
 # usage: tests/run_determinism.sh PYTHON [pytest arguments, e.g. -m "determinism and not dist"]
 set -uo pipefail
