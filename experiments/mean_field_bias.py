@@ -243,8 +243,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("epochs averaged (N / b steps each)")
     ax.set_ylabel("‖Ê ĝ − ∇L‖ / ‖∇L‖   (dotted: MC noise)")
     where = (f"augmented ({cfg['views']} views per image), " if cfg.get("setting") == "augmented" else "")
-    ax.set_title(f"Mean-field bias at fixed θ, {where}N = {cfg['n']}, d = {cfg['dim']}, b = {cfg['batch']}, "
-                 f"β = {cfg['beta']:g}")
+    ax.set_title(f"Mean-field bias at fixed θ, {where}\nN = {cfg['n']}, d = {cfg['dim']}, b = {cfg['batch']}, "
+                 f"β = {cfg['beta']:g}; dashed: 0.05", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
