@@ -5,10 +5,12 @@ the trainer's own overhead.
 Table 1 (estimators). One model, one optimiser (Adam) and one synthetic batch of 2b views already on the device; each
 step is forward → ContrastiveBatch (:func:`dual_emc2.loss.batches.unimodal_contrastive_batch`) → estimator →
 backward → optimiser step, with fresh global ids every step (so chain states and caches are read and written as in
-training, and nearly every EMC² state lies outside the batch). EMC² (``emc2``, ``emc2_q025``) plans its states before
-the forward and encodes them in the batch's own forward pass, as the trainer does (stand-in images already on the
-device, as the loader's workers deliver them); ``emc2_unaugmented`` is the earlier path, a second forward of the states'
-un-augmented images by id with norm layers in eval mode. Estimators are timed round-robin, one step each per round, so
+training). Every EMC² chain starts with a state (:func:`fill_chains`), as from the second epoch of training on, so
+nearly every anchor's state lies outside the batch and is encoded (at q = 1: 2b state rows beside the 2b views).
+EMC² (``emc2``, ``emc2_q025``) plans its states before the forward and encodes them in the batch's own forward pass,
+as the trainer does (stand-in images already on the device, as the loader's workers deliver them);
+``emc2_unaugmented`` is the earlier path, a second forward of the states' un-augmented images by id with norm layers
+in eval mode. Estimators are timed round-robin, one step each per round, so
 load drift hits all of them alike; the median over rounds after warm-up is reported with its ratio to SimCLR. On CUDA:
 CUDA events, channels_last, peak ``torch.cuda.max_memory_allocated`` of one step, and the number of host–device
 synchronisations of one step (``torch.cuda.set_sync_debug_mode``). Estimator options follow Table 3 of the paper (EMC² P
@@ -127,6 +129,22 @@ def state_memory(objective: nn.Module, num_keys: int) -> dict[str, float]:
     return out
 
 
+def fill_chains(objective: nn.Module, num_candidate_keys: int, generator: torch.Generator) -> int:
+    """Give every anchor key of an EMC² estimator a chain state (a random candidate view of epoch 0, score 0), as after
+    the first epoch of training, where every anchor has one; returns the number of chains filled (0 for estimators
+    without chains).  Without it a benchmark of a few dozen steps over fresh ids would time mostly empty chains, which
+    need no state features at all."""
+    chains = getattr(objective, "chains", None)
+    if chains is None:
+        return 0
+    keys = torch.arange(chains.num_keys)
+    device = chains.columns()[0].device
+    candidate = torch.randint(num_candidate_keys, (keys.numel(),), generator=generator)
+    chains.write(keys.to(device), candidate.to(device), torch.zeros(keys.numel(), device=device),
+                 torch.zeros(keys.numel(), dtype=torch.long, device=device))
+    return keys.numel()
+
+
 def count_syncs(fn: Callable[[], Any]) -> int | None:
     """Host–device synchronisations during ``fn()`` (CUDA only; None on CPU), from torch's sync debug mode."""
     if not torch.cuda.is_available():
@@ -168,6 +186,7 @@ class Bench:
             self.objectives[n] = build_estimator(reg, num_keys=case.dataset * VIEWS, num_candidates=case.dataset,
                                                  options=opts, defaults={"seed": seed}).to(device)
             self.objectives[n].check_batch_shape((case.batch - 1) * VIEWS)
+            fill_chains(self.objectives[n], case.dataset * VIEWS, g)
         self.counter = 0
 
     def encode(self, ids: Tensor) -> Tensor:
@@ -257,6 +276,7 @@ def trainer_overhead(case: Case, device: torch.device, repeats: int, warmup: int
     dataset = task.train_set
     n_ids = len(dataset)
     g = torch.Generator().manual_seed(0)
+    fill_chains(task.estimator, n_ids * VIEWS, g)  # every anchor has a state, as from the second epoch on
     id_list = [torch.randperm(n_ids, generator=g)[:b] for _ in range(2 * (warmup + repeats) + 4)]
     it = iter(id_list * 2)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.amp == "bf16")

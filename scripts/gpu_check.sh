@@ -68,13 +68,13 @@ if [ "$SMOKE" = 1 ]; then
   stage pytest_gpu "$PY" -m pytest -p no:cacheprovider -q -m gpu tests/test_mh_triton.py --junitxml "$OUT/pytest_gpu.xml"
   stage bench_sampler "$PY" experiments/bench_sampler.py --smoke --device "$DEVICE" --out "$OUT/bench_sampler.json"
   stage bench_step "$PY" experiments/bench_step.py --smoke --device "$DEVICE" --no-trainer \
-    --estimators simclr,emc2,emc2_stale_drop --out "$OUT/bench_step.json"
+    --estimators simclr,emc2,emc2_q025,emc2_stale_drop --out "$OUT/bench_step.json"
 else
   stage pytest_gpu "$PY" -m pytest -p no:cacheprovider -q -m gpu --junitxml "$OUT/pytest_gpu.xml"
   stage bench_sampler "$PY" experiments/bench_sampler.py --device cuda --sizes 64,128,256,512,1024,2048,4096,8192 \
     --out "$OUT/bench_sampler.json"
   stage bench_step "$PY" experiments/bench_step.py --device cuda --arch resnet18 --size 96 --batch 256 --amp bf16 \
-    --estimators simclr,emc2,emc2_stale_drop --no-trainer --out "$OUT/bench_step.json"
+    --estimators simclr,emc2,emc2_q025,emc2_stale_drop --no-trainer --out "$OUT/bench_step.json"
 fi
 stage summary "$PY" scripts/gpu_check_summary.py "$OUT"
 log "done in $((SECONDS - T0)) s; summary: $OUT/summary.json"

@@ -24,6 +24,8 @@ import bench_step  # noqa: E402
 import small_batch  # noqa: E402
 import stationarity  # noqa: E402
 
+from dual_emc2.loss.batches import unimodal_layout  # noqa: E402
+
 
 def _run(script: str, *args: str, timeout: int = 240) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -142,6 +144,15 @@ def test_time_to_interpolates_between_evaluations() -> None:
     assert small_batch.time_to(h, "acc", 0.71) is None
 
 
+def test_last_epoch_cost_is_the_steady_state_increment() -> None:
+    h = [{"epoch": 0.0, "train_cpu_seconds": 0.0}, {"epoch": 1.0, "train_cpu_seconds": 10.0},
+         {"epoch": 5.0, "train_cpu_seconds": 90.0}, {"epoch": 5.0, "train_cpu_seconds": 90.0},  # a repeated eval
+         {"epoch": 10.0, "train_cpu_seconds": 190.0}]
+    assert small_batch.last_epoch_cost(h) == pytest.approx(20.0)  # (190 − 90) / 5, not 190 / 10
+    assert small_batch.last_epoch_cost(h[:3]) == pytest.approx(20.0)  # epochs 1 → 5
+    assert small_batch.last_epoch_cost(h[:2]) is None  # epoch 0 is not steady state
+
+
 def test_eval_history_reads_the_run_log(tmp_path: Path) -> None:
     from dual_emc2.train.run_log import RunLogger
 
@@ -230,6 +241,26 @@ def test_state_memory_counts_buffers() -> None:
     mem = bench_step.state_memory(cache, 2 * m)
     assert mem["cache_floats"] == m * d and mem["cache_bytes"] == 4 * m * d
     assert mem["state_bytes"] >= mem["cache_bytes"] + 8 * m  # plus the per-entry refresh step (int64)
+
+
+def test_bench_step_times_emc2_with_every_chain_state_encoded() -> None:
+    """The benchmark's chains start full (as from the second epoch of training on): every anchor's state is out of
+    the batch and encoded with it at q = 1, about a quarter at q = 0.25; with empty chains none would be."""
+    case = bench_step.PRESETS["smoke"][0]
+    bench = bench_step.Bench(case, torch.device("cpu"), ["emc2", "emc2_q025"], steps=4)
+    views = bench_step.VIEWS
+    anchor_keys, _, candidate_keys, offset, total = unimodal_layout(bench.ids[0], views)
+    for name in ("emc2", "emc2_q025"):
+        obj = bench.objectives[name]
+        keys, epochs = obj.state_views()
+        assert (keys >= 0).all() and keys.max() < case.dataset * views and (epochs == 0).all()
+        plan = obj.plan(anchor_keys, candidate_keys, views_per_id=views, row_offset=offset, total_rows=total)
+        assert (plan.state_key >= 0).all()
+        in_batch = torch.isin(plan.state_key, candidate_keys)  # same key and epoch: the state is a batch column
+        assert torch.equal(plan.outside, ~in_batch) and int(plan.outside.sum()) > 0
+        assert torch.equal(plan.need, plan.outside & plan.chosen)
+        if name == "emc2":  # q = 1: every out-of-batch state is encoded with the batch
+            assert torch.equal(plan.need, plan.outside)
 
 
 def test_bench_step_smoke(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ def _fake_results(folder: Path) -> None:
     rows = [{"case": "resnet18 96px b=256 bf16", "estimator": n, "batch": 256, "median_ms": ms,
              "ratio_vs_simclr": ms / 30, "peak_mem_mib": 9000.0, "peak_mem_vs_simclr_mib": 0.0,
              "host_syncs_per_step": 0, "state_bytes_per_anchor": 8.0}
-            for n, ms in (("simclr", 30.0), ("emc2", 30.6), ("emc2_stale_drop", 31.5))]
+            for n, ms in (("simclr", 30.0), ("emc2", 61.5), ("emc2_q025", 39.0), ("emc2_stale_drop", 31.5))]
     (folder / "bench_sampler.json").write_text(json.dumps(sampler))
     (folder / "bench_step.json").write_text(json.dumps({"machine": {"gpu": "H200"}, "rows": rows}))
     (folder / "pytest_gpu.xml").write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="1">'
@@ -38,7 +38,11 @@ def test_summary_judges_each_goal(tmp_path):
     s = summary.summarize(tmp_path)
     status = {g["goal"]: g["status"] for g in s["goals"]}
     assert status == {"sampler B = 512": "PASS", "sampler B = 8192": "MISS",
-                      "emc2 step / SimCLR (b = 256)": "PASS", "emc2_stale_drop step / SimCLR (b = 256)": "MISS"}
+                      "emc2 step / SimCLR (b = 256)": "PASS",  # 2.05× ≤ 1.03 × (1 + 1)
+                      "emc2_q025 step / SimCLR (b = 256)": "MISS",  # 1.30× > 1.03 × 1.25
+                      "emc2_stale_drop step / SimCLR (b = 256)": "MISS"}  # 1.05× > 1.03
+    limits = {g["goal"]: g["limit"] for g in s["goals"]}
+    assert limits["emc2 step / SimCLR (b = 256)"] == 2.06 and limits["emc2_q025 step / SimCLR (b = 256)"] == 1.2875
     assert s["gpu_tests"] == {"tests": 5, "failures": 1, "errors": 0, "skipped": 1, "passed": 3}
     assert s["stages"][0] == {"stage": "pytest_gpu", "seconds": 40, "exit": 1} and s["device"] == "H200"
     text = summary.report(s)
@@ -61,6 +65,6 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
     got = json.loads((out / "summary.json").read_text())
     assert [s["stage"] for s in got["stages"]] == ["pytest_gpu", "bench_sampler", "bench_step"]
     assert all(s["exit"] == 0 for s in got["stages"]) and got["smoke"]
-    assert {r["estimator"] for r in got["steps"]} == {"simclr", "emc2", "emc2_stale_drop"}
-    assert len(got["goals"]) == 4 and got["gpu_tests"] is not None
+    assert {r["estimator"] for r in got["steps"]} == {"simclr", "emc2", "emc2_q025", "emc2_stale_drop"}
+    assert len(got["goals"]) == 5 and got["gpu_tests"] is not None
     assert "[gpu-check" in r.stdout and (out / "environment.txt").is_file()
