@@ -1,8 +1,8 @@
-"""The experiments (experiments/stationarity.py, small_batch.py, bench_step.py) run end to end at their smoke size,
-so they cannot rot, and what they report is checked against independent computations: the exact objective of
-the stationarity protocol against a brute-force eq. (1) with autograd, the time-to-accuracy interpolation against
-hand-computed values, the state sizes against the buffer layout (EMC² int32 id + float32 score per anchor key,
-negative cache m_neg × d floats)."""
+"""The experiments (experiments/stationarity.py, small_batch.py, bench_step.py) run end to end at their smoke size
+(two_tower.py on synthetic run folders), so they cannot rot, and what they report is checked against independent
+computations: the exact objective of the stationarity protocol against a brute-force eq. (1) with autograd, the
+time-to-accuracy interpolation and the paired differences against hand-computed values, the state sizes against the
+buffer layout (EMC² int32 id + float32 score per anchor key, negative cache m_neg × d floats)."""
 from __future__ import annotations
 
 import json
@@ -23,6 +23,7 @@ if str(EVAL) not in sys.path:
 import bench_step  # noqa: E402
 import small_batch  # noqa: E402
 import stationarity  # noqa: E402
+import two_tower  # noqa: E402
 
 from dual_emc2.loss.batches import unimodal_layout  # noqa: E402
 
@@ -295,3 +296,50 @@ def test_bench_state_smoke(tmp_path: Path) -> None:
         assert rows[key]["state_ratio"] == pytest.approx(0.5, abs=1e-3) and rows[key]["round_ms"] > 0  # + layout
         assert rows[key]["time_ratio"] == pytest.approx(rows[key]["round_ms"] / rep["round_ms"])
     assert "sharded/alltoall" in stdout and res["config"]["world"] == 2
+
+
+# ------------------------------------------------------------------------------------------------ two towers
+def _fake_run(folder: Path, final: dict[str, float], start: dict[str, float]) -> None:
+    folder.mkdir(parents=True)
+    (folder / "final_metrics.json").write_text(json.dumps({**final, "baselines": {"step_0": start}}))
+
+
+def test_two_tower_pairs_by_seed(tmp_path: Path) -> None:
+    """The summary's paired differences are per-seed differences on the same config, mean ± sample std, by hand."""
+    start = {m: 0.1 for m in two_tower.METRICS}
+    finals = {("emc2", 0): 0.50, ("emc2", 1): 0.40, ("infonce", 0): 0.45, ("infonce", 1): 0.41}
+    for (est, seed), v in finals.items():
+        _fake_run(tmp_path / two_tower.run_name("text_wordnet", est, seed),
+                  {**{m: v for m in two_tower.METRICS}, "train_seconds": 10.0 * (seed + 1), "train_cpu_seconds": 5.0},
+                  start)
+    _fake_run(tmp_path / "other_run", {**{m: 0.9 for m in two_tower.METRICS}, "train_seconds": 1.0,
+                                       "train_cpu_seconds": 1.0}, start)  # not a run of the grid: not read
+    out = tmp_path / "tt.json"
+    assert two_tower.main(["--configs", "text_wordnet", "--seeds", "0,1", "--work", str(tmp_path), "--out", str(out),
+                           "--collect"]) == 0
+    result = json.loads(out.read_text())
+    assert sorted(result["runs"]) == ["text_wordnet:emc2:0", "text_wordnet:emc2:1", "text_wordnet:infonce:0",
+                                      "text_wordnet:infonce:1"]
+    rows = {r["estimator"]: r for r in result["summary"]}
+    emc2 = rows["emc2"]
+    assert emc2["x2y_mrr"] == pytest.approx(0.45)
+    assert emc2["x2y_mrr_std"] == pytest.approx(math.sqrt(((0.05) ** 2 + (0.05) ** 2) / 1))
+    assert emc2["x2y_mrr_paired_diff_per_seed"] == pytest.approx([0.05, -0.01])
+    assert emc2["x2y_mrr_paired_diff"] == pytest.approx(0.02)
+    assert emc2["x2y_mrr_paired_diff_std"] == pytest.approx(math.sqrt(2 * 0.03 ** 2))
+    assert "x2y_mrr_paired_diff" not in rows["infonce"]
+    assert rows["step_0"]["y2x_recall@1"] == pytest.approx(0.1)
+    # --include adds the runs of an earlier output: a third seed merges into the same rows
+    _fake_run(tmp_path / "more" / two_tower.run_name("text_wordnet", "emc2", 2),
+              {**{m: 0.6 for m in two_tower.METRICS}, "train_seconds": 1.0, "train_cpu_seconds": 1.0}, start)
+    out2 = tmp_path / "tt2.json"
+    two_tower.main(["--configs", "text_wordnet", "--seeds", "2", "--estimators", "emc2", "--work",
+                    str(tmp_path / "more"), "--out", str(out2), "--collect", "--include", str(out)])
+    emc2 = next(r for r in json.loads(out2.read_text())["summary"] if r["estimator"] == "emc2")
+    assert emc2["seeds"] == [0, 1, 2] and emc2["paired_seeds"] == [0, 1]
+    assert emc2["x2y_mrr"] == pytest.approx(0.5)
+
+
+def test_two_tower_refuses_an_unknown_config(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="configs/text_wordnett.yaml"):
+        two_tower.main(["--configs", "text_wordnett", "--work", str(tmp_path), "--out", str(tmp_path / "x.json")])
