@@ -309,7 +309,11 @@ def plot_bands(runs: list[dict], path: Path, title: str, clock: str = "epoch") -
                 ax.set_xlabel("epoch" if clock == "epoch" else
                               "training CPU s (mean over seeds)" if clock == "train_cpu_seconds" else
                               "training wall-clock s (mean over seeds)")
-    axes[0, -1].legend(fontsize=8, loc="lower right")
+    legend: dict[str, Any] = {}  # every estimator once, also one run at only some batch sizes
+    for ax in axes.flat:
+        for handle, text in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(text, handle)
+    axes[0, -1].legend(list(legend.values()), list(legend), fontsize=8, loc="lower right")
     fig.suptitle(title + "\nmean ± 1 std over seeds", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -299,7 +299,7 @@ def test_bench_state_smoke(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ two towers
-def _fake_run(folder: Path, final: dict[str, float], start: dict[str, float]) -> None:
+def _fake_two_tower_run(folder: Path, final: dict[str, float], start: dict[str, float]) -> None:
     folder.mkdir(parents=True)
     (folder / "final_metrics.json").write_text(json.dumps({**final, "baselines": {"step_0": start}}))
 
@@ -309,10 +309,10 @@ def test_two_tower_pairs_by_seed(tmp_path: Path) -> None:
     start = {m: 0.1 for m in two_tower.METRICS}
     finals = {("emc2", 0): 0.50, ("emc2", 1): 0.40, ("infonce", 0): 0.45, ("infonce", 1): 0.41}
     for (est, seed), v in finals.items():
-        _fake_run(tmp_path / two_tower.run_name("text_wordnet", est, seed),
+        _fake_two_tower_run(tmp_path / two_tower.run_name("text_wordnet", est, seed),
                   {**{m: v for m in two_tower.METRICS}, "train_seconds": 10.0 * (seed + 1), "train_cpu_seconds": 5.0},
                   start)
-    _fake_run(tmp_path / "other_run", {**{m: 0.9 for m in two_tower.METRICS}, "train_seconds": 1.0,
+    _fake_two_tower_run(tmp_path / "other_run", {**{m: 0.9 for m in two_tower.METRICS}, "train_seconds": 1.0,
                                        "train_cpu_seconds": 1.0}, start)  # not a run of the grid: not read
     out = tmp_path / "tt.json"
     assert two_tower.main(["--configs", "text_wordnet", "--seeds", "0,1", "--work", str(tmp_path), "--out", str(out),
@@ -330,7 +330,7 @@ def test_two_tower_pairs_by_seed(tmp_path: Path) -> None:
     assert "x2y_mrr_paired_diff" not in rows["infonce"]
     assert rows["step_0"]["y2x_recall@1"] == pytest.approx(0.1)
     # --include adds the runs of an earlier output: a third seed merges into the same rows
-    _fake_run(tmp_path / "more" / two_tower.run_name("text_wordnet", "emc2", 2),
+    _fake_two_tower_run(tmp_path / "more" / two_tower.run_name("text_wordnet", "emc2", 2),
               {**{m: 0.6 for m in two_tower.METRICS}, "train_seconds": 1.0, "train_cpu_seconds": 1.0}, start)
     out2 = tmp_path / "tt2.json"
     two_tower.main(["--configs", "text_wordnet", "--seeds", "2", "--estimators", "emc2", "--work",
