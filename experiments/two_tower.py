@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, {
         "protocol": "two-tower fine-tuning, held-out retrieval after training and at step 0, paired by seed",
         "command": " ".join(["python experiments/two_tower.py", *(argv if argv is not None else sys.argv[1:])]),
-        "reference": args.reference, "machine": machine_info(), "summary": rows,
+        "reference": args.reference, "machine": {**machine_info(), "torch_threads": args.threads}, "summary": rows,
         "runs": dict(sorted(runs.items())),
     })
     print(f"wrote {args.out}")
