@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from _common import ROOT, format_table, machine_info, write_json
+
+from dual_emc2.train.config import find_config
 
 METRICS = ("x2y_recall@1", "x2y_recall@10", "x2y_mrr", "y2x_recall@1", "y2x_recall@10", "y2x_mrr")
 COSTS = ("train_seconds", "train_cpu_seconds")
@@ -38,7 +40,7 @@ def run_key(config: str, estimator: str, seed: int) -> str:
 
 
 def train_command(config: str, estimator: str, seed: int, out: Path, resume: bool) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / f"{config}.yaml"),
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", config,  # a packaged config, by name
            f"loss.estimator={estimator}", f"seed={seed}", f"output_dir={out}"]
     return cmd + (["--resume", "latest"] if resume else [])
 
@@ -71,36 +73,31 @@ def train(config: str, estimator: str, seed: int, work: Path, threads: int) -> d
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (ddof 1; None for a single value)."""
-    m = sum(values) / len(values)
-    if len(values) < 2:
-        return m, None
-    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def summarise(runs: dict[str, dict[str, dict[str, float]]], reference: str) -> list[dict[str, Any]]:
     """One row per (config, estimator): mean ± std over seeds of each metric, and for estimators other than
     ``reference`` the per-seed difference from ``reference`` on the same config and seed (mean ± std of the paired
     differences).  Step 0 is one row per config (the mean over its seeds' initial networks)."""
-    groups: dict[tuple[str, str], dict[int, dict[str, dict[str, float]]]] = {}
+    grid: dict[str, dict[str, dict[int, dict[str, dict[str, float]]]]] = {}  # config → estimator → seed → run
     for key, run in runs.items():
         config, estimator, seed = key.rsplit(":", 2)
-        groups.setdefault((config, estimator), {})[int(seed)] = run
+        grid.setdefault(config, {}).setdefault(estimator, {})[int(seed)] = run
     rows: list[dict[str, Any]] = []
-    for config in dict.fromkeys(c for c, _ in groups):
-        starts = {s: r["step_0"] for (c, _), by_seed in groups.items() if c == config for s, r in by_seed.items()}
+    for config, by_estimator in grid.items():
+        starts = {s: r["step_0"] for by_seed in by_estimator.values() for s, r in by_seed.items()}
         row: dict[str, Any] = {"config": config, "estimator": "step_0", "seeds": sorted(starts)}
         for m in METRICS:
             row[m], row[f"{m}_std"] = mean_std([starts[s][m] for s in sorted(starts)])
         rows.append(row)
-        for (c, estimator), by_seed in groups.items():
-            if c != config:
-                continue
+        base = by_estimator.get(reference, {})
+        for estimator, by_seed in by_estimator.items():
             seeds = sorted(by_seed)
             row = {"config": config, "estimator": estimator, "seeds": seeds}
             for m in (*METRICS, *COSTS):
-                row[m], row[f"{m}_std"] = mean_std([by_seed[s]["final"][m] for s in seeds])
                 row[f"{m}_per_seed"] = [by_seed[s]["final"][m] for s in seeds]
-            base = groups.get((config, reference), {})
+                row[m], row[f"{m}_std"] = mean_std(row[f"{m}_per_seed"])
             paired = [s for s in seeds if s in base]
             if estimator != reference and paired:
                 row["paired_seeds"] = paired
@@ -146,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     configs, estimators = args.configs.split(","), args.estimators.split(",")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else []
     for config in configs:
-        if not (ROOT / "configs" / f"{config}.yaml").exists():
-            raise SystemExit(f"--configs: no configs/{config}.yaml")
+        try:
+            find_config(f"configs/{config}.yaml")
+        except FileNotFoundError as e:
+            raise SystemExit(f"--configs: {e}") from None
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, dict[str, float]]] = {}

@@ -310,10 +310,10 @@ def test_two_tower_pairs_by_seed(tmp_path: Path) -> None:
     finals = {("emc2", 0): 0.50, ("emc2", 1): 0.40, ("infonce", 0): 0.45, ("infonce", 1): 0.41}
     for (est, seed), v in finals.items():
         _fake_two_tower_run(tmp_path / two_tower.run_name("text_wordnet", est, seed),
-                  {**{m: v for m in two_tower.METRICS}, "train_seconds": 10.0 * (seed + 1), "train_cpu_seconds": 5.0},
-                  start)
+                            {**{m: v for m in two_tower.METRICS}, "train_seconds": 10.0 * (seed + 1),
+                             "train_cpu_seconds": 5.0}, start)
     _fake_two_tower_run(tmp_path / "other_run", {**{m: 0.9 for m in two_tower.METRICS}, "train_seconds": 1.0,
-                                       "train_cpu_seconds": 1.0}, start)  # not a run of the grid: not read
+                                                 "train_cpu_seconds": 1.0}, start)  # not a run of the grid: not read
     out = tmp_path / "tt.json"
     assert two_tower.main(["--configs", "text_wordnet", "--seeds", "0,1", "--work", str(tmp_path), "--out", str(out),
                            "--collect"]) == 0
@@ -331,7 +331,7 @@ def test_two_tower_pairs_by_seed(tmp_path: Path) -> None:
     assert rows["step_0"]["y2x_recall@1"] == pytest.approx(0.1)
     # --include adds the runs of an earlier output: a third seed merges into the same rows
     _fake_two_tower_run(tmp_path / "more" / two_tower.run_name("text_wordnet", "emc2", 2),
-              {**{m: 0.6 for m in two_tower.METRICS}, "train_seconds": 1.0, "train_cpu_seconds": 1.0}, start)
+                        {**{m: 0.6 for m in two_tower.METRICS}, "train_seconds": 1.0, "train_cpu_seconds": 1.0}, start)
     out2 = tmp_path / "tt2.json"
     two_tower.main(["--configs", "text_wordnet", "--seeds", "2", "--estimators", "emc2", "--work",
                     str(tmp_path / "more"), "--out", str(out2), "--collect", "--include", str(out)])
